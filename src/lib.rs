@@ -1,0 +1,11 @@
+//! metapeft: prepare pretrained language models for fast, data- and parameter-efficient
+//! adaptation, then adapt, evaluate and export them.
+//!
+//! Data flows one way: checkpoint -> [`model`] (frozen base + deltas) -> task data -> trainer ->
+//! metrics -> export. Parameters are passed explicitly in [`params::ParamStore`]s.
+
+pub mod error;
+pub mod ops;
+pub mod params;
+
+pub use error::{Error, Result};

@@ -1,0 +1,176 @@
+//! A linear map by a frozen weight: `y = x W^T`, whose backward computes only the input gradient.
+//!
+//! candle's matmul backward always computes the weight gradient too: for a frozen base that is a
+//! whole wasted matmul per linear per step. The backward here is the same op with the weight's
+//! orientation flipped, so it is itself differentiable (second-order MAML) and still skips `dW`.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CudaStorage, CustomOp2, Layout, Result, Shape, Tensor};
+
+struct FrozenMatmul {
+    /// false: `y = x W^T` with `W: [n, k]`; true: `y = x W` with `W: [k, n]`.
+    weight_is_kn: bool,
+}
+
+impl FrozenMatmul {
+    fn plan(
+        &self,
+        l1: &Layout,
+        l2: &Layout,
+    ) -> Result<(Layout, Layout, (usize, usize, usize, usize), Shape)> {
+        let xd = l1.dims();
+        let k = *xd.last().unwrap_or(&0);
+        let m = l1.shape().elem_count() / k.max(1);
+        let (wr, wc) = match l2.dims() {
+            [r, c] => (*r, *c),
+            d => candle_core::bail!("frozen_linear: weight must be 2-d, got {d:?}"),
+        };
+        let (n, rhs) = if self.weight_is_kn {
+            (wc, l2.clone())
+        } else {
+            (wr, l2.transpose(0, 1)?)
+        };
+        let wk = if self.weight_is_kn { wr } else { wc };
+        if wk != k {
+            candle_core::bail!(
+                "frozen_linear: input has {k} features but the weight is {:?}",
+                l2.dims()
+            );
+        }
+        let lhs = Layout::contiguous_with_offset((m, k), l1.start_offset());
+        let mut out = xd.to_vec();
+        if let Some(last) = out.last_mut() {
+            *last = n;
+        }
+        Ok((lhs, rhs, (1, m, n, k), Shape::from(out)))
+    }
+}
+
+impl CustomOp2 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "metapeft-frozen-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (lhs, rhs, bmnk, shape) = self.plan(l1, l2)?;
+        Ok((s1.matmul(s2, bmnk, &lhs, &rhs)?, shape))
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (lhs, rhs, bmnk, shape) = self.plan(l1, l2)?;
+        Ok((s1.matmul(s2, bmnk, &lhs, &rhs)?, shape))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let flipped = FrozenMatmul {
+            weight_is_kn: !self.weight_is_kn,
+        };
+        Ok((Some(g.contiguous()?.apply_op2(w, flipped)?), None))
+    }
+}
+
+/// `x W^T` for a frozen `W: [out, in]` and `x: [..., in]`; no gradient flows to `W`.
+pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let w = if w.dtype() != x.dtype() {
+        w.to_dtype(x.dtype())?
+    } else {
+        w.clone()
+    };
+    let w = if w.is_contiguous() {
+        w
+    } else {
+        w.contiguous()?
+    };
+    x.contiguous()?.apply_op2(
+        &w.detach(),
+        FrozenMatmul {
+            weight_is_kn: false,
+        },
+    )
+}
+
+/// `x W^T + b`, choosing the frozen op when `W` is not being trained.
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let y = if w.track_op() {
+        let (out, inp) = w.dims2()?;
+        let mut dims = x.dims().to_vec();
+        let m = x.elem_count() / inp.max(1);
+        let y = x.reshape((m, inp))?.matmul(&w.t()?)?;
+        if let Some(last) = dims.last_mut() {
+            *last = out;
+        }
+        y.reshape(dims)?
+    } else {
+        frozen_linear(x, w)?
+    };
+    match b {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::gradcheck::{check, randn_f64};
+    use candle_core::Var;
+
+    #[test]
+    fn input_gradient_matches_finite_differences() -> Result<()> {
+        let x = randn_f64(&[2, 3, 5], 51, 1.0)?;
+        let w = randn_f64(&[4, 5], 52, 1.0)?;
+        let err = check(|t| frozen_linear(&t[0], &w), &[x], 1e-6)?;
+        assert!(err < 1e-8, "rel error {err}");
+        Ok(())
+    }
+
+    #[test]
+    fn matches_matmul_and_gives_no_weight_gradient() -> Result<()> {
+        let x = randn_f64(&[3, 5], 53, 1.0)?;
+        let w = Var::from_tensor(&randn_f64(&[4, 5], 54, 1.0)?)?;
+        let y = frozen_linear(&x, w.as_tensor())?;
+        let want = x.matmul(&w.as_tensor().t()?)?;
+        let diff = (&y - want)?.abs()?.max_all()?.to_scalar::<f64>()?;
+        assert!(diff < 1e-12);
+        let grads = y.sum_all()?.backward()?;
+        assert!(grads.get(w.as_tensor()).is_none());
+        Ok(())
+    }
+
+    #[test]
+    fn trainable_weight_path_gets_both_gradients() -> Result<()> {
+        let x = randn_f64(&[2, 3, 5], 55, 1.0)?;
+        let w = randn_f64(&[4, 5], 56, 1.0)?;
+        let b = randn_f64(&[4], 57, 1.0)?;
+        let err = check(|t| linear(&t[0], &t[1], Some(&t[2])), &[x, w, b], 1e-6)?;
+        assert!(err < 1e-8, "rel error {err}");
+        Ok(())
+    }
+
+    #[test]
+    fn wrong_input_width_is_an_error() -> Result<()> {
+        let x = randn_f64(&[2, 6], 58, 1.0)?;
+        let w = randn_f64(&[4, 5], 59, 1.0)?;
+        let err = frozen_linear(&x, &w).unwrap_err().to_string();
+        assert!(err.contains("6 features"), "{err}");
+        Ok(())
+    }
+}

@@ -1,0 +1,48 @@
+//! Kernels with a real backward.
+//!
+//! candle's fused `softmax_last_dim`, `rms_norm`, `layer_norm` and `rope*` record no backward op, so
+//! gradients through them are silently dropped, and its matmul backward always computes the weight
+//! gradient. Every op here has a fused CPU forward (f32 and f64) and a backward written with
+//! differentiable tensor ops, so first-order *and* second-order gradients (MAML) are right. On other
+//! devices and dtypes the same maths runs as a composition of candle ops. Each op has a
+//! finite-difference test in f64 next to it.
+
+pub mod activation;
+pub mod attention;
+pub mod cross_entropy;
+pub mod frozen_linear;
+pub mod gradcheck;
+pub mod layer_norm;
+pub mod rms_norm;
+pub mod rope;
+pub mod softmax;
+
+pub use activation::{gelu, silu};
+pub use attention::{attention, causal_mask, padding_mask};
+pub use cross_entropy::cross_entropy;
+pub use frozen_linear::{frozen_linear, linear};
+pub use layer_norm::layer_norm;
+pub use rms_norm::rms_norm;
+pub use rope::{rope, RopeTables};
+pub use softmax::softmax_last_dim;
+
+use candle_core::{bail, CpuStorage, DType, Layout, Result, Tensor, WithDType};
+
+/// Whether the fused CPU kernels handle this tensor (everything else takes the composed path).
+pub(crate) fn fused_ok(t: &Tensor) -> bool {
+    t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
+}
+
+/// The contiguous data of a CPU storage as a slice.
+pub(crate) fn cpu_slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+    let data = s.as_slice::<T>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => bail!("fused kernel given a non-contiguous tensor"),
+    }
+}
+
+/// Rows handed to one rayon task: enough work to amortise scheduling.
+pub(crate) fn rows_per_task(dim: usize) -> usize {
+    (16384 / dim.max(1)).max(1)
+}

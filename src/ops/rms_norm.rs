@@ -1,0 +1,115 @@
+//! RMSNorm over the last dimension: `y = x / sqrt(mean(x^2) + eps) * w`.
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, WithDType, D};
+use num_traits::Float;
+use rayon::prelude::*;
+
+use super::{cpu_slice, fused_ok, rows_per_task};
+
+struct RmsNorm {
+    eps: f64,
+}
+
+fn fwd<T: WithDType + Float>(x: &[T], w: &[T], eps: f64) -> Vec<T> {
+    let dim = w.len();
+    let eps = T::from(eps).unwrap_or_else(T::epsilon);
+    let n = T::from(dim).unwrap_or_else(T::one);
+    let mut out = vec![T::zero(); x.len()];
+    out.par_chunks_mut(dim)
+        .zip(x.par_chunks(dim))
+        .with_min_len(rows_per_task(dim))
+        .for_each(|(o, xr)| {
+            let ms = xr.iter().fold(T::zero(), |a, &v| a + v * v) / n;
+            let r = (ms + eps).sqrt().recip();
+            for ((o, &xv), &wv) in o.iter_mut().zip(xr).zip(w) {
+                *o = xv * r * wv;
+            }
+        });
+    out
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "metapeft-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = match (s1, s2) {
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => {
+                f32::to_cpu_storage_owned(fwd(cpu_slice(s1, l1)?, cpu_slice(s2, l2)?, self.eps))
+            }
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => {
+                f64::to_cpu_storage_owned(fwd(cpu_slice(s1, l1)?, cpu_slice(s2, l2)?, self.eps))
+            }
+            _ => candle_core::bail!("rms_norm: unsupported dtypes"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let r = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?
+            .sqrt()?
+            .recip()?;
+        let xhat = x.broadcast_mul(&r)?;
+        let gx = g.broadcast_mul(w)?;
+        let proj = (&gx * &xhat)?.mean_keepdim(D::Minus1)?;
+        let dx = gx.sub(&xhat.broadcast_mul(&proj)?)?.broadcast_mul(&r)?;
+        let dim = w.elem_count();
+        let dw = (g * &xhat)?
+            .reshape(((), dim))?
+            .sum(0)?
+            .reshape(w.shape())?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+/// RMSNorm with a weight of shape `[dim]` over the last dimension of `x`.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    if fused_ok(x) && x.dtype() == w.dtype() {
+        x.contiguous()?.apply_op2(&w.contiguous()?, RmsNorm { eps })
+    } else {
+        let r = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+        x.broadcast_mul(&r)?.broadcast_mul(w)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::gradcheck::{check, randn_f64};
+
+    #[test]
+    fn gradient_matches_finite_differences() -> Result<()> {
+        let x = randn_f64(&[2, 3, 8], 1, 1.0)?;
+        let w = randn_f64(&[8], 2, 1.0)?;
+        let err = check(|t| rms_norm(&t[0], &t[1], 1e-5), &[x, w], 1e-6)?;
+        assert!(err < 1e-7, "rel error {err}");
+        Ok(())
+    }
+
+    #[test]
+    fn fused_matches_composed_in_f32() -> Result<()> {
+        let x = randn_f64(&[5, 16], 3, 2.0)?.to_dtype(candle_core::DType::F32)?;
+        let w = randn_f64(&[16], 4, 1.0)?.to_dtype(candle_core::DType::F32)?;
+        let fused = rms_norm(&x, &w, 1e-6)?;
+        let r = (x.sqr()?.mean_keepdim(D::Minus1)? + 1e-6)?
+            .sqrt()?
+            .recip()?;
+        let composed = x.broadcast_mul(&r)?.broadcast_mul(&w)?;
+        let diff = (fused - composed)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "diff {diff}");
+        Ok(())
+    }
+}
