@@ -9,3 +9,8 @@ pub mod ops;
 pub mod params;
 
 pub use error::{Error, Result};
+pub mod assets;
+pub mod generate;
+pub mod io;
+pub mod model;
+pub mod peft;

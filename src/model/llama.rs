@@ -1,0 +1,266 @@
+//! A Llama-family decoder (Llama 2/3, SmolLM, Mistral, Qwen2) over an explicit parameter store.
+//!
+//! Weights use Hugging Face names (`model.layers.{i}.self_attn.q_proj.weight`) and Hugging Face's
+//! rotate-half RoPE layout; GGUF checkpoints are un-permuted at load time.
+
+use candle_core::{DType, Device, IndexOp, Tensor};
+
+use super::config::LlamaConfig;
+use crate::ops::{self, RopeTables};
+use crate::params::ParamStore;
+use crate::peft::DeltaSet;
+use crate::Result;
+
+/// The largest RoPE table built up front; longer contexts are refused with a clear error.
+const MAX_ROPE_POSITIONS: usize = 1 << 15;
+
+#[derive(Debug, Clone)]
+pub struct Llama {
+    pub cfg: LlamaConfig,
+    rope: RopeTables,
+}
+
+/// Per-layer key/value buffers for incremental decoding. Buffers are allocated once per capacity
+/// doubling, not per token.
+#[derive(Debug, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+}
+
+impl KvCache {
+    pub fn new(num_layers: usize) -> Self {
+        Self {
+            layers: vec![None; num_layers],
+            len: 0,
+        }
+    }
+
+    /// Number of positions already cached.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Append `k, v: [b, h_kv, t, d]` for `layer` and return views of everything cached so far.
+    fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let t = k.dim(2)?;
+        let need = self.len + t;
+        let grow = match &self.layers[layer] {
+            Some((kb, _)) => kb.dim(2)? < need,
+            None => true,
+        };
+        if grow {
+            let (b, h, _, d) = k.dims4()?;
+            let cap = need.next_power_of_two().max(64);
+            let kb = Tensor::zeros((b, h, cap, d), k.dtype(), k.device())?;
+            let vb = Tensor::zeros((b, h, cap, d), v.dtype(), v.device())?;
+            if let Some((ok, ov)) = &self.layers[layer] {
+                if self.len > 0 {
+                    kb.slice_set(&ok.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+                    vb.slice_set(&ov.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+                }
+            }
+            self.layers[layer] = Some((kb, vb));
+        }
+        let (kb, vb) = self.layers[layer].as_ref().expect("allocated above");
+        kb.slice_set(&k.contiguous()?, 2, self.len)?;
+        vb.slice_set(&v.contiguous()?, 2, self.len)?;
+        Ok((kb.narrow(2, 0, need)?, vb.narrow(2, 0, need)?))
+    }
+
+    fn advance(&mut self, t: usize) {
+        self.len += t;
+    }
+}
+
+impl Llama {
+    pub fn new(cfg: LlamaConfig, device: &Device) -> Result<Self> {
+        let positions = cfg.max_position_embeddings.clamp(1, MAX_ROPE_POSITIONS);
+        let rope = RopeTables::new(
+            cfg.head_dim,
+            cfg.rope_theta,
+            cfg.rope_scaling.as_ref(),
+            positions,
+            DType::F32,
+            device,
+        )?;
+        Ok(Self { cfg, rope })
+    }
+
+    /// Every weight the model reads, with its shape.
+    pub fn expected_params(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
+        let (d, f) = (cfg.hidden_size, cfg.intermediate_size);
+        let q = cfg.num_attention_heads * cfg.head_dim;
+        let kv = cfg.num_key_value_heads * cfg.head_dim;
+        let mut out = vec![(
+            "model.embed_tokens.weight".to_string(),
+            vec![cfg.vocab_size, d],
+        )];
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            out.push((format!("{p}.input_layernorm.weight"), vec![d]));
+            out.push((format!("{p}.self_attn.q_proj.weight"), vec![q, d]));
+            out.push((format!("{p}.self_attn.k_proj.weight"), vec![kv, d]));
+            out.push((format!("{p}.self_attn.v_proj.weight"), vec![kv, d]));
+            if cfg.attention_bias {
+                out.push((format!("{p}.self_attn.q_proj.bias"), vec![q]));
+                out.push((format!("{p}.self_attn.k_proj.bias"), vec![kv]));
+                out.push((format!("{p}.self_attn.v_proj.bias"), vec![kv]));
+            }
+            out.push((format!("{p}.self_attn.o_proj.weight"), vec![d, q]));
+            out.push((format!("{p}.post_attention_layernorm.weight"), vec![d]));
+            out.push((format!("{p}.mlp.gate_proj.weight"), vec![f, d]));
+            out.push((format!("{p}.mlp.up_proj.weight"), vec![f, d]));
+            out.push((format!("{p}.mlp.down_proj.weight"), vec![d, f]));
+        }
+        out.push(("model.norm.weight".to_string(), vec![d]));
+        if !cfg.tie_word_embeddings {
+            out.push(("lm_head.weight".to_string(), vec![cfg.vocab_size, d]));
+        }
+        out
+    }
+
+    fn proj(
+        &self,
+        p: &ParamStore,
+        deltas: &DeltaSet,
+        dp: &ParamStore,
+        module: &str,
+        x: &Tensor,
+    ) -> Result<Tensor> {
+        let w = p.get(&format!("{module}.weight"))?;
+        let b = p.get_opt(&format!("{module}.bias"));
+        let y = ops::linear(x, w, b)?;
+        deltas.linear(module, x, y, dp)
+    }
+
+    /// Final hidden states `[b, t, d]` (after the last norm) for `input_ids: [b, t]`.
+    /// `attention_mask: [b, t_total]` (1 keep, 0 pad) covers cached positions too.
+    pub fn forward_hidden(
+        &self,
+        p: &ParamStore,
+        deltas: &DeltaSet,
+        dp: &ParamStore,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let (b, t) = input_ids.dims2()?;
+        let offset = cache.as_ref().map_or(0, |c| c.len());
+        let embed = p.get("model.embed_tokens.weight")?;
+        let mut x = embed
+            .index_select(&input_ids.flatten_all()?, 0)?
+            .reshape((b, t, cfg.hidden_size))?
+            .to_dtype(DType::F32)?;
+        let (cos, sin) = self.rope.window(offset, t)?;
+        let mut mask = if t > 1 {
+            Some(ops::causal_mask(
+                t,
+                offset + t,
+                offset,
+                DType::F32,
+                x.device(),
+            )?)
+        } else {
+            None
+        };
+        if let Some(am) = attention_mask {
+            let pm = ops::padding_mask(am, DType::F32)?;
+            mask = Some(match mask {
+                Some(m) => m.broadcast_add(&pm)?,
+                None => pm,
+            });
+        }
+        let (h, hkv, hd) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
+        let scale = 1.0 / (hd as f64).sqrt();
+        for i in 0..cfg.num_hidden_layers {
+            let pre = format!("model.layers.{i}");
+            let residual = x.clone();
+            let xn = ops::rms_norm(
+                &x,
+                p.get(&format!("{pre}.input_layernorm.weight"))?,
+                cfg.rms_norm_eps,
+            )?;
+            let q = self.proj(p, deltas, dp, &format!("{pre}.self_attn.q_proj"), &xn)?;
+            let k = self.proj(p, deltas, dp, &format!("{pre}.self_attn.k_proj"), &xn)?;
+            let v = self.proj(p, deltas, dp, &format!("{pre}.self_attn.v_proj"), &xn)?;
+            let q = ops::rope(&q.reshape((b, t, h, hd))?, &cos, &sin)?.transpose(1, 2)?;
+            let k = ops::rope(&k.reshape((b, t, hkv, hd))?, &cos, &sin)?.transpose(1, 2)?;
+            let v = v.reshape((b, t, hkv, hd))?.transpose(1, 2)?;
+            let (k, v) = match cache.as_deref_mut() {
+                Some(c) => c.append(i, &k, &v)?,
+                None => (k, v),
+            };
+            let a = ops::attention(&q, &k, &v, mask.as_ref(), scale)?;
+            let a = a.transpose(1, 2)?.reshape((b, t, h * hd))?;
+            let o = self.proj(p, deltas, dp, &format!("{pre}.self_attn.o_proj"), &a)?;
+            x = (residual + o)?;
+
+            let residual = x.clone();
+            let xn = ops::rms_norm(
+                &x,
+                p.get(&format!("{pre}.post_attention_layernorm.weight"))?,
+                cfg.rms_norm_eps,
+            )?;
+            let g = self.proj(p, deltas, dp, &format!("{pre}.mlp.gate_proj"), &xn)?;
+            let u = self.proj(p, deltas, dp, &format!("{pre}.mlp.up_proj"), &xn)?;
+            let m = (ops::silu(&g)? * u)?;
+            let dn = self.proj(p, deltas, dp, &format!("{pre}.mlp.down_proj"), &m)?;
+            x = (residual + dn)?;
+        }
+        if let Some(c) = cache {
+            c.advance(t);
+        }
+        Ok(ops::rms_norm(
+            &x,
+            p.get("model.norm.weight")?,
+            cfg.rms_norm_eps,
+        )?)
+    }
+
+    /// Logits `[..., vocab]` from hidden states.
+    pub fn lm_head(&self, p: &ParamStore, hidden: &Tensor) -> Result<Tensor> {
+        let w = if self.cfg.tie_word_embeddings {
+            p.get("model.embed_tokens.weight")?
+        } else {
+            p.get("lm_head.weight")?
+        };
+        Ok(ops::linear(hidden, w, None)?)
+    }
+
+    /// Logits `[b, t, vocab]` for every position.
+    pub fn forward(
+        &self,
+        p: &ParamStore,
+        deltas: &DeltaSet,
+        dp: &ParamStore,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let h = self.forward_hidden(p, deltas, dp, input_ids, attention_mask, None)?;
+        self.lm_head(p, &h)
+    }
+
+    /// Logits `[b, vocab]` of the last position only, extending `cache` (generation).
+    pub fn forward_last(
+        &self,
+        p: &ParamStore,
+        deltas: &DeltaSet,
+        dp: &ParamStore,
+        input_ids: &Tensor,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let h = self.forward_hidden(p, deltas, dp, input_ids, None, Some(cache))?;
+        let t = h.dim(1)?;
+        self.lm_head(p, &h.i((.., t - 1, ..))?.contiguous()?)
+    }
+}
