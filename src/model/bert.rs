@@ -103,10 +103,16 @@ impl Bert {
         }
         let dev = input_ids.device();
         let d = cfg.hidden_size;
+        let word_emb = p.get("embeddings.word_embeddings.weight")?;
+        let dtype = if word_emb.dtype() == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        };
         let gather = |name: &str, ids: &Tensor| -> Result<Tensor> {
             Ok(p.get(name)?
                 .index_select(&ids.flatten_all()?, 0)?
-                .to_dtype(DType::F32)?)
+                .to_dtype(dtype)?)
         };
         let words = gather("embeddings.word_embeddings.weight", input_ids)?.reshape((b, t, d))?;
         let pos_ids = Tensor::arange(0u32, t as u32, dev)?;
@@ -123,7 +129,7 @@ impl Bert {
         };
         let x = words.broadcast_add(&pos)?.broadcast_add(&types)?;
         let mut x = self.norm(p, "embeddings.LayerNorm", &x)?;
-        let mask = ops::padding_mask(attention_mask, DType::F32)?;
+        let mask = ops::padding_mask(attention_mask, dtype)?;
         let h = cfg.num_attention_heads;
         let hd = d / h;
         let scale = 1.0 / (hd as f64).sqrt();

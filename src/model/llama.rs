@@ -153,24 +153,26 @@ impl Llama {
         let (b, t) = input_ids.dims2()?;
         let offset = cache.as_ref().map_or(0, |c| c.len());
         let embed = p.get("model.embed_tokens.weight")?;
+        // Compute in f32 (bf16/f16/quantized storage is for memory only); f64 weights, used by
+        // gradient checks, compute in f64.
+        let dtype = if embed.dtype() == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        };
         let mut x = embed
             .index_select(&input_ids.flatten_all()?, 0)?
             .reshape((b, t, cfg.hidden_size))?
-            .to_dtype(DType::F32)?;
+            .to_dtype(dtype)?;
         let (cos, sin) = self.rope.window(offset, t)?;
+        let (cos, sin) = (cos.to_dtype(dtype)?, sin.to_dtype(dtype)?);
         let mut mask = if t > 1 {
-            Some(ops::causal_mask(
-                t,
-                offset + t,
-                offset,
-                DType::F32,
-                x.device(),
-            )?)
+            Some(ops::causal_mask(t, offset + t, offset, dtype, x.device())?)
         } else {
             None
         };
         if let Some(am) = attention_mask {
-            let pm = ops::padding_mask(am, DType::F32)?;
+            let pm = ops::padding_mask(am, dtype)?;
             mask = Some(match mask {
                 Some(m) => m.broadcast_add(&pm)?,
                 None => pm,

@@ -35,3 +35,4 @@ impl Arch {
         }
     }
 }
+pub mod testing;
