@@ -29,7 +29,7 @@ pub enum Error {
     #[error("{0}")]
     Invalid(String),
 
-    #[error(transparent)]
+    #[error("{}", first_line(.0))]
     Candle(#[from] candle_core::Error),
 
     #[error(transparent)]
@@ -38,11 +38,18 @@ pub enum Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// The first line of an error message: candle appends a backtrace to its errors when
+/// RUST_BACKTRACE is set, and a user-facing error is one line.
+pub fn first_line(e: &impl std::fmt::Display) -> String {
+    let s = e.to_string();
+    s.lines().next().unwrap_or("").trim_end().to_string()
+}
+
 impl Error {
     pub fn file(path: impl AsRef<Path>, msg: impl std::fmt::Display) -> Self {
         Error::File {
             path: path.as_ref().to_path_buf(),
-            msg: msg.to_string(),
+            msg: first_line(&msg),
         }
     }
 
@@ -50,14 +57,14 @@ impl Error {
         Error::Tensor {
             path: path.as_ref().to_path_buf(),
             name: name.to_string(),
-            msg: msg.to_string(),
+            msg: first_line(&msg),
         }
     }
 
     pub fn config(path: impl AsRef<Path>, msg: impl std::fmt::Display) -> Self {
         Error::Config {
             path: path.as_ref().to_path_buf(),
-            msg: msg.to_string(),
+            msg: first_line(&msg),
         }
     }
 

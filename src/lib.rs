@@ -10,7 +10,9 @@ pub mod params;
 
 pub use error::{Error, Result};
 pub mod assets;
+pub mod bench;
 pub mod generate;
 pub mod io;
 pub mod model;
 pub mod peft;
+pub mod runtime;

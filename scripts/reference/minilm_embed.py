@@ -136,7 +136,7 @@ def main():
                                "truncates at max_seq_length.",
         "raw_tokenizer_json_example": {"text": SENTENCES[0], "ids": raw_short.ids,
                                        "attention_mask": raw_short.attention_mask},
-        "sentences": entries,
+        "cases": entries,
         "cosines": cos,
         "long_truncated_128": {
             "ids": ids128,

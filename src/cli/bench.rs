@@ -1,8 +1,117 @@
-use anyhow::Result;
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use metapeft::bench::{self, median, Timing, WORKLOADS};
+use metapeft::model::{self, Arch, Llama};
 
 #[derive(clap::Args)]
-pub struct Args {}
+#[command(
+    after_help = "Each workload runs in its own process so that its peak RSS is its own.\n\
+Examples:\n  metapeft bench                       # every workload, 5 timed runs each\n  \
+metapeft bench --workload lora-qv --workload full --runs 7\n\n\
+Workloads:\n  lora-qv   LoRA r=8 on q,v: train step (fwd+bwd+AdamW), 4 x 128 tokens\n  \
+lora-all  LoRA r=8 on all 7 linears: train step, 4 x 128\n  full      full fine-tuning step, 4 x 128\n  \
+forward   forward pass, 1 x 128\n  generate  greedy generation, 32-token prompt + 64 new tokens"
+)]
+pub struct Args {
+    /// A decoder model (default: SmolLM2-135M-Instruct)
+    #[arg(long)]
+    model: Option<String>,
+    /// Workloads to run (repeatable; default: all)
+    #[arg(long)]
+    workload: Vec<String>,
+    /// Timed runs per workload
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Untimed warm-up runs per workload
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Print results as JSON lines
+    #[arg(long)]
+    json: bool,
+    /// Internal: run one workload in this process and print its JSON
+    #[arg(long, hide = true)]
+    child: bool,
+}
 
-pub fn run(_a: Args) -> Result<()> {
-    anyhow::bail!("bench: not written yet")
+pub fn run(a: Args) -> Result<()> {
+    let spec = super::model_or_default(a.model.clone(), metapeft::assets::SMOLLM2)?;
+    if a.child {
+        let ck = model::load(&spec, &Device::Cpu)?;
+        let Arch::Llama(cfg) = &ck.arch else {
+            bail!("bench needs a decoder model")
+        };
+        let m = Llama::new(cfg.clone(), &Device::Cpu)?;
+        let w = a.workload.first().context("--child needs one --workload")?;
+        let t = bench::run(w, &ck, &m, a.warmup, a.runs)?;
+        println!("{}", serde_json::to_string(&t)?);
+        return Ok(());
+    }
+    let names: Vec<String> = if a.workload.is_empty() {
+        WORKLOADS.iter().map(|w| w.0.to_string()).collect()
+    } else {
+        a.workload.clone()
+    };
+    for n in &names {
+        if !WORKLOADS.iter().any(|w| w.0 == n) {
+            bail!(
+                "unknown workload `{n}` (known: {})",
+                WORKLOADS.map(|w| w.0).join(", ")
+            );
+        }
+    }
+    let exe = std::env::current_exe()?;
+    if !a.json {
+        println!(
+            "model: {spec}; {} timed runs after {} warm-up; threads: {}",
+            a.runs,
+            a.warmup,
+            rayon::current_num_threads()
+        );
+        println!(
+            "{:<10} {:>9} {:>9} {:>9} {:>10} {:>9}  notes",
+            "workload", "median s", "min s", "max s", "peak MiB", "GFLOP/s"
+        );
+    }
+    for n in &names {
+        let out = std::process::Command::new(&exe)
+            .args(["bench", "--child", "--model", &spec, "--workload", n])
+            .args([
+                "--runs",
+                &a.runs.to_string(),
+                "--warmup",
+                &a.warmup.to_string(),
+            ])
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "workload {n} failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        let t: Timing =
+            serde_json::from_slice(&out.stdout).context("reading the workload's result")?;
+        if a.json {
+            println!("{}", serde_json::to_string(&t)?);
+            continue;
+        }
+        let med = median(&t.seconds);
+        let min = t.seconds.iter().cloned().fold(f64::INFINITY, f64::min);
+        let max = t.seconds.iter().cloned().fold(0.0, f64::max);
+        let note = if t.tokens > 0 {
+            format!("{:.1} new tokens/s", t.tokens as f64 / med)
+        } else {
+            String::new()
+        };
+        println!(
+            "{:<10} {:>9.3} {:>9.3} {:>9.3} {:>10.0} {:>9.1}  {}",
+            n,
+            med,
+            min,
+            max,
+            t.peak_rss_mib,
+            t.flops / med / 1e9,
+            note
+        );
+    }
+    Ok(())
 }

@@ -109,6 +109,21 @@ impl TextTokenizer {
         let mut inner = Tokenizer::from_file(&tj).map_err(|e| Error::file(&tj, e))?;
         // Batching pads by itself; the file's fixed padding would only add masked tokens.
         inner.with_padding(None);
+        // sentence-transformers models truncate at `max_seq_length` (all-MiniLM-L6-v2: 256, while
+        // its tokenizer.json says 128); without that file the tokenizer's own truncation stands.
+        let st_cfg = dir.join("sentence_bert_config.json");
+        if let Ok(text) = std::fs::read_to_string(&st_cfg) {
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| Error::file(&st_cfg, e))?;
+            if let Some(max) = v.get("max_seq_length").and_then(|m| m.as_u64()) {
+                inner
+                    .with_truncation(Some(tokenizers::TruncationParams {
+                        max_length: max as usize,
+                        ..Default::default()
+                    }))
+                    .map_err(|e| Error::file(&st_cfg, e))?;
+            }
+        }
         let cfg: serde_json::Value =
             match std::fs::read_to_string(dir.join("tokenizer_config.json")) {
                 Ok(s) => serde_json::from_str(&s)

@@ -7,17 +7,16 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CudaStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
+/// lhs layout, rhs layout, (batch, m, n, k), output shape.
+type MatmulPlan = (Layout, Layout, (usize, usize, usize, usize), Shape);
+
 struct FrozenMatmul {
     /// false: `y = x W^T` with `W: [n, k]`; true: `y = x W` with `W: [k, n]`.
     weight_is_kn: bool,
 }
 
 impl FrozenMatmul {
-    fn plan(
-        &self,
-        l1: &Layout,
-        l2: &Layout,
-    ) -> Result<(Layout, Layout, (usize, usize, usize, usize), Shape)> {
+    fn plan(&self, l1: &Layout, l2: &Layout) -> Result<MatmulPlan> {
         let xd = l1.dims();
         let k = *xd.last().unwrap_or(&0);
         let m = l1.shape().elem_count() / k.max(1);

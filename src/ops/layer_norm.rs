@@ -100,7 +100,8 @@ impl CustomOp3 for LayerNorm {
 
 /// LayerNorm with weight and bias of shape `[dim]` over the last dimension of `x`.
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
-    if fused_ok(x) && x.dtype() == w.dtype() && x.dtype() == b.dtype() {
+    let (w, b) = (&w.to_dtype(x.dtype())?, &b.to_dtype(x.dtype())?);
+    if fused_ok(x) {
         x.contiguous()?
             .apply_op3(&w.contiguous()?, &b.contiguous()?, LayerNorm { eps })
     } else {

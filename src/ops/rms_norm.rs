@@ -77,7 +77,9 @@ impl CustomOp2 for RmsNorm {
 
 /// RMSNorm with a weight of shape `[dim]` over the last dimension of `x`.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    if fused_ok(x) && x.dtype() == w.dtype() {
+    // Weights stored in bf16/f16 compute in the activations' dtype.
+    let w = &w.to_dtype(x.dtype())?;
+    if fused_ok(x) {
         x.contiguous()?.apply_op2(&w.contiguous()?, RmsNorm { eps })
     } else {
         let r = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;

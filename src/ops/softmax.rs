@@ -8,7 +8,10 @@ use super::{cpu_slice, fused_ok, rows_per_task};
 
 struct Softmax;
 
-fn fwd<T: WithDType + Float>(x: &[T], dim: usize) -> Vec<T> {
+fn fwd<T: WithDType + Float + std::ops::AddAssign + std::ops::MulAssign>(
+    x: &[T],
+    dim: usize,
+) -> Vec<T> {
     let mut out = vec![T::zero(); x.len()];
     out.par_chunks_mut(dim)
         .zip(x.par_chunks(dim))
@@ -18,10 +21,10 @@ fn fwd<T: WithDType + Float>(x: &[T], dim: usize) -> Vec<T> {
             let mut sum = T::zero();
             for (o, &v) in o.iter_mut().zip(xr) {
                 *o = (v - max).exp();
-                sum = sum + *o;
+                sum += *o;
             }
             let inv = sum.recip();
-            o.iter_mut().for_each(|o| *o = *o * inv);
+            o.iter_mut().for_each(|o| *o *= inv);
         });
     out
 }

@@ -1,0 +1,228 @@
+//! Workloads for `metapeft bench`: each is timed over repeated runs on the real model. Peak memory
+//! is measured per workload by running each in its own process (see the CLI).
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
+
+use crate::generate::{generate, GenerateOptions};
+use crate::model::{Checkpoint, Llama};
+use crate::ops;
+use crate::params::ParamStore;
+use crate::peft::lora::{Lora, LoraConfig};
+use crate::peft::DeltaSet;
+use crate::{Error, Result};
+
+pub const WORKLOADS: [(&str, &str); 5] = [
+    (
+        "lora-qv",
+        "LoRA r=8 on q,v: train step (fwd+bwd+AdamW), batch 4 x 128",
+    ),
+    (
+        "lora-all",
+        "LoRA r=8 on all 7 linears: train step, batch 4 x 128",
+    ),
+    ("full", "full fine-tuning: train step, batch 4 x 128"),
+    ("forward", "forward, 1 x 128"),
+    (
+        "generate",
+        "greedy generation, 32-token prompt + 64 new tokens",
+    ),
+];
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Timing {
+    pub workload: String,
+    pub seconds: Vec<f64>,
+    /// Model FLOPs of one run (matmuls only), for GFLOP/s.
+    pub flops: f64,
+    /// For generation: new tokens per run.
+    pub tokens: usize,
+    pub peak_rss_mib: f64,
+}
+
+/// `n` token ids from real text (tiny-shakespeare when available), cycled as needed.
+pub fn text_tokens(ck: &Checkpoint, n: usize) -> Result<Vec<u32>> {
+    let p = crate::assets::data_dir().join("lm/tinyshakespeare/input.txt");
+    let text = std::fs::read_to_string(&p)
+        .unwrap_or_else(|_| "The quick brown fox jumps over the lazy dog. ".repeat(64));
+    let head: String = text.chars().take(n * 8).collect();
+    let ids = ck.tokenizer.encode(&head, false)?;
+    if ids.is_empty() {
+        return Err(Error::invalid("no tokens for the benchmark"));
+    }
+    Ok(ids.iter().copied().cycle().take(n).collect())
+}
+
+fn forward_flops(m: &Llama, tokens: usize, seq: usize) -> f64 {
+    let c = &m.cfg;
+    let q = c.num_attention_heads * c.head_dim;
+    let kv = c.num_key_value_heads * c.head_dim;
+    let per_layer = c.hidden_size * (2 * q + 2 * kv) + 3 * c.hidden_size * c.intermediate_size;
+    let linear = 2.0
+        * (c.num_hidden_layers * per_layer + c.vocab_size * c.hidden_size) as f64
+        * tokens as f64;
+    let attn = 4.0 * (c.num_hidden_layers * q) as f64 * seq as f64 * tokens as f64;
+    linear + attn
+}
+
+fn lora_cfg(targets: &[&str]) -> LoraConfig {
+    LoraConfig {
+        r: 8,
+        lora_alpha: 16.0,
+        target_modules: targets.iter().map(|s| s.to_string()).collect(),
+        random_b: false,
+    }
+}
+
+/// Run one workload `runs` times after `warmup` untimed runs.
+pub fn run(
+    workload: &str,
+    ck: &Checkpoint,
+    model: &Llama,
+    warmup: usize,
+    runs: usize,
+) -> Result<Timing> {
+    let dev = Device::Cpu;
+    let (b, t) = (4, 128);
+    let mut timing = Timing {
+        workload: workload.to_string(),
+        seconds: vec![],
+        flops: 0.0,
+        tokens: 0,
+        peak_rss_mib: 0.0,
+    };
+    let time = |f: &mut dyn FnMut() -> Result<()>| -> Result<Vec<f64>> {
+        for _ in 0..warmup {
+            f()?;
+        }
+        (0..runs)
+            .map(|_| {
+                let s = Instant::now();
+                f()?;
+                Ok(s.elapsed().as_secs_f64())
+            })
+            .collect()
+    };
+    match workload {
+        "lora-qv" | "lora-all" | "full" => {
+            let ids = text_tokens(ck, b * (t + 1))?;
+            let ids = Tensor::from_vec(ids, (b, t + 1), &dev)?;
+            let input = ids.narrow(1, 0, t)?;
+            let target = ids.narrow(1, 1, t)?;
+            let (base, deltas, dp) = match workload {
+                "full" => {
+                    let mut base = ck.params.clone();
+                    base.make_trainable(|_| true)?;
+                    (base, DeltaSet::none(), ParamStore::new())
+                }
+                w => {
+                    let targets: &[&str] = if w == "lora-qv" {
+                        &["q_proj", "v_proj"]
+                    } else {
+                        &[
+                            "q_proj",
+                            "k_proj",
+                            "v_proj",
+                            "o_proj",
+                            "gate_proj",
+                            "up_proj",
+                            "down_proj",
+                        ]
+                    };
+                    let (lora, dp) = Lora::init(&lora_cfg(targets), &ck.params, 0, &dev)?;
+                    let mut d = DeltaSet::none();
+                    d.push(lora);
+                    (ck.params.clone(), d, dp)
+                }
+            };
+            let vars: Vec<candle_core::Var> = base
+                .vars()
+                .into_iter()
+                .chain(dp.vars())
+                .map(|(_, v)| v)
+                .collect();
+            let mut opt = AdamW::new(
+                vars,
+                ParamsAdamW {
+                    lr: 1e-5,
+                    ..Default::default()
+                },
+            )?;
+            let mult = if workload == "full" { 3.0 } else { 2.0 };
+            timing.flops = mult * forward_flops(model, b * t, t);
+            timing.seconds = time(&mut || {
+                let logits = model.forward(&base, &deltas, &dp, &input, None)?;
+                let loss = ops::cross_entropy(&logits, &target, -100)?;
+                let grads = loss.backward()?;
+                opt.step(&grads)?;
+                Ok(())
+            })?;
+        }
+        "forward" => {
+            let ids = Tensor::from_vec(text_tokens(ck, t)?, (1, t), &dev)?;
+            timing.flops = forward_flops(model, t, t);
+            let e = ParamStore::new();
+            timing.seconds = time(&mut || {
+                model.forward(&ck.params, &DeltaSet::none(), &e, &ids, None)?;
+                Ok(())
+            })?;
+        }
+        "generate" => {
+            let prompt = text_tokens(ck, 32)?;
+            let opts = GenerateOptions {
+                max_new_tokens: 64,
+                stop_at_eos: false,
+                ..Default::default()
+            };
+            timing.tokens = 64;
+            timing.flops = forward_flops(model, 96, 96);
+            let e = ParamStore::new();
+            timing.seconds = time(&mut || {
+                generate(
+                    model,
+                    &ck.params,
+                    &DeltaSet::none(),
+                    &e,
+                    &ck.tokenizer,
+                    &prompt,
+                    &opts,
+                    |_| {},
+                )?;
+                Ok(())
+            })?;
+        }
+        other => {
+            return Err(Error::invalid(format!(
+                "unknown workload `{other}` (known: {})",
+                WORKLOADS.map(|w| w.0).join(", ")
+            )))
+        }
+    }
+    timing.peak_rss_mib = peak_rss_mib();
+    Ok(timing)
+}
+
+/// Peak resident set size of this process (VmHWM), in MiB; 0 where /proc is unavailable.
+pub fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+pub fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    match s.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => s[n / 2],
+        n => 0.5 * (s[n / 2 - 1] + s[n / 2]),
+    }
+}
