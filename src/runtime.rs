@@ -2,7 +2,7 @@
 
 /// candle 0.11 runs element-wise ops on its own spinning "barrier pool" next to rayon's pool used
 /// by matmuls; on a 2-core machine the two pools' spinning workers steal each other's cores
-/// (measured: forward 0.37-0.57 s -> 0.32-0.35 s, LoRA step 14 s -> 4-5 s for SmolLM2-135M).
+/// (SmolLM2-135M forward, 1 x 128: median 0.50-0.58 s -> 0.34-0.39 s; see BENCHMARKS.md).
 /// Running candle's element-wise ops inline leaves the cores to rayon (matmuls and our kernels).
 /// Call at the start of `main`, before any other thread exists; an explicit CANDLE_NUM_THREADS
 /// from the user wins.

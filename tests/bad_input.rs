@@ -4,21 +4,16 @@
 
 mod common;
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
-use candle_core::quantized::gguf_file::{self, Value};
-use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
-use metapeft::model::testing::{tiny_llama, tiny_llama_config};
+use common::{tiny_gguf, tiny_hf_dir};
+use metapeft::model::testing::tiny_llama_config;
 use metapeft::model::{self, Llama};
 use metapeft::params::ParamStore;
 use metapeft::peft::DeltaSet;
-
-const WORDLEVEL_TOKENIZER: &str = r#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],
-"normalizer":null,"pre_tokenizer":{"type":"Whitespace"},"post_processor":null,"decoder":null,
-"model":{"type":"WordLevel","vocab":{"<unk>":0,"a":1,"b":2},"unk_token":"<unk>"}}"#;
 
 /// Run `metapeft info <path>`; return (exit code, stderr).
 fn info(path: &Path) -> (i32, String) {
@@ -51,124 +46,12 @@ fn assert_clean_error(path: &Path, needles: &[&str]) {
     }
 }
 
-/// A tiny Llama as a Hugging Face directory.
-fn tiny_hf_dir(
-    tag: &str,
-    edit: impl FnOnce(&mut HashMap<String, Tensor>, &mut serde_json::Value),
-) -> PathBuf {
-    let dir = common::temp_dir(tag);
-    let (_m, p) = tiny_llama(1, DType::F32).unwrap();
-    let mut tensors: HashMap<String, Tensor> = p
-        .iter()
-        .map(|(n, t)| (n.to_string(), t.tensor().clone()))
-        .collect();
-    let mut cfg = tiny_llama_config().to_hf_json();
-    edit(&mut tensors, &mut cfg);
-    candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
-    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
-    std::fs::write(dir.join("tokenizer.json"), WORDLEVEL_TOKENIZER).unwrap();
-    dir
-}
-
-/// A tiny Llama as GGUF, with Q/K rows permuted as llama.cpp's converter does.
-fn tiny_gguf(path: &Path, arch: &str) {
-    let cfg = tiny_llama_config();
-    let (_m, p) = tiny_llama(1, DType::F32).unwrap();
-    let mut tensors: Vec<(String, QTensor)> = vec![];
-    let gguf_name = |hf: &str| -> String {
-        let map = [
-            ("model.embed_tokens.weight", "token_embd.weight"),
-            ("model.norm.weight", "output_norm.weight"),
-            ("lm_head.weight", "output.weight"),
-        ];
-        if let Some((_, g)) = map.iter().find(|(h, _)| *h == hf) {
-            return g.to_string();
-        }
-        let rest = hf.strip_prefix("model.layers.").unwrap();
-        let (layer, tail) = rest.split_once('.').unwrap();
-        let g = match tail.trim_end_matches(".weight") {
-            "input_layernorm" => "attn_norm",
-            "self_attn.q_proj" => "attn_q",
-            "self_attn.k_proj" => "attn_k",
-            "self_attn.v_proj" => "attn_v",
-            "self_attn.o_proj" => "attn_output",
-            "post_attention_layernorm" => "ffn_norm",
-            "mlp.gate_proj" => "ffn_gate",
-            "mlp.up_proj" => "ffn_up",
-            "mlp.down_proj" => "ffn_down",
-            other => panic!("{other}"),
-        };
-        format!("blk.{layer}.{g}.weight")
-    };
-    for (name, t) in p.iter() {
-        let mut t = t.tensor().clone();
-        if name.contains("q_proj") {
-            t = metapeft::model::load::gguf::permute_rows(&t, cfg.num_attention_heads).unwrap();
-        } else if name.contains("k_proj") {
-            t = metapeft::model::load::gguf::permute_rows(&t, cfg.num_key_value_heads).unwrap();
-        }
-        tensors.push((
-            gguf_name(name),
-            QTensor::quantize(&t, GgmlDType::F32).unwrap(),
-        ));
-    }
-    let tokens: Vec<Value> = (0..cfg.vocab_size)
-        .map(|i| {
-            Value::String(match i {
-                0 => "a".into(),
-                1 => "b".into(),
-                2 => "ab".into(),
-                i => format!("t{i}"),
-            })
-        })
-        .collect();
-    let a = |k: &str| format!("{arch}.{k}");
-    let meta: Vec<(String, Value)> = vec![
-        ("general.architecture".into(), Value::String(arch.into())),
-        (a("block_count"), Value::U32(cfg.num_hidden_layers as u32)),
-        (a("embedding_length"), Value::U32(cfg.hidden_size as u32)),
-        (
-            a("feed_forward_length"),
-            Value::U32(cfg.intermediate_size as u32),
-        ),
-        (
-            a("attention.head_count"),
-            Value::U32(cfg.num_attention_heads as u32),
-        ),
-        (
-            a("attention.head_count_kv"),
-            Value::U32(cfg.num_key_value_heads as u32),
-        ),
-        (
-            a("attention.layer_norm_rms_epsilon"),
-            Value::F32(cfg.rms_norm_eps as f32),
-        ),
-        (a("rope.freq_base"), Value::F32(cfg.rope_theta as f32)),
-        (
-            a("context_length"),
-            Value::U32(cfg.max_position_embeddings as u32),
-        ),
-        ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
-        ("tokenizer.ggml.tokens".into(), Value::Array(tokens)),
-        (
-            "tokenizer.ggml.merges".into(),
-            Value::Array(vec![Value::String("a b".into())]),
-        ),
-        ("tokenizer.ggml.bos_token_id".into(), Value::U32(1)),
-        ("tokenizer.ggml.eos_token_id".into(), Value::U32(2)),
-    ];
-    let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let mut f = std::fs::File::create(path).unwrap();
-    gguf_file::write(&mut f, &meta_refs, &tensor_refs).unwrap();
-}
-
 #[test]
 fn tiny_gguf_and_hf_dir_give_the_same_logits() {
     // The GGUF stores Q/K permuted; the loader must undo it to match the Hugging Face layout.
     let dir = common::temp_dir("tiny-gguf");
     let g = dir.join("tiny.gguf");
-    tiny_gguf(&g, "llama");
+    tiny_gguf(&g, "llama", &tiny_llama_config(), GgmlDType::F32);
     let hf = tiny_hf_dir("tiny-same", |_, _| {});
     let a = model::load(&g.to_string_lossy(), &Device::Cpu).unwrap();
     let b = model::load(&hf.to_string_lossy(), &Device::Cpu).unwrap();
@@ -227,7 +110,7 @@ fn corrupted_and_foreign_files() {
 fn unknown_architectures() {
     let dir = common::temp_dir("arch");
     let g = dir.join("gpt2.gguf");
-    tiny_gguf(&g, "gpt2");
+    tiny_gguf(&g, "gpt2", &tiny_llama_config(), GgmlDType::F32);
     assert_clean_error(&g, &["gpt2.gguf", "unknown architecture `gpt2`"]);
     let hf = tiny_hf_dir("arch-hf", |_, cfg| cfg["model_type"] = "gpt_neox".into());
     assert_clean_error(&hf, &["config.json", "unknown architecture `gpt_neox`"]);

@@ -2,12 +2,17 @@
 //! A missing asset is fetched; if it cannot be fetched the test fails (it never skips).
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use candle_core::Device;
+use candle_core::quantized::gguf_file::{self, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Device, Tensor};
 use metapeft::assets::{self, Asset};
-use metapeft::model::{self, Checkpoint};
+use metapeft::model::testing::{random_params, tiny_llama, tiny_llama_config};
+use metapeft::model::{self, Checkpoint, Llama, LlamaConfig};
+use metapeft::params::ParamStore;
 
 pub fn asset(a: Asset) -> PathBuf {
     match assets::ensure(a) {
@@ -55,4 +60,119 @@ pub fn temp_dir(tag: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).expect("create temp dir");
     d
+}
+
+pub const WORDLEVEL_TOKENIZER: &str = r#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],
+"normalizer":null,"pre_tokenizer":{"type":"Whitespace"},"post_processor":null,"decoder":null,
+"model":{"type":"WordLevel","vocab":{"<unk>":0,"a":1,"b":2},"unk_token":"<unk>"}}"#;
+
+/// A tiny Llama as a Hugging Face directory.
+pub fn tiny_hf_dir(
+    tag: &str,
+    edit: impl FnOnce(&mut HashMap<String, Tensor>, &mut serde_json::Value),
+) -> PathBuf {
+    let dir = temp_dir(tag);
+    let (_m, p) = tiny_llama(1, DType::F32).unwrap();
+    let mut tensors: HashMap<String, Tensor> = p
+        .iter()
+        .map(|(n, t)| (n.to_string(), t.tensor().clone()))
+        .collect();
+    let mut cfg = tiny_llama_config().to_hf_json();
+    edit(&mut tensors, &mut cfg);
+    candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    std::fs::write(dir.join("tokenizer.json"), WORDLEVEL_TOKENIZER).unwrap();
+    dir
+}
+
+/// A random Llama of config `cfg` as GGUF with 2-d weights stored as `dtype` (norms stay f32),
+/// Q/K rows permuted as llama.cpp's converter does. Returns the f32 parameters it was made from.
+pub fn tiny_gguf(path: &Path, arch: &str, cfg: &LlamaConfig, dtype: GgmlDType) -> ParamStore {
+    let p = random_params(&Llama::expected_params(cfg), 1, DType::F32).unwrap();
+    let mut tensors: Vec<(String, QTensor)> = vec![];
+    let gguf_name = |hf: &str| -> String {
+        let map = [
+            ("model.embed_tokens.weight", "token_embd.weight"),
+            ("model.norm.weight", "output_norm.weight"),
+            ("lm_head.weight", "output.weight"),
+        ];
+        if let Some((_, g)) = map.iter().find(|(h, _)| *h == hf) {
+            return g.to_string();
+        }
+        let rest = hf.strip_prefix("model.layers.").unwrap();
+        let (layer, tail) = rest.split_once('.').unwrap();
+        let g = match tail.trim_end_matches(".weight") {
+            "input_layernorm" => "attn_norm",
+            "self_attn.q_proj" => "attn_q",
+            "self_attn.k_proj" => "attn_k",
+            "self_attn.v_proj" => "attn_v",
+            "self_attn.o_proj" => "attn_output",
+            "post_attention_layernorm" => "ffn_norm",
+            "mlp.gate_proj" => "ffn_gate",
+            "mlp.up_proj" => "ffn_up",
+            "mlp.down_proj" => "ffn_down",
+            other => panic!("{other}"),
+        };
+        format!("blk.{layer}.{g}.weight")
+    };
+    for (name, t) in p.iter() {
+        let mut t = t.tensor().clone();
+        if name.contains("q_proj") {
+            t = metapeft::model::load::gguf::permute_rows(&t, cfg.num_attention_heads).unwrap();
+        } else if name.contains("k_proj") {
+            t = metapeft::model::load::gguf::permute_rows(&t, cfg.num_key_value_heads).unwrap();
+        }
+        let dt = if t.rank() == 2 { dtype } else { GgmlDType::F32 };
+        tensors.push((gguf_name(name), QTensor::quantize(&t, dt).unwrap()));
+    }
+    let tokens: Vec<Value> = (0..cfg.vocab_size)
+        .map(|i| {
+            Value::String(match i {
+                0 => "a".into(),
+                1 => "b".into(),
+                2 => "ab".into(),
+                i => format!("t{i}"),
+            })
+        })
+        .collect();
+    let a = |k: &str| format!("{arch}.{k}");
+    let meta: Vec<(String, Value)> = vec![
+        ("general.architecture".into(), Value::String(arch.into())),
+        (a("block_count"), Value::U32(cfg.num_hidden_layers as u32)),
+        (a("embedding_length"), Value::U32(cfg.hidden_size as u32)),
+        (
+            a("feed_forward_length"),
+            Value::U32(cfg.intermediate_size as u32),
+        ),
+        (
+            a("attention.head_count"),
+            Value::U32(cfg.num_attention_heads as u32),
+        ),
+        (
+            a("attention.head_count_kv"),
+            Value::U32(cfg.num_key_value_heads as u32),
+        ),
+        (
+            a("attention.layer_norm_rms_epsilon"),
+            Value::F32(cfg.rms_norm_eps as f32),
+        ),
+        (a("rope.freq_base"), Value::F32(cfg.rope_theta as f32)),
+        (
+            a("context_length"),
+            Value::U32(cfg.max_position_embeddings as u32),
+        ),
+        ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
+        ("tokenizer.ggml.tokens".into(), Value::Array(tokens)),
+        (
+            "tokenizer.ggml.merges".into(),
+            Value::Array(vec![Value::String("a b".into())]),
+        ),
+        ("tokenizer.ggml.bos_token_id".into(), Value::U32(1)),
+        ("tokenizer.ggml.eos_token_id".into(), Value::U32(2)),
+    ];
+    let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut f = std::fs::File::create(path).unwrap();
+    gguf_file::write(&mut f, &meta_refs, &tensor_refs).unwrap();
+    p
 }
