@@ -68,12 +68,7 @@ fn forward_flops(m: &Llama, tokens: usize, seq: usize) -> f64 {
 }
 
 fn lora_cfg(targets: &[&str]) -> LoraConfig {
-    LoraConfig {
-        r: 8,
-        lora_alpha: 16.0,
-        target_modules: targets.iter().map(|s| s.to_string()).collect(),
-        random_b: false,
-    }
+    LoraConfig::new(8, 16.0, targets)
 }
 
 /// Run one workload `runs` times after `warmup` untimed runs.
@@ -131,7 +126,7 @@ pub fn run(
                             "down_proj",
                         ]
                     };
-                    let (lora, dp) = Lora::init(&lora_cfg(targets), &ck.params, 0, &dev)?;
+                    let (lora, dp) = Lora::init(&lora_cfg(targets), &ck.params, 0)?;
                     let mut d = DeltaSet::none();
                     d.push(lora);
                     (ck.params.clone(), d, dp)

@@ -80,21 +80,21 @@ fn every_lora_tensor_gets_a_gradient() {
     let ck = common::minilm();
     let m = bert();
     let cfg = LoraConfig {
-        r: 4,
-        lora_alpha: 8.0,
-        target_modules: [
-            "query",
-            "key",
-            "value",
-            "attention.output.dense",
-            "intermediate.dense",
-            "output.dense",
-        ]
-        .map(String::from)
-        .to_vec(),
-        random_b: true,
+        init_lora_weights: metapeft::peft::lora::LoraInit::Default(false),
+        ..LoraConfig::new(
+            4,
+            8.0,
+            &[
+                "query",
+                "key",
+                "value",
+                "attention.output.dense",
+                "intermediate.dense",
+                "output.dense",
+            ],
+        )
     };
-    let (lora, lp) = Lora::init(&cfg, &ck.params, 0, &Device::Cpu).unwrap();
+    let (lora, lp) = Lora::init(&cfg, &ck.params, 0).unwrap();
     assert_eq!(lora.num_modules(), 6 * 6);
     let mut deltas = DeltaSet::none();
     deltas.push(lora);

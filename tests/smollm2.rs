@@ -213,22 +213,22 @@ fn every_lora_tensor_gets_a_gradient() {
     let ck = common::smollm2();
     let m = llama(ck);
     let cfg = LoraConfig {
-        r: 4,
-        lora_alpha: 8.0,
-        target_modules: [
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ]
-        .map(String::from)
-        .to_vec(),
-        random_b: true,
+        init_lora_weights: metapeft::peft::lora::LoraInit::Default(false),
+        ..LoraConfig::new(
+            4,
+            8.0,
+            &[
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj",
+            ],
+        )
     };
-    let (lora, lp) = Lora::init(&cfg, &ck.params, 0, &Device::Cpu).unwrap();
+    let (lora, lp) = Lora::init(&cfg, &ck.params, 0).unwrap();
     assert_eq!(lora.num_modules(), 7 * m.cfg.num_hidden_layers);
     let mut deltas = DeltaSet::none();
     deltas.push(lora);

@@ -58,6 +58,22 @@ impl Bert {
         out
     }
 
+    /// A base tensor as the deltas see it (tuned norms and biases replace the base ones).
+    fn weight(
+        &self,
+        p: &ParamStore,
+        deltas: &DeltaSet,
+        dp: &ParamStore,
+        name: &str,
+    ) -> Result<Tensor> {
+        if deltas.is_empty() {
+            return Ok(p.get(name)?.clone());
+        }
+        deltas
+            .weight(name, p.get_opt(name), dp)?
+            .ok_or_else(|| crate::Error::invalid(format!("parameter `{name}` is not in the store")))
+    }
+
     fn dense(
         &self,
         p: &ParamStore,
@@ -66,19 +82,28 @@ impl Bert {
         module: &str,
         x: &Tensor,
     ) -> Result<Tensor> {
-        let y = ops::linear(
-            x,
-            p.get(&format!("{module}.weight"))?,
-            Some(p.get(&format!("{module}.bias"))?),
-        )?;
-        deltas.linear(module, x, y, dp)
+        let w = p.get(&format!("{module}.weight"))?;
+        let b = self.weight(p, deltas, dp, &format!("{module}.bias"))?;
+        if deltas.is_empty() {
+            return Ok(ops::linear(x, w, Some(&b))?);
+        }
+        let x = deltas.linear_input(module, x.clone(), dp)?;
+        let y = ops::linear(&x, w, Some(&b))?;
+        deltas.linear(module, &x, y, dp)
     }
 
-    fn norm(&self, p: &ParamStore, module: &str, x: &Tensor) -> Result<Tensor> {
+    fn norm(
+        &self,
+        p: &ParamStore,
+        deltas: &DeltaSet,
+        dp: &ParamStore,
+        module: &str,
+        x: &Tensor,
+    ) -> Result<Tensor> {
         Ok(ops::layer_norm(
             x,
-            p.get(&format!("{module}.weight"))?,
-            p.get(&format!("{module}.bias"))?,
+            &self.weight(p, deltas, dp, &format!("{module}.weight"))?,
+            &self.weight(p, deltas, dp, &format!("{module}.bias"))?,
             self.cfg.layer_norm_eps,
         )?)
     }
@@ -128,7 +153,12 @@ impl Bert {
             .reshape((1, 1, d))?,
         };
         let x = words.broadcast_add(&pos)?.broadcast_add(&types)?;
-        let mut x = self.norm(p, "embeddings.LayerNorm", &x)?;
+        if deltas.prefix_len() > 0 || deltas.virtual_tokens() > 0 {
+            return Err(crate::Error::invalid(
+                "prefix and prompt tuning are implemented for decoders only so far",
+            ));
+        }
+        let mut x = self.norm(p, deltas, dp, "embeddings.LayerNorm", &x)?;
         let mask = ops::padding_mask(attention_mask, dtype)?;
         let h = cfg.num_attention_heads;
         let hd = d / h;
@@ -146,11 +176,25 @@ impl Bert {
                 .transpose(1, 2)?
                 .reshape((b, t, d))?;
             let a = self.dense(p, deltas, dp, &format!("{pre}.attention.output.dense"), &a)?;
-            x = self.norm(p, &format!("{pre}.attention.output.LayerNorm"), &(a + &x)?)?;
+            let a = deltas.after_attention(i, a, dp)?;
+            x = self.norm(
+                p,
+                deltas,
+                dp,
+                &format!("{pre}.attention.output.LayerNorm"),
+                &(a + &x)?,
+            )?;
             let m =
                 ops::gelu(&self.dense(p, deltas, dp, &format!("{pre}.intermediate.dense"), &x)?)?;
             let o = self.dense(p, deltas, dp, &format!("{pre}.output.dense"), &m)?;
-            x = self.norm(p, &format!("{pre}.output.LayerNorm"), &(o + &x)?)?;
+            let o = deltas.after_ffn(i, &x, o, dp)?;
+            x = self.norm(
+                p,
+                deltas,
+                dp,
+                &format!("{pre}.output.LayerNorm"),
+                &(o + &x)?,
+            )?;
         }
         Ok(x)
     }

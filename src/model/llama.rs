@@ -124,6 +124,22 @@ impl Llama {
         out
     }
 
+    /// A base tensor as the deltas see it (tuned norms and biases replace the base ones).
+    fn weight(
+        &self,
+        p: &ParamStore,
+        deltas: &DeltaSet,
+        dp: &ParamStore,
+        name: &str,
+    ) -> Result<Tensor> {
+        if deltas.is_empty() {
+            return Ok(p.get(name)?.clone());
+        }
+        deltas
+            .weight(name, p.get_opt(name), dp)?
+            .ok_or_else(|| crate::Error::invalid(format!("parameter `{name}` is not in the store")))
+    }
+
     fn proj(
         &self,
         p: &ParamStore,
@@ -133,13 +149,22 @@ impl Llama {
         x: &Tensor,
     ) -> Result<Tensor> {
         let w = p.get(&format!("{module}.weight"))?;
-        let b = p.get_opt(&format!("{module}.bias"));
-        let y = ops::linear(x, w, b)?;
-        deltas.linear(module, x, y, dp)
+        if deltas.is_empty() {
+            return Ok(ops::linear(x, w, p.get_opt(&format!("{module}.bias")))?);
+        }
+        let bias_name = format!("{module}.bias");
+        let b = deltas.weight(&bias_name, p.get_opt(&bias_name), dp)?;
+        let x = deltas.linear_input(module, x.clone(), dp)?;
+        let y = ops::linear(&x, w, b.as_ref())?;
+        deltas.linear(module, &x, y, dp)
     }
 
     /// Final hidden states `[b, t, d]` (after the last norm) for `input_ids: [b, t]`.
-    /// `attention_mask: [b, t_total]` (1 keep, 0 pad) covers cached positions too.
+    ///
+    /// `attention_mask: [b, t]` (1 keep, 0 pad) is for full-sequence passes only. Deltas that add
+    /// positions are handled here: prefix tuning's keys/values come first in every layer (real
+    /// tokens' positions start after them), prompt tuning's soft tokens are prepended to the
+    /// embeddings and their outputs dropped. With a cache, both enter on the first call only.
     pub fn forward_hidden(
         &self,
         p: &ParamStore,
@@ -151,7 +176,14 @@ impl Llama {
     ) -> Result<Tensor> {
         let cfg = &self.cfg;
         let (b, t) = input_ids.dims2()?;
-        let offset = cache.as_ref().map_or(0, |c| c.len());
+        let past = cache.as_ref().map_or(0, |c| c.len());
+        if attention_mask.is_some() && cache.is_some() {
+            return Err(crate::Error::invalid(
+                "padding masks are not supported together with a KV cache",
+            ));
+        }
+        let first = past == 0;
+        let prefix = if first { deltas.prefix_len() } else { 0 };
         let embed = p.get("model.embed_tokens.weight")?;
         // Compute in f32 (bf16/f16/quantized storage is for memory only); f64 weights, used by
         // gradient checks, compute in f64.
@@ -164,6 +196,12 @@ impl Llama {
             .index_select(&input_ids.flatten_all()?, 0)?
             .reshape((b, t, cfg.hidden_size))?
             .to_dtype(dtype)?;
+        let virtual_tokens = if first { deltas.virtual_tokens() } else { 0 };
+        if virtual_tokens > 0 {
+            x = deltas.input_embeddings(x, dp)?;
+        }
+        let t = x.dim(1)?;
+        let offset = past + prefix;
         let (cos, sin) = self.rope.window(offset, t)?;
         let (cos, sin) = (cos.to_dtype(dtype)?, sin.to_dtype(dtype)?);
         let mut mask = if t > 1 {
@@ -172,7 +210,15 @@ impl Llama {
             None
         };
         if let Some(am) = attention_mask {
-            let pm = ops::padding_mask(am, dtype)?;
+            // Prefix keys and soft tokens are always visible.
+            let extra = prefix + virtual_tokens;
+            let am = if extra > 0 {
+                let ones = Tensor::ones((b, extra), am.dtype(), am.device())?;
+                Tensor::cat(&[&ones, am], 1)?
+            } else {
+                am.clone()
+            };
+            let pm = ops::padding_mask(&am, dtype)?;
             mask = Some(match mask {
                 Some(m) => m.broadcast_add(&pm)?,
                 None => pm,
@@ -187,17 +233,20 @@ impl Llama {
         for i in 0..cfg.num_hidden_layers {
             let pre = format!("model.layers.{i}");
             let residual = x.clone();
-            let xn = ops::rms_norm(
-                &x,
-                p.get(&format!("{pre}.input_layernorm.weight"))?,
-                cfg.rms_norm_eps,
-            )?;
+            let w = self.weight(p, deltas, dp, &format!("{pre}.input_layernorm.weight"))?;
+            let xn = ops::rms_norm(&x, &w, cfg.rms_norm_eps)?;
             let q = self.proj(p, deltas, dp, &format!("{pre}.self_attn.q_proj"), &xn)?;
             let k = self.proj(p, deltas, dp, &format!("{pre}.self_attn.k_proj"), &xn)?;
             let v = self.proj(p, deltas, dp, &format!("{pre}.self_attn.v_proj"), &xn)?;
             let q = ops::rope(&q.reshape((b, t, h, hd))?, &cos, &sin)?.transpose(1, 2)?;
-            let k = ops::rope(&k.reshape((b, t, hkv, hd))?, &cos, &sin)?.transpose(1, 2)?;
-            let v = v.reshape((b, t, hkv, hd))?.transpose(1, 2)?;
+            let mut k = ops::rope(&k.reshape((b, t, hkv, hd))?, &cos, &sin)?.transpose(1, 2)?;
+            let mut v = v.reshape((b, t, hkv, hd))?.transpose(1, 2)?;
+            if prefix > 0 {
+                if let Some((pk, pv)) = deltas.attention_prefix(i, b, dp)? {
+                    k = Tensor::cat(&[&pk.to_dtype(dtype)?, &k.contiguous()?], 2)?;
+                    v = Tensor::cat(&[&pv.to_dtype(dtype)?, &v.contiguous()?], 2)?;
+                }
+            }
             let (k, v) = match cache.as_deref_mut() {
                 Some(c) => c.append(i, &k, &v)?,
                 None => (k, v),
@@ -205,28 +254,41 @@ impl Llama {
             let a = ops::attention(&q, &k, &v, mask.as_ref(), scale)?;
             let a = a.transpose(1, 2)?.reshape((b, t, h * hd))?;
             let o = self.proj(p, deltas, dp, &format!("{pre}.self_attn.o_proj"), &a)?;
+            let o = if deltas.is_empty() {
+                o
+            } else {
+                deltas.after_attention(i, o, dp)?
+            };
             x = (residual + o)?;
 
             let residual = x.clone();
-            let xn = ops::rms_norm(
-                &x,
-                p.get(&format!("{pre}.post_attention_layernorm.weight"))?,
-                cfg.rms_norm_eps,
+            let w = self.weight(
+                p,
+                deltas,
+                dp,
+                &format!("{pre}.post_attention_layernorm.weight"),
             )?;
+            let xn = ops::rms_norm(&x, &w, cfg.rms_norm_eps)?;
             let g = self.proj(p, deltas, dp, &format!("{pre}.mlp.gate_proj"), &xn)?;
             let u = self.proj(p, deltas, dp, &format!("{pre}.mlp.up_proj"), &xn)?;
             let m = (ops::silu(&g)? * u)?;
             let dn = self.proj(p, deltas, dp, &format!("{pre}.mlp.down_proj"), &m)?;
+            let dn = if deltas.is_empty() {
+                dn
+            } else {
+                deltas.after_ffn(i, &xn, dn, dp)?
+            };
             x = (residual + dn)?;
         }
         if let Some(c) = cache {
-            c.advance(t);
+            c.advance(prefix + t);
         }
-        Ok(ops::rms_norm(
-            &x,
-            p.get("model.norm.weight")?,
-            cfg.rms_norm_eps,
-        )?)
+        let w = self.weight(p, deltas, dp, "model.norm.weight")?;
+        let x = ops::rms_norm(&x, &w, cfg.rms_norm_eps)?;
+        if virtual_tokens > 0 {
+            return Ok(x.narrow(1, virtual_tokens, t - virtual_tokens)?);
+        }
+        Ok(x)
     }
 
     /// Logits `[..., vocab]` from hidden states.

@@ -97,20 +97,22 @@ mod tests {
     fn llama_lora_gradient_matches_finite_differences() -> Result<()> {
         let (model, base) = tiny_llama(3, DType::F64)?;
         let cfg = LoraConfig {
-            r: 2,
-            lora_alpha: 4.0,
-            target_modules: vec![
-                "q_proj".into(),
-                "k_proj".into(),
-                "v_proj".into(),
-                "o_proj".into(),
-                "gate_proj".into(),
-                "up_proj".into(),
-                "down_proj".into(),
-            ],
-            random_b: true,
+            init_lora_weights: crate::peft::lora::LoraInit::Default(false),
+            ..LoraConfig::new(
+                2,
+                4.0,
+                &[
+                    "q_proj",
+                    "k_proj",
+                    "v_proj",
+                    "o_proj",
+                    "gate_proj",
+                    "up_proj",
+                    "down_proj",
+                ],
+            )
         };
-        let (lora, lp) = Lora::init(&cfg, &base, 5, &Device::Cpu)?;
+        let (lora, lp) = Lora::init(&cfg, &base, 5)?;
         let lp = lp.to_dtype(DType::F64)?;
         let mut deltas = DeltaSet::none();
         deltas.push(lora);

@@ -1,18 +1,56 @@
 //! Deltas: the trainable "difference" attached to a frozen base.
 //!
-//! A model calls its [`DeltaSet`] at every site where a delta may act (today: after each linear
-//! layer, with the module's Hugging Face name such as `model.layers.3.self_attn.q_proj`). Each delta
-//! reads its own parameters from a separate [`ParamStore`], so the base store is never touched.
+//! A model calls its [`DeltaSet`] at every site where a delta may act:
+//! - a base tensor being read (norm weights, biases): [`Delta::weight`];
+//! - the input and output of each linear layer, named like Hugging Face modules
+//!   (`model.layers.3.self_attn.q_proj`): [`Delta::linear_input`], [`Delta::linear`];
+//! - the keys/values of each attention block (prefix tuning): [`Delta::attention_prefix`];
+//! - the input embeddings (prompt tuning): [`Delta::input_embeddings`];
+//! - the attention and FFN sublayer outputs (adapters): [`Delta::after_attention`],
+//!   [`Delta::after_ffn`].
+//!
+//! Each delta reads its parameters from its own [`ParamStore`] (names follow PEFT without the
+//! `base_model.model.` prefix), so the base store is never touched and inner-loop fast weights are
+//! just another store.
 
+pub mod bitfit;
+pub mod config;
+pub mod ia3;
+pub mod ln_tuning;
 pub mod lora;
+pub mod prefix;
+pub mod prompt;
+pub mod targets;
+#[cfg(test)]
+mod tests;
 
 use candle_core::Tensor;
 
+pub use config::{Adapter, DeltaConfig};
+
 use crate::params::ParamStore;
-use crate::Result;
+use crate::{Error, Result};
 
 /// One delta method. Methods override the sites they act on; the defaults leave the base alone.
 pub trait Delta: Send + Sync + std::fmt::Debug {
+    /// A short method name (`lora`, `ia3`, ...), used in messages.
+    fn method(&self) -> &'static str;
+
+    /// A replacement for (or an addition of) base tensor `name`, e.g. a tuned norm weight or bias.
+    fn weight(
+        &self,
+        _name: &str,
+        _base: Option<&Tensor>,
+        _params: &ParamStore,
+    ) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+
+    /// Transform the input `x` of linear layer `module` (IA3 on feed-forward layers).
+    fn linear_input(&self, _module: &str, x: Tensor, _params: &ParamStore) -> Result<Tensor> {
+        Ok(x)
+    }
+
     /// Adjust the output `y = x W^T (+ b)` of the linear layer `module`.
     fn linear(
         &self,
@@ -22,6 +60,63 @@ pub trait Delta: Send + Sync + std::fmt::Debug {
         _params: &ParamStore,
     ) -> Result<Tensor> {
         Ok(y)
+    }
+
+    /// Number of key/value positions this delta prepends in every attention layer.
+    fn prefix_len(&self) -> usize {
+        0
+    }
+
+    /// Keys and values `[batch, kv_heads, prefix_len, head_dim]` prepended in attention `layer`.
+    fn attention_prefix(
+        &self,
+        _layer: usize,
+        _batch: usize,
+        _params: &ParamStore,
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        Ok(None)
+    }
+
+    /// Number of soft tokens this delta prepends to the input embeddings.
+    fn virtual_tokens(&self) -> usize {
+        0
+    }
+
+    /// Transform the input embeddings `[batch, t, d]` (prompt tuning prepends soft tokens).
+    fn input_embeddings(&self, x: Tensor, _params: &ParamStore) -> Result<Tensor> {
+        Ok(x)
+    }
+
+    /// Adjust the attention sublayer's output (before the residual add) in `layer`.
+    fn after_attention(&self, _layer: usize, h: Tensor, _params: &ParamStore) -> Result<Tensor> {
+        Ok(h)
+    }
+
+    /// Adjust the FFN sublayer's output `out` (before the residual add) given its input `x`.
+    fn after_ffn(
+        &self,
+        _layer: usize,
+        _x: &Tensor,
+        out: Tensor,
+        _params: &ParamStore,
+    ) -> Result<Tensor> {
+        Ok(out)
+    }
+
+    /// Whether [`Delta::merge`] can fold this delta into the base weights exactly.
+    fn mergeable(&self) -> bool {
+        false
+    }
+
+    /// Training mode switches on stochastic parts such as LoRA dropout.
+    fn set_training(&self, _on: bool) {}
+
+    /// Fold the delta into `base` (a copy of the base store the caller owns).
+    fn merge(&self, _base: &mut ParamStore, _params: &ParamStore) -> Result<()> {
+        Err(Error::invalid(format!(
+            "{} changes the computation, not the weights: it cannot be merged into the base model",
+            self.method()
+        )))
     }
 }
 
@@ -41,8 +136,43 @@ impl DeltaSet {
         self.deltas.push(Box::new(d));
     }
 
+    pub fn push_boxed(&mut self, d: Box<dyn Delta>) {
+        self.deltas.push(d);
+    }
+
     pub fn is_empty(&self) -> bool {
         self.deltas.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &dyn Delta> {
+        self.deltas.iter().map(|d| d.as_ref())
+    }
+
+    /// Training mode enables stochastic parts such as LoRA dropout (off by default).
+    pub fn set_training(&self, on: bool) {
+        self.deltas.iter().for_each(|d| d.set_training(on));
+    }
+
+    /// The tensor to use for base tensor `name` (the last delta that replaces it wins).
+    pub fn weight(
+        &self,
+        name: &str,
+        base: Option<&Tensor>,
+        params: &ParamStore,
+    ) -> Result<Option<Tensor>> {
+        let mut out = base.cloned();
+        for d in &self.deltas {
+            if let Some(t) = d.weight(name, out.as_ref(), params)? {
+                out = Some(t);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn linear_input(&self, module: &str, x: Tensor, params: &ParamStore) -> Result<Tensor> {
+        self.deltas
+            .iter()
+            .try_fold(x, |x, d| d.linear_input(module, x, params))
     }
 
     pub fn linear(
@@ -55,6 +185,75 @@ impl DeltaSet {
         self.deltas
             .iter()
             .try_fold(y, |y, d| d.linear(module, x, y, params))
+    }
+
+    pub fn prefix_len(&self) -> usize {
+        self.deltas.iter().map(|d| d.prefix_len()).sum()
+    }
+
+    /// All prefixes for `layer`, concatenated along the sequence axis.
+    pub fn attention_prefix(
+        &self,
+        layer: usize,
+        batch: usize,
+        params: &ParamStore,
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        let mut ks = vec![];
+        let mut vs = vec![];
+        for d in &self.deltas {
+            if let Some((k, v)) = d.attention_prefix(layer, batch, params)? {
+                ks.push(k);
+                vs.push(v);
+            }
+        }
+        if ks.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some((Tensor::cat(&ks, 2)?, Tensor::cat(&vs, 2)?)))
+    }
+
+    pub fn virtual_tokens(&self) -> usize {
+        self.deltas.iter().map(|d| d.virtual_tokens()).sum()
+    }
+
+    pub fn input_embeddings(&self, x: Tensor, params: &ParamStore) -> Result<Tensor> {
+        self.deltas
+            .iter()
+            .try_fold(x, |x, d| d.input_embeddings(x, params))
+    }
+
+    pub fn after_attention(&self, layer: usize, h: Tensor, params: &ParamStore) -> Result<Tensor> {
+        self.deltas
+            .iter()
+            .try_fold(h, |h, d| d.after_attention(layer, h, params))
+    }
+
+    pub fn after_ffn(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        out: Tensor,
+        params: &ParamStore,
+    ) -> Result<Tensor> {
+        self.deltas
+            .iter()
+            .try_fold(out, |o, d| d.after_ffn(layer, x, o, params))
+    }
+
+    /// A copy of `base` with every delta folded in. Fails, without a partial result, if any delta
+    /// cannot be merged.
+    pub fn merge(&self, base: &ParamStore, params: &ParamStore) -> Result<ParamStore> {
+        if let Some(d) = self.deltas.iter().find(|d| !d.mergeable()) {
+            return Err(Error::invalid(format!(
+                "{} changes the computation, not the weights: it cannot be merged into the base model",
+                d.method()
+            )));
+        }
+        let mut out = base.clone();
+        for d in &self.deltas {
+            d.merge(&mut out, params)?;
+        }
+        Ok(out)
     }
 }
 
@@ -73,6 +272,26 @@ pub fn linear_modules(base: &ParamStore) -> Vec<(String, usize, usize)> {
                 [o, i] if !excluded => Some((module.to_string(), *o, *i)),
                 _ => None,
             }
+        })
+        .collect()
+}
+
+/// Uniform(-bound, bound) values from a seeded generator.
+pub(crate) fn uniform(rng: &mut rand::rngs::StdRng, n: usize, bound: f64) -> Vec<f32> {
+    use rand::Rng;
+    (0..n)
+        .map(|_| rng.random_range(-bound..bound) as f32)
+        .collect()
+}
+
+/// Normal(0, std) values from a seeded generator (Box-Muller).
+pub(crate) fn normal(rng: &mut rand::rngs::StdRng, n: usize, std: f64) -> Vec<f32> {
+    use rand::Rng;
+    (0..n)
+        .map(|_| {
+            let u1: f64 = rng.random_range(f64::EPSILON..1.0);
+            let u2: f64 = rng.random();
+            ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * std) as f32
         })
         .collect()
 }

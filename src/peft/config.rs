@@ -1,0 +1,155 @@
+//! Delta configurations (serde, one variant per method) and adapters: a configuration plus its
+//! parameters, the unit that is trained, saved, loaded and attached.
+
+use serde::{Deserialize, Serialize};
+
+use super::bitfit::{BitFit, BitFitConfig};
+use super::ia3::{Ia3, Ia3Config};
+use super::ln_tuning::{LnTuning, LnTuningConfig};
+use super::lora::{Lora, LoraConfig};
+use super::prefix::{PrefixTuning, PrefixTuningConfig};
+use super::prompt::{PromptTuning, PromptTuningConfig};
+use super::{Delta, DeltaSet};
+use crate::model::Arch;
+use crate::params::ParamStore;
+use crate::{Error, Result};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "method", rename_all = "snake_case")]
+pub enum DeltaConfig {
+    Lora(LoraConfig),
+    Ia3(Ia3Config),
+    PromptTuning(PromptTuningConfig),
+    PrefixTuning(PrefixTuningConfig),
+    Bitfit(BitFitConfig),
+    LnTuning(LnTuningConfig),
+}
+
+/// The sizes a delta needs to know about its base model.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ModelDims {
+    pub num_layers: usize,
+    pub hidden: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl ModelDims {
+    pub fn of(arch: &Arch) -> Self {
+        match arch {
+            Arch::Llama(c) => ModelDims {
+                num_layers: c.num_hidden_layers,
+                hidden: c.hidden_size,
+                num_kv_heads: c.num_key_value_heads,
+                head_dim: c.head_dim,
+            },
+            Arch::Bert(c) => ModelDims {
+                num_layers: c.num_hidden_layers,
+                hidden: c.hidden_size,
+                num_kv_heads: c.num_attention_heads,
+                head_dim: c.hidden_size / c.num_attention_heads,
+            },
+        }
+    }
+}
+
+impl DeltaConfig {
+    pub fn method(&self) -> &'static str {
+        match self {
+            DeltaConfig::Lora(_) => "lora",
+            DeltaConfig::Ia3(_) => "ia3",
+            DeltaConfig::PromptTuning(_) => "prompt_tuning",
+            DeltaConfig::PrefixTuning(_) => "prefix_tuning",
+            DeltaConfig::Bitfit(_) => "bitfit",
+            DeltaConfig::LnTuning(_) => "ln_tuning",
+        }
+    }
+
+    /// Fresh trainable parameters for this configuration on `base`, from `seed`.
+    pub fn init(&self, arch: &Arch, base: &ParamStore, seed: u64) -> Result<Adapter> {
+        let dims = ModelDims::of(arch);
+        let params = match self {
+            DeltaConfig::Lora(c) => Lora::init_params(c, base, seed)?,
+            DeltaConfig::Ia3(c) => Ia3::init_params(c, base, seed)?,
+            DeltaConfig::PromptTuning(c) => PromptTuning::init_params(c, base, dims, seed)?,
+            DeltaConfig::PrefixTuning(c) => PrefixTuning::init_params(c, dims, seed)?,
+            DeltaConfig::Bitfit(c) => BitFit::init_params(c, base)?,
+            DeltaConfig::LnTuning(c) => LnTuning::init_params(c, base)?,
+        };
+        Ok(Adapter {
+            config: self.clone(),
+            params,
+        })
+    }
+
+    /// Build the delta over existing parameters, checking every tensor against the base model.
+    pub fn build(
+        &self,
+        arch: &Arch,
+        base: &ParamStore,
+        params: &ParamStore,
+    ) -> Result<Box<dyn Delta>> {
+        let dims = ModelDims::of(arch);
+        Ok(match self {
+            DeltaConfig::Lora(c) => Box::new(Lora::build(c, base, params)?),
+            DeltaConfig::Ia3(c) => Box::new(Ia3::build(c, base, params)?),
+            DeltaConfig::PromptTuning(c) => Box::new(PromptTuning::build(c, dims, params)?),
+            DeltaConfig::PrefixTuning(c) => Box::new(PrefixTuning::build(c, dims, params)?),
+            DeltaConfig::Bitfit(c) => Box::new(BitFit::build(c, base, params)?),
+            DeltaConfig::LnTuning(c) => Box::new(LnTuning::build(c, base, params)?),
+        })
+    }
+}
+
+/// A delta's configuration and parameters.
+#[derive(Clone, Debug)]
+pub struct Adapter {
+    pub config: DeltaConfig,
+    pub params: ParamStore,
+}
+
+impl Adapter {
+    /// A delta set holding this adapter, checked against the base model.
+    pub fn attach(&self, arch: &Arch, base: &ParamStore) -> Result<DeltaSet> {
+        let mut set = DeltaSet::none();
+        set.push_boxed(self.config.build(arch, base, &self.params)?);
+        Ok(set)
+    }
+
+    /// Adapter parameters and the base model's parameters, in number of scalars.
+    pub fn summary(&self, base: &ParamStore) -> (usize, usize) {
+        (self.params.num_params(), base.num_params())
+    }
+}
+
+/// Check that `params` holds exactly `expected` (names and shapes); name the first misfit.
+pub(crate) fn check_exact(
+    method: &str,
+    params: &ParamStore,
+    expected: &[(String, Vec<usize>)],
+) -> Result<()> {
+    for (name, shape) in expected {
+        let t = params.get_opt(name).ok_or_else(|| {
+            Error::invalid(format!(
+                "{method} adapter: missing tensor `{name}` (the base model has this module)"
+            ))
+        })?;
+        if t.dims() != shape.as_slice() {
+            return Err(Error::invalid(format!(
+                "{method} adapter: tensor `{name}` has shape {:?}, the base model needs {:?}",
+                t.dims(),
+                shape
+            )));
+        }
+    }
+    if params.len() != expected.len() {
+        let known: std::collections::HashSet<&str> =
+            expected.iter().map(|(n, _)| n.as_str()).collect();
+        if let Some(extra) = params.names().find(|n| !known.contains(n)) {
+            return Err(Error::invalid(format!(
+                "{method} adapter: tensor `{extra}` matches no module of this base model (an adapter for another model?)"
+            )));
+        }
+    }
+    Ok(())
+}
