@@ -203,6 +203,13 @@ fn gguf_and_hf_directory_agree() {
     assert!(d < 1e-4, "max logit difference {d}");
     assert_eq!(hf.tokenizer.chat_template, ck.tokenizer.chat_template);
     assert_eq!(hf.tokenizer.eos_ids, ck.tokenizer.eos_ids);
+    // Both stores list their tensors in the same canonical order, so seeded initialisation of a
+    // delta gives the same numbers whichever file the base came from.
+    let na: Vec<&str> = ck.params.names().collect();
+    let nb: Vec<&str> = hf.params.names().collect();
+    assert_eq!(na, nb);
+    assert_eq!(na[0], "model.embed_tokens.weight");
+    assert_eq!(na[1], "model.layers.0.input_layernorm.weight");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

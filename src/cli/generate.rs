@@ -17,6 +17,9 @@ pub struct Args {
     /// A GGUF file, a Hugging Face model directory, or a hub id (default: SmolLM2-135M-Instruct)
     #[arg(long)]
     model: Option<String>,
+    /// An adapter to apply: a PEFT or metapeft directory, or a GGUF LoRA file
+    #[arg(long)]
+    adapter: Option<std::path::PathBuf>,
     /// The prompt, used verbatim (no BOS or template unless the tokenizer config asks for them)
     #[arg(long)]
     prompt: String,
@@ -85,13 +88,20 @@ pub fn run(a: Args) -> Result<()> {
         logprobs: a.logprobs,
         stop_at_eos: true,
     };
+    let (deltas, delta_params) = match &a.adapter {
+        Some(path) => {
+            let ad = super::export::load_adapter(path, &ck)?;
+            (ad.attach(&ck.arch, &ck.params)?, ad.params)
+        }
+        None => (DeltaSet::none(), ParamStore::new()),
+    };
     let stream = !a.json;
     let mut out = std::io::stdout();
     let g = generate(
         &llama,
         &ck.params,
-        &DeltaSet::none(),
-        &ParamStore::new(),
+        &deltas,
+        &delta_params,
         tok,
         &ids,
         &opts,

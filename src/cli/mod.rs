@@ -6,8 +6,10 @@ mod bench;
 mod convert;
 mod demo;
 mod embed;
+mod export;
 mod generate;
 mod info;
+mod peft;
 
 use clap::{Parser, Subcommand};
 
@@ -42,6 +44,10 @@ enum Command {
     Embed(embed::Args),
     /// Write a model as a Hugging Face directory (config.json, model.safetensors, tokenizer)
     Convert(convert::Args),
+    /// Export an adapter: Hugging Face PEFT, metapeft, GGUF LoRA (llama.cpp) or merged model
+    Export(export::Args),
+    /// Parameter-efficient methods: parameter summaries, fresh adapters
+    Peft(peft::Args),
     /// Time training steps, forward passes and generation on the real model; print a table
     Bench(bench::Args),
     /// The end-to-end demo on the default models: chat answer and sentence similarity
@@ -60,6 +66,8 @@ pub fn run() -> std::process::ExitCode {
         Command::Generate(a) => generate::run(a),
         Command::Embed(a) => embed::run(a),
         Command::Convert(a) => convert::run(a),
+        Command::Export(a) => export::run(a),
+        Command::Peft(a) => peft::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Demo(a) => demo::run(a),
     };

@@ -8,21 +8,28 @@ use std::path::Path;
 use candle_core::Tensor;
 
 use super::write_atomic;
-use crate::model::{Arch, Checkpoint};
+use crate::model::{Arch, Checkpoint, TextTokenizer};
+use crate::params::ParamStore;
 use crate::{Error, Result};
 
 pub fn write_hf_dir(ckpt: &Checkpoint, dir: &Path) -> Result<()> {
-    let cfg = match &ckpt.arch {
+    write_parts(&ckpt.arch, &ckpt.params, &ckpt.tokenizer, dir)
+}
+
+/// Write a Hugging Face directory from an architecture, its weights and its tokenizer.
+pub fn write_parts(
+    arch: &Arch,
+    params: &ParamStore,
+    tok: &TextTokenizer,
+    dir: &Path,
+) -> Result<()> {
+    let cfg = match arch {
         Arch::Llama(c) => c,
-        Arch::Bert(_) => {
-            return Err(Error::invalid(
-                "writing encoder checkpoints is not supported yet",
-            ))
-        }
+        Arch::Bert(c) => return write_bert(c, params, tok, dir),
     };
     std::fs::create_dir_all(dir)?;
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
-    for (name, p) in ckpt.params.iter() {
+    for (name, p) in params.iter() {
         tensors.insert(
             name.to_string(),
             p.tensor().to_dtype(candle_core::DType::F32)?.contiguous()?,
@@ -40,7 +47,6 @@ pub fn write_hf_dir(ckpt: &Checkpoint, dir: &Path) -> Result<()> {
             .as_bytes(),
     )?;
 
-    let tok = &ckpt.tokenizer;
     let tj = tok
         .inner()
         .to_string(true)
@@ -84,4 +90,38 @@ pub fn write_hf_dir(ckpt: &Checkpoint, dir: &Path) -> Result<()> {
         gen.to_string().as_bytes(),
     )?;
     Ok(())
+}
+
+fn write_bert(
+    cfg: &crate::model::BertConfig,
+    params: &ParamStore,
+    tok: &TextTokenizer,
+    dir: &Path,
+) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let tensors: HashMap<String, Tensor> = params
+        .iter()
+        .map(|(n, p)| {
+            Ok((
+                n.to_string(),
+                p.tensor().to_dtype(candle_core::DType::F32)?.contiguous()?,
+            ))
+        })
+        .collect::<Result<_>>()?;
+    super::save_safetensors(&tensors, &dir.join("model.safetensors"))?;
+    let mut v = serde_json::to_value(cfg).unwrap_or_default();
+    v["model_type"] = "bert".into();
+    v["architectures"] = serde_json::json!(["BertModel"]);
+    v["position_embedding_type"] = "absolute".into();
+    write_atomic(
+        &dir.join("config.json"),
+        serde_json::to_string_pretty(&v)
+            .unwrap_or_default()
+            .as_bytes(),
+    )?;
+    let tj = tok
+        .inner()
+        .to_string(true)
+        .map_err(|e| Error::invalid(format!("cannot serialise the tokenizer: {e}")))?;
+    write_atomic(&dir.join("tokenizer.json"), tj.as_bytes())
 }

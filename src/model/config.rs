@@ -21,8 +21,11 @@ pub struct LlamaConfig {
     pub rope_scaling: Option<RopeScaling>,
     pub max_position_embeddings: usize,
     pub tie_word_embeddings: bool,
-    /// Bias on the q, k, v projections (always on for Qwen2).
+    /// Bias on the q, k, v projections (always on for Qwen2) and, except for Qwen2, on o.
     pub attention_bias: bool,
+    /// Bias on the gate, up and down projections.
+    #[serde(default)]
+    pub mlp_bias: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
 }
@@ -72,6 +75,7 @@ impl LlamaConfig {
                 || v.get("attention_bias")
                     .and_then(|b| b.as_bool())
                     .unwrap_or(false),
+            mlp_bias: v.get("mlp_bias").and_then(|b| b.as_bool()).unwrap_or(false),
             model_type,
             vocab_size: usize_key(v, "vocab_size")?,
             hidden_size: hidden,
@@ -143,7 +147,7 @@ impl LlamaConfig {
             "max_position_embeddings": self.max_position_embeddings,
             "tie_word_embeddings": self.tie_word_embeddings,
             "attention_bias": self.attention_bias,
-            "mlp_bias": false,
+            "mlp_bias": self.mlp_bias,
             "torch_dtype": "float32",
         });
         if let Some(b) = self.bos_token_id {
@@ -164,7 +168,13 @@ impl LlamaConfig {
         let (d, f, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
         let q = self.num_attention_heads * self.head_dim;
         let kv = self.num_key_value_heads * self.head_dim;
-        let bias = if self.attention_bias { q + 2 * kv } else { 0 };
+        let mut bias = if self.attention_bias { q + 2 * kv } else { 0 };
+        if self.attention_bias && self.model_type != "qwen2" {
+            bias += d;
+        }
+        if self.mlp_bias {
+            bias += 2 * f + d;
+        }
         let layer = d * q + 2 * d * kv + q * d + bias + 3 * d * f + 2 * d;
         let head = if self.tie_word_embeddings { 0 } else { v * d };
         v * d + self.num_hidden_layers * layer + d + head

@@ -112,10 +112,18 @@ impl Llama {
                 out.push((format!("{p}.self_attn.v_proj.bias"), vec![kv]));
             }
             out.push((format!("{p}.self_attn.o_proj.weight"), vec![d, q]));
+            if cfg.attention_bias && cfg.model_type != "qwen2" {
+                out.push((format!("{p}.self_attn.o_proj.bias"), vec![d]));
+            }
             out.push((format!("{p}.post_attention_layernorm.weight"), vec![d]));
             out.push((format!("{p}.mlp.gate_proj.weight"), vec![f, d]));
             out.push((format!("{p}.mlp.up_proj.weight"), vec![f, d]));
             out.push((format!("{p}.mlp.down_proj.weight"), vec![d, f]));
+            if cfg.mlp_bias {
+                out.push((format!("{p}.mlp.gate_proj.bias"), vec![f]));
+                out.push((format!("{p}.mlp.up_proj.bias"), vec![f]));
+                out.push((format!("{p}.mlp.down_proj.bias"), vec![d]));
+            }
         }
         out.push(("model.norm.weight".to_string(), vec![d]));
         if !cfg.tie_word_embeddings {

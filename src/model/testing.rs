@@ -25,6 +25,7 @@ pub fn tiny_llama_config() -> LlamaConfig {
         max_position_embeddings: 64,
         tie_word_embeddings: false,
         attention_bias: false,
+        mlp_bias: false,
         bos_token_id: Some(1),
         eos_token_ids: vec![2],
     }

@@ -153,3 +153,74 @@ pub(crate) fn check_exact(
     }
     Ok(())
 }
+
+/// The methods that can be named on the command line.
+pub const METHODS: [&str; 6] = [
+    "lora",
+    "ia3",
+    "prompt_tuning",
+    "prefix_tuning",
+    "bitfit",
+    "ln_tuning",
+];
+
+/// A sensible default configuration of `method` for `arch` (the usual PEFT targets).
+pub fn default_config(method: &str, arch: &Arch) -> Result<DeltaConfig> {
+    use super::targets::TargetModules;
+    let list = |v: &[&str]| TargetModules::List(v.iter().map(|s| s.to_string()).collect());
+    let decoder = matches!(arch, Arch::Llama(_));
+    Ok(match method.replace('-', "_").as_str() {
+        "lora" => DeltaConfig::Lora(LoraConfig::new(
+            8,
+            16.0,
+            if decoder {
+                &["q_proj", "v_proj"]
+            } else {
+                &["query", "value"]
+            },
+        )),
+        "ia3" => DeltaConfig::Ia3(super::ia3::Ia3Config {
+            target_modules: if decoder {
+                list(&["k_proj", "v_proj", "down_proj"])
+            } else {
+                list(&["key", "value", "output.dense"])
+            },
+            feedforward_modules: if decoder {
+                list(&["down_proj"])
+            } else {
+                list(&["output.dense"])
+            },
+            init_ia3_weights: true,
+        }),
+        "prompt" | "prompt_tuning" => DeltaConfig::PromptTuning(PromptTuningConfig {
+            num_virtual_tokens: 20,
+            prompt_tuning_init: "RANDOM".into(),
+        }),
+        "prefix" | "prefix_tuning" => DeltaConfig::PrefixTuning(PrefixTuningConfig {
+            num_virtual_tokens: 20,
+            prefix_projection: true,
+            encoder_hidden_size: 512,
+        }),
+        "bitfit" => DeltaConfig::Bitfit(BitFitConfig::default()),
+        "ln_tuning" | "layernorm" => DeltaConfig::LnTuning(LnTuningConfig::default()),
+        other => {
+            return Err(Error::invalid(format!(
+                "unknown method `{other}` (known: {})",
+                METHODS.join(", ")
+            )))
+        }
+    })
+}
+
+/// Read a delta configuration from a JSON or TOML file (`method = "lora"` plus the method's
+/// fields).
+pub fn config_from_file(path: &std::path::Path) -> Result<DeltaConfig> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
+    let is_toml = path.extension().is_some_and(|e| e == "toml");
+    if is_toml {
+        toml::from_str(&text).map_err(|e| Error::file(path, format!("bad delta config: {e}")))
+    } else {
+        serde_json::from_str(&text).map_err(|e| Error::file(path, format!("bad delta config: {e}")))
+    }
+}

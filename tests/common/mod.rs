@@ -90,31 +90,6 @@ pub fn tiny_hf_dir(
 pub fn tiny_gguf(path: &Path, arch: &str, cfg: &LlamaConfig, dtype: GgmlDType) -> ParamStore {
     let p = random_params(&Llama::expected_params(cfg), 1, DType::F32).unwrap();
     let mut tensors: Vec<(String, QTensor)> = vec![];
-    let gguf_name = |hf: &str| -> String {
-        let map = [
-            ("model.embed_tokens.weight", "token_embd.weight"),
-            ("model.norm.weight", "output_norm.weight"),
-            ("lm_head.weight", "output.weight"),
-        ];
-        if let Some((_, g)) = map.iter().find(|(h, _)| *h == hf) {
-            return g.to_string();
-        }
-        let rest = hf.strip_prefix("model.layers.").unwrap();
-        let (layer, tail) = rest.split_once('.').unwrap();
-        let g = match tail.trim_end_matches(".weight") {
-            "input_layernorm" => "attn_norm",
-            "self_attn.q_proj" => "attn_q",
-            "self_attn.k_proj" => "attn_k",
-            "self_attn.v_proj" => "attn_v",
-            "self_attn.o_proj" => "attn_output",
-            "post_attention_layernorm" => "ffn_norm",
-            "mlp.gate_proj" => "ffn_gate",
-            "mlp.up_proj" => "ffn_up",
-            "mlp.down_proj" => "ffn_down",
-            other => panic!("{other}"),
-        };
-        format!("blk.{layer}.{g}.weight")
-    };
     for (name, t) in p.iter() {
         let mut t = t.tensor().clone();
         if name.contains("q_proj") {
@@ -123,7 +98,10 @@ pub fn tiny_gguf(path: &Path, arch: &str, cfg: &LlamaConfig, dtype: GgmlDType) -
             t = metapeft::model::load::gguf::permute_rows(&t, cfg.num_key_value_heads).unwrap();
         }
         let dt = if t.rank() == 2 { dtype } else { GgmlDType::F32 };
-        tensors.push((gguf_name(name), QTensor::quantize(&t, dt).unwrap()));
+        tensors.push((
+            metapeft::model::load::gguf::gguf_name(name).unwrap(),
+            QTensor::quantize(&t, dt).unwrap(),
+        ));
     }
     let tokens: Vec<Value> = (0..cfg.vocab_size)
         .map(|i| {

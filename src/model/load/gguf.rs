@@ -8,12 +8,11 @@ use std::path::Path;
 use candle_core::quantized::gguf_file::{self, Content};
 use candle_core::{Device, Tensor};
 
-use super::{check_params, progress, Checkpoint};
+use super::{canonical_params, progress, Checkpoint};
 use crate::model::config::LlamaConfig;
 use crate::model::tokenizer::TextTokenizer;
 use crate::model::Arch;
 use crate::ops::rope::RopeScaling;
-use crate::params::ParamStore;
 use crate::{Error, Result};
 
 pub const ARCHITECTURES: [&str; 3] = ["llama", "mistral", "qwen2"];
@@ -115,6 +114,7 @@ pub fn config_from_gguf(ct: &Content, path: &Path) -> Result<LlamaConfig> {
         max_position_embeddings: u("context_length").unwrap_or(4096),
         tie_word_embeddings: !ct.tensor_infos.contains_key("output.weight"),
         attention_bias: ct.tensor_infos.contains_key("blk.0.attn_q.bias"),
+        mlp_bias: ct.tensor_infos.contains_key("blk.0.ffn_up.bias"),
         bos_token_id: id("tokenizer.ggml.bos_token_id"),
         eos_token_ids: id("tokenizer.ggml.eos_token_id").into_iter().collect(),
     };
@@ -152,6 +152,36 @@ pub fn hf_name(gguf: &str) -> Option<String> {
     Some(format!("model.layers.{layer}.{hf}.{kind}"))
 }
 
+/// The GGUF name of a Hugging Face tensor name (the inverse of [`hf_name`]).
+pub fn gguf_name(hf: &str) -> Option<String> {
+    let fixed = match hf {
+        "model.embed_tokens.weight" => Some("token_embd.weight"),
+        "model.norm.weight" => Some("output_norm.weight"),
+        "lm_head.weight" => Some("output.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(f.to_string());
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, tail) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (module, kind) = tail.rsplit_once('.')?;
+    let g = match module {
+        "input_layernorm" => "attn_norm",
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" => "attn_output",
+        "post_attention_layernorm" => "ffn_norm",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{g}.{kind}"))
+}
+
 /// Undo llama.cpp's Q/K row permutation (interleaved RoPE pairs -> rotate-half halves).
 pub fn unpermute_rows(w: &Tensor, n_head: usize) -> Result<Tensor> {
     let dims = w.dims().to_vec();
@@ -180,7 +210,7 @@ pub fn load(path: &Path, device: &Device) -> Result<Checkpoint> {
     let (ct, mut file) = read_content(path)?;
     let cfg = config_from_gguf(&ct, path)?;
     let permuted = cfg.model_type != "qwen2";
-    let mut params = ParamStore::new();
+    let mut loaded = std::collections::HashMap::new();
     let mut kinds: BTreeMap<String, usize> = BTreeMap::new();
     let names: Vec<String> = ct.tensor_infos.keys().cloned().collect();
     let pb = progress(names.len(), "loading GGUF");
@@ -203,11 +233,11 @@ pub fn load(path: &Path, device: &Device) -> Result<Checkpoint> {
                 t = unpermute_rows(&t, cfg.num_key_value_heads)?;
             }
         }
-        params.insert_frozen(hf, t);
+        loaded.insert(hf, t);
     }
     pb.finish_and_clear();
     let arch = Arch::Llama(cfg);
-    check_params(&arch, &params, path)?;
+    let params = canonical_params(&arch, loaded, path)?;
     let tokenizer = TextTokenizer::from_gguf(&ct, path)?;
     let storage = kinds
         .iter()
@@ -242,6 +272,13 @@ mod tests {
             "model.embed_tokens.weight"
         );
         assert_eq!(hf_name("rope_freqs.weight"), None);
+        for n in [
+            "model.layers.3.mlp.up_proj.weight",
+            "model.layers.0.self_attn.k_proj.bias",
+            "lm_head.weight",
+        ] {
+            assert_eq!(hf_name(&gguf_name(n).unwrap()).unwrap(), n);
+        }
     }
 
     #[test]

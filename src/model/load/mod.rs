@@ -77,11 +77,18 @@ pub fn load(spec: &str, device: &Device) -> Result<Checkpoint> {
     }
 }
 
-/// Check that every weight the architecture reads is present with the right shape.
-pub(crate) fn check_params(arch: &Arch, params: &ParamStore, path: &Path) -> Result<()> {
+/// The parameter store in the architecture's canonical order (embeddings, layer 0, layer 1, ...),
+/// after checking that every weight it reads is present with the right shape. A fixed order keeps
+/// everything that walks the store (seeded initialisation, summaries, files) reproducible.
+pub(crate) fn canonical_params(
+    arch: &Arch,
+    mut loaded: std::collections::HashMap<String, candle_core::Tensor>,
+    path: &Path,
+) -> Result<ParamStore> {
+    let mut params = ParamStore::new();
     for (name, shape) in arch.expected_params() {
-        let t = params
-            .get_opt(&name)
+        let t = loaded
+            .remove(&name)
             .ok_or_else(|| Error::tensor(path, &name, "missing from the checkpoint"))?;
         if t.dims() != shape.as_slice() {
             return Err(Error::tensor(
@@ -90,8 +97,9 @@ pub(crate) fn check_params(arch: &Arch, params: &ParamStore, path: &Path) -> Res
                 format!("has shape {:?}, the config implies {:?}", t.dims(), shape),
             ));
         }
+        params.insert_frozen(name, t);
     }
-    Ok(())
+    Ok(params)
 }
 
 /// A progress bar on stderr for loading `n` tensors, hidden when stderr is not a terminal.

@@ -7,11 +7,10 @@ use std::path::{Path, PathBuf};
 use candle_core::safetensors::{Load, MmapedSafetensors};
 use candle_core::{DType, Device};
 
-use super::{check_params, progress, Checkpoint};
+use super::{canonical_params, progress, Checkpoint};
 use crate::model::config::{BertConfig, LlamaConfig};
 use crate::model::tokenizer::TextTokenizer;
 use crate::model::Arch;
-use crate::params::ParamStore;
 use crate::{Error, Result};
 
 pub fn read_config(dir: &Path) -> Result<Arch> {
@@ -63,7 +62,7 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
 pub fn load_dir(dir: &Path, device: &Device) -> Result<Checkpoint> {
     let arch = read_config(dir)?;
     let wanted: HashSet<String> = arch.expected_params().into_iter().map(|(n, _)| n).collect();
-    let mut params = ParamStore::new();
+    let mut loaded = std::collections::HashMap::new();
     let mut kinds: BTreeMap<String, usize> = BTreeMap::new();
     for file in safetensors_files(dir)? {
         // SAFETY: the file is mapped read-only; metapeft never writes to a file it has mapped.
@@ -91,11 +90,11 @@ pub fn load_dir(dir: &Path, device: &Device) -> Result<Checkpoint> {
                 .load(device)
                 .map_err(|e| Error::tensor(&file, &name, e))?
                 .to_dtype(DType::F32)?;
-            params.insert_frozen(norm, t);
+            loaded.insert(norm, t);
         }
         pb.finish_and_clear();
     }
-    check_params(&arch, &params, dir)?;
+    let params = canonical_params(&arch, loaded, dir)?;
     let tokenizer = match &arch {
         Arch::Llama(c) => TextTokenizer::from_hf_dir(dir, &c.eos_token_ids, c.bos_token_id)?,
         Arch::Bert(_) => TextTokenizer::from_hf_dir(dir, &[], None)?,
