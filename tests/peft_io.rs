@@ -11,6 +11,7 @@ use metapeft::model::testing::{random_params, tiny_llama_config, token_ids};
 use metapeft::model::{Arch, Llama};
 use metapeft::ops::gradcheck::randn_f64;
 use metapeft::params::ParamStore;
+use metapeft::peft::adapter::{Activation, AdapterKind, BottleneckConfig};
 use metapeft::peft::bitfit::BitFitConfig;
 use metapeft::peft::ia3::Ia3Config;
 use metapeft::peft::ln_tuning::LnTuningConfig;
@@ -18,6 +19,7 @@ use metapeft::peft::lora::{LoraConfig, LoraInit};
 use metapeft::peft::prefix::PrefixTuningConfig;
 use metapeft::peft::prompt::PromptTuningConfig;
 use metapeft::peft::targets::TargetModules;
+use metapeft::peft::tarp::{TarpConfig, TarpVariant};
 use metapeft::peft::{Adapter, DeltaConfig, DeltaSet};
 
 fn base() -> (Llama, ParamStore, Arch) {
@@ -63,6 +65,26 @@ fn configs() -> Vec<DeltaConfig> {
         }),
         DeltaConfig::Bitfit(BitFitConfig::default()),
         DeltaConfig::LnTuning(LnTuningConfig::default()),
+        DeltaConfig::Tarp(TarpConfig {
+            variant: TarpVariant::Kronecker,
+            r: 2,
+            target_modules: list(&["q_proj", "down_proj"]),
+            multiplicative: true,
+            kron_n: 2,
+        }),
+        DeltaConfig::Tarp(TarpConfig {
+            variant: TarpVariant::Dynamic,
+            r: 2,
+            target_modules: list(&["v_proj"]),
+            multiplicative: true,
+            kron_n: 2,
+        }),
+        DeltaConfig::Adapter(BottleneckConfig {
+            kind: AdapterKind::Houlsby,
+            reduction_factor: 4,
+            activation: Activation::Gelu,
+            scaling: 1.0,
+        }),
     ]
 }
 
@@ -107,7 +129,13 @@ fn round_trips_are_exact_for_every_method_and_format() {
     for cfg in configs() {
         let a = trained(&cfg, &arch, &base);
         let want = logits(&m, &base, &a, &arch);
-        let peft_ok = !matches!(cfg, DeltaConfig::Bitfit(_) | DeltaConfig::LnTuning(_));
+        let peft_ok = matches!(
+            cfg,
+            DeltaConfig::Lora(_)
+                | DeltaConfig::Ia3(_)
+                | DeltaConfig::PromptTuning(_)
+                | DeltaConfig::PrefixTuning(_)
+        );
         for format in [AdapterFormat::Native, AdapterFormat::Peft] {
             let dir = common::temp_dir(&format!("rt-{}-{format:?}", cfg.method()));
             let saved = io::save_adapter(&a, &arch, "tiny", &dir, format);

@@ -168,12 +168,14 @@ pub fn config_from_json(v: &serde_json::Value, path: &Path) -> Result<DeltaConfi
                 .and_then(|x| x.as_u64())
                 .unwrap_or(0) as usize,
         }),
-        other => return Err(Error::file(
-            path,
-            format!(
+        other => {
+            return Err(Error::file(
+                path,
+                format!(
                 "peft_type `{other}` is not supported (LORA, IA3, PROMPT_TUNING, PREFIX_TUNING)"
             ),
-        )),
+            ))
+        }
     })
 }
 

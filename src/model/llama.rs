@@ -164,7 +164,7 @@ impl Llama {
         let b = deltas.weight(&bias_name, p.get_opt(&bias_name), dp)?;
         let x = deltas.linear_input(module, x.clone(), dp)?;
         let y = ops::linear(&x, w, b.as_ref())?;
-        deltas.linear(module, &x, y, dp)
+        deltas.linear(module, &x, w, y, dp)
     }
 
     /// Final hidden states `[b, t, d]` (after the last norm) for `input_ids: [b, t]`.

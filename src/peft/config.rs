@@ -3,12 +3,14 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::adapter::{Bottleneck, BottleneckConfig};
 use super::bitfit::{BitFit, BitFitConfig};
 use super::ia3::{Ia3, Ia3Config};
 use super::ln_tuning::{LnTuning, LnTuningConfig};
 use super::lora::{Lora, LoraConfig};
 use super::prefix::{PrefixTuning, PrefixTuningConfig};
 use super::prompt::{PromptTuning, PromptTuningConfig};
+use super::tarp::{Tarp, TarpConfig};
 use super::{Delta, DeltaSet};
 use crate::model::Arch;
 use crate::params::ParamStore;
@@ -23,11 +25,15 @@ pub enum DeltaConfig {
     PrefixTuning(PrefixTuningConfig),
     Bitfit(BitFitConfig),
     LnTuning(LnTuningConfig),
+    Tarp(TarpConfig),
+    Adapter(BottleneckConfig),
 }
 
 /// The sizes a delta needs to know about its base model.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct ModelDims {
+    /// Where layer `i`'s modules live: `<layer_prefix>.<i>.` (`model.layers`, `encoder.layer`).
+    pub layer_prefix: &'static str,
     pub num_layers: usize,
     pub hidden: usize,
     pub num_kv_heads: usize,
@@ -38,12 +44,14 @@ impl ModelDims {
     pub fn of(arch: &Arch) -> Self {
         match arch {
             Arch::Llama(c) => ModelDims {
+                layer_prefix: "model.layers",
                 num_layers: c.num_hidden_layers,
                 hidden: c.hidden_size,
                 num_kv_heads: c.num_key_value_heads,
                 head_dim: c.head_dim,
             },
             Arch::Bert(c) => ModelDims {
+                layer_prefix: "encoder.layer",
                 num_layers: c.num_hidden_layers,
                 hidden: c.hidden_size,
                 num_kv_heads: c.num_attention_heads,
@@ -62,6 +70,8 @@ impl DeltaConfig {
             DeltaConfig::PrefixTuning(_) => "prefix_tuning",
             DeltaConfig::Bitfit(_) => "bitfit",
             DeltaConfig::LnTuning(_) => "ln_tuning",
+            DeltaConfig::Tarp(_) => "tarp",
+            DeltaConfig::Adapter(_) => "adapter",
         }
     }
 
@@ -75,6 +85,8 @@ impl DeltaConfig {
             DeltaConfig::PrefixTuning(c) => PrefixTuning::init_params(c, dims, seed)?,
             DeltaConfig::Bitfit(c) => BitFit::init_params(c, base)?,
             DeltaConfig::LnTuning(c) => LnTuning::init_params(c, base)?,
+            DeltaConfig::Tarp(c) => Tarp::init_params(c, base, seed)?,
+            DeltaConfig::Adapter(c) => Bottleneck::init_params(c, dims, seed)?,
         };
         Ok(Adapter {
             config: self.clone(),
@@ -97,6 +109,8 @@ impl DeltaConfig {
             DeltaConfig::PrefixTuning(c) => Box::new(PrefixTuning::build(c, dims, params)?),
             DeltaConfig::Bitfit(c) => Box::new(BitFit::build(c, base, params)?),
             DeltaConfig::LnTuning(c) => Box::new(LnTuning::build(c, base, params)?),
+            DeltaConfig::Tarp(c) => Box::new(Tarp::build(c, base, params)?),
+            DeltaConfig::Adapter(c) => Box::new(Bottleneck::build(c, dims, params)?),
         })
     }
 }
@@ -200,6 +214,27 @@ pub fn default_config(method: &str, arch: &Arch) -> Result<DeltaConfig> {
             num_virtual_tokens: 20,
             prefix_projection: true,
             encoder_hidden_size: 512,
+        }),
+        "tarp" => DeltaConfig::Tarp(TarpConfig {
+            variant: super::tarp::TarpVariant::Bilinear,
+            r: 8,
+            target_modules: if decoder {
+                list(&["q_proj", "v_proj", "down_proj"])
+            } else {
+                list(&["query", "value", "output.dense"])
+            },
+            multiplicative: false,
+            kron_n: 2,
+        }),
+        "adapter" | "houlsby" | "pfeiffer" | "parallel" => DeltaConfig::Adapter(BottleneckConfig {
+            kind: match method {
+                "pfeiffer" => super::adapter::AdapterKind::Pfeiffer,
+                "parallel" => super::adapter::AdapterKind::Parallel,
+                _ => super::adapter::AdapterKind::Houlsby,
+            },
+            reduction_factor: 16,
+            activation: super::adapter::Activation::Relu,
+            scaling: 1.0,
         }),
         "bitfit" => DeltaConfig::Bitfit(BitFitConfig::default()),
         "ln_tuning" | "layernorm" => DeltaConfig::LnTuning(LnTuningConfig::default()),

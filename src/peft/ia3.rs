@@ -105,7 +105,14 @@ impl Delta for Ia3 {
         Ok(x.broadcast_mul(&l)?)
     }
 
-    fn linear(&self, module: &str, _x: &Tensor, y: Tensor, params: &ParamStore) -> Result<Tensor> {
+    fn linear(
+        &self,
+        module: &str,
+        _x: &Tensor,
+        _w: &Tensor,
+        y: Tensor,
+        params: &ParamStore,
+    ) -> Result<Tensor> {
         if self.modules.get(module) != Some(&false) {
             return Ok(y);
         }

@@ -297,7 +297,14 @@ impl Delta for Lora {
         }
     }
 
-    fn linear(&self, module: &str, x: &Tensor, y: Tensor, params: &ParamStore) -> Result<Tensor> {
+    fn linear(
+        &self,
+        module: &str,
+        x: &Tensor,
+        _w: &Tensor,
+        y: Tensor,
+        params: &ParamStore,
+    ) -> Result<Tensor> {
         let Some(scale) = self.scales.get(module) else {
             return Ok(y);
         };

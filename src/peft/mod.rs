@@ -13,6 +13,7 @@
 //! `base_model.model.` prefix), so the base store is never touched and inner-loop fast weights are
 //! just another store.
 
+pub mod adapter;
 pub mod bitfit;
 pub mod config;
 pub mod ia3;
@@ -21,6 +22,7 @@ pub mod lora;
 pub mod prefix;
 pub mod prompt;
 pub mod targets;
+pub mod tarp;
 #[cfg(test)]
 mod tests;
 
@@ -51,11 +53,12 @@ pub trait Delta: Send + Sync + std::fmt::Debug {
         Ok(x)
     }
 
-    /// Adjust the output `y = x W^T (+ b)` of the linear layer `module`.
+    /// Adjust the output `y = x W^T (+ b)` of the linear layer `module` (`w` is its base weight).
     fn linear(
         &self,
         _module: &str,
         _x: &Tensor,
+        _w: &Tensor,
         y: Tensor,
         _params: &ParamStore,
     ) -> Result<Tensor> {
@@ -179,12 +182,13 @@ impl DeltaSet {
         &self,
         module: &str,
         x: &Tensor,
+        w: &Tensor,
         y: Tensor,
         params: &ParamStore,
     ) -> Result<Tensor> {
         self.deltas
             .iter()
-            .try_fold(y, |y, d| d.linear(module, x, y, params))
+            .try_fold(y, |y, d| d.linear(module, x, w, y, params))
     }
 
     pub fn prefix_len(&self) -> usize {

@@ -3,6 +3,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
+use super::adapter::{Activation, AdapterKind, BottleneckConfig};
 use super::bitfit::BitFitConfig;
 use super::ia3::Ia3Config;
 use super::ln_tuning::LnTuningConfig;
@@ -10,6 +11,7 @@ use super::lora::{LoraConfig, LoraInit};
 use super::prefix::PrefixTuningConfig;
 use super::prompt::PromptTuningConfig;
 use super::targets::TargetModules;
+use super::tarp::{TarpConfig, TarpVariant};
 use super::{Adapter, DeltaConfig, DeltaSet};
 use crate::model::testing::{tiny_llama, token_ids};
 use crate::model::{Arch, KvCache, Llama};
@@ -40,7 +42,50 @@ fn all_configs() -> Vec<DeltaConfig> {
             prefix_projection: true,
             encoder_hidden_size: 8,
         }),
+        tarp(TarpVariant::Bilinear, true),
+        tarp(TarpVariant::Kronecker, true),
+        tarp(TarpVariant::Dynamic, true),
+        tarp(TarpVariant::Dynamic, false),
+        adapter(AdapterKind::Houlsby, Activation::Gelu),
+        adapter(AdapterKind::Pfeiffer, Activation::Relu),
+        adapter(AdapterKind::Parallel, Activation::Silu),
     ]
+}
+
+fn tarp(variant: TarpVariant, multiplicative: bool) -> DeltaConfig {
+    DeltaConfig::Tarp(TarpConfig {
+        variant,
+        r: 2,
+        target_modules: list(&["q_proj", "v_proj", "down_proj"]),
+        multiplicative,
+        kron_n: 2,
+    })
+}
+
+fn adapter(kind: AdapterKind, activation: Activation) -> DeltaConfig {
+    DeltaConfig::Adapter(BottleneckConfig {
+        kind,
+        reduction_factor: 4,
+        activation,
+        scaling: 2.0,
+    })
+}
+
+fn is_exact_identity_at_init(c: &DeltaConfig) -> bool {
+    !matches!(
+        c,
+        DeltaConfig::PromptTuning(_) | DeltaConfig::PrefixTuning(_) | DeltaConfig::Adapter(_)
+    )
+}
+
+fn mergeable(c: &DeltaConfig) -> bool {
+    match c {
+        DeltaConfig::PromptTuning(_) | DeltaConfig::PrefixTuning(_) | DeltaConfig::Adapter(_) => {
+            false
+        }
+        DeltaConfig::Tarp(t) => t.variant != TarpVariant::Dynamic,
+        _ => true,
+    }
 }
 
 fn setup(dtype: DType) -> Result<(Llama, ParamStore, Arch)> {
@@ -87,11 +132,20 @@ fn identity_at_init_for_lora_ia3_bitfit_ln() -> Result<()> {
     let (m, base, arch) = setup(DType::F32)?;
     let ids = token_ids(2, 5, 32, 1)?;
     let plain = logits(&m, &base, &DeltaSet::none(), &ParamStore::new(), &ids)?;
-    for cfg in all_configs().into_iter().take(4) {
+    for cfg in all_configs() {
         let a = cfg.init(&arch, &base, 3)?;
         let d = a.attach(&arch, &base)?;
         let got = logits(&m, &base, &d, &a.params, &ids)?;
-        assert!(max_diff(&got, &plain)? < 1e-6, "{}", cfg.method());
+        let diff = max_diff(&got, &plain)?;
+        if is_exact_identity_at_init(&cfg) {
+            assert!(diff < 1e-5, "{} at init differs by {diff}", cfg.method());
+        } else if matches!(cfg, DeltaConfig::Adapter(_)) {
+            // Near-identity: N(0, 0.01) projections.
+            assert!(
+                diff > 0.0 && diff < 0.05,
+                "adapter at init differs by {diff}"
+            );
+        }
     }
     Ok(())
 }
@@ -110,12 +164,12 @@ fn mergeable_methods_merge_exactly() -> Result<()> {
             "{} changes nothing",
             cfg.method()
         );
-        match cfg {
-            DeltaConfig::PromptTuning(_) | DeltaConfig::PrefixTuning(_) => {
+        match mergeable(&cfg) {
+            false => {
                 let err = d.merge(&base, &a.params).unwrap_err().to_string();
                 assert!(err.contains("cannot be merged"), "{err}");
             }
-            _ => {
+            true => {
                 let merged = d.merge(&base, &a.params)?;
                 let got = logits(&m, &merged, &DeltaSet::none(), &ParamStore::new(), &ids)?;
                 let diff = max_diff(&got, &with_delta)?;
