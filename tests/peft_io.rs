@@ -338,6 +338,15 @@ fn bad_adapters_fail_whole_with_a_clear_error() {
     write_lora_peft(&d);
     std::fs::write(d.join("adapter_config.json"), "{\"peft_type\": \"LORA\", \"r\": \"eight\", \"lora_alpha\": 8, \"target_modules\": [\"q_proj\"]}").unwrap();
     check(&d, &["adapter_config.json", "bad LORA config"]);
+    // An option that changes the computation and is not implemented.
+    let d = common::temp_dir("bad-dora");
+    write_lora_peft(&d);
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("adapter_config.json")).unwrap())
+            .unwrap();
+    v["use_dora"] = true.into();
+    std::fs::write(d.join("adapter_config.json"), v.to_string()).unwrap();
+    check(&d, &["use_dora", "not supported"]);
     // Targets the base does not have.
     let d = common::temp_dir("bad-targets");
     write_lora_peft(&d);

@@ -143,15 +143,34 @@ pub fn config_from_json(v: &serde_json::Value, path: &Path) -> Result<DeltaConfi
             .map(|x| x as usize)
             .ok_or_else(|| Error::file(path, format!("missing integer `{k}`")))
     };
-    Ok(match peft_type {
-        "LORA" => {
-            for (k, unsupported) in [("use_dora", true), ("use_qalora", true)] {
-                if v.get(k).and_then(|x| x.as_bool()) == Some(unsupported) {
-                    return Err(Error::file(path, format!("{k} = true is not supported")));
-                }
-            }
-            DeltaConfig::Lora(serde_json::from_value::<LoraConfig>(v.clone()).map_err(bad)?)
+    // Options that change what the adapter computes and that metapeft does not implement: refuse
+    // rather than load something that would compute a different function.
+    for k in [
+        "use_dora",
+        "use_qalora",
+        "lora_bias",
+        "use_bdlora",
+        "layer_replication",
+        "target_parameters",
+        "trainable_token_indices",
+        "exclude_modules",
+        "alora_invocation_tokens",
+    ] {
+        let set = match v.get(k) {
+            None | Some(serde_json::Value::Null) | Some(serde_json::Value::Bool(false)) => false,
+            Some(serde_json::Value::Array(a)) => !a.is_empty(),
+            Some(serde_json::Value::Object(o)) => !o.is_empty(),
+            Some(_) => true,
+        };
+        if set {
+            return Err(Error::file(
+                path,
+                format!("`{k}` = {} is not supported by metapeft", v[k]),
+            ));
         }
+    }
+    Ok(match peft_type {
+        "LORA" => DeltaConfig::Lora(serde_json::from_value::<LoraConfig>(v.clone()).map_err(bad)?),
         "IA3" => DeltaConfig::Ia3(serde_json::from_value::<Ia3Config>(v.clone()).map_err(bad)?),
         "PROMPT_TUNING" => DeltaConfig::PromptTuning(PromptTuningConfig {
             num_virtual_tokens: u("num_virtual_tokens")?,

@@ -13,14 +13,18 @@ struct RmsNorm {
 fn fwd<T: WithDType + Float>(x: &[T], w: &[T], eps: f64) -> Vec<T> {
     let dim = w.len();
     let eps = T::from(eps).unwrap_or_else(T::epsilon);
-    let n = T::from(dim).unwrap_or_else(T::one);
     let mut out = vec![T::zero(); x.len()];
     out.par_chunks_mut(dim)
         .zip(x.par_chunks(dim))
         .with_min_len(rows_per_task(dim))
         .for_each(|(o, xr)| {
-            let ms = xr.iter().fold(T::zero(), |a, &v| a + v * v) / n;
-            let r = (ms + eps).sqrt().recip();
+            // Accumulate in f64: the kernel is memory-bound, and f32 sums over thousands of
+            // features are a visible share of the model's rounding error.
+            let ms = xr.iter().fold(0f64, |a, &v| {
+                let v = WithDType::to_f64(v);
+                a + v * v
+            }) / dim as f64;
+            let r = T::from((ms + WithDType::to_f64(eps)).sqrt().recip()).unwrap_or_else(T::nan);
             for ((o, &xv), &wv) in o.iter_mut().zip(xr).zip(w) {
                 *o = xv * r * wv;
             }

@@ -18,12 +18,12 @@ fn fwd<T: WithDType + Float + std::ops::AddAssign + std::ops::MulAssign>(
         .with_min_len(rows_per_task(dim))
         .for_each(|(o, xr)| {
             let max = xr.iter().fold(T::neg_infinity(), |m, &v| Float::max(m, v));
-            let mut sum = T::zero();
+            let mut sum = 0f64;
             for (o, &v) in o.iter_mut().zip(xr) {
                 *o = (v - max).exp();
-                sum += *o;
+                sum += WithDType::to_f64(*o);
             }
-            let inv = sum.recip();
+            let inv = T::from(sum.recip()).unwrap_or_else(T::nan);
             o.iter_mut().for_each(|o| *o *= inv);
         });
     out
