@@ -31,12 +31,33 @@ impl Ia3Config {
     /// `(module, is_feedforward, vector shape)` for every targeted module.
     fn modules(&self, base: &ParamStore) -> Result<Vec<(String, bool, Vec<usize>)>> {
         let sel = Selector::new(&self.target_modules, None, None)?;
-        let ff = Selector::new(&self.feedforward_modules, None, None)?;
+        if let (TargetModules::List(t), TargetModules::List(f)) =
+            (&self.target_modules, &self.feedforward_modules)
+        {
+            if let Some(x) = f.iter().find(|x| !t.contains(x)) {
+                return Err(Error::invalid(format!(
+                    "IA3: feedforward module `{x}` is not among target_modules {t:?}"
+                )));
+            }
+        }
+        // PEFT tests feed-forward membership with a plain suffix (no dot) for lists.
+        let ff_regex = match &self.feedforward_modules {
+            TargetModules::Regex(r) => Some(
+                regex::Regex::new(&format!("^(?:{r})$"))
+                    .map_err(|e| Error::invalid(format!("IA3 feedforward_modules regex: {e}")))?,
+            ),
+            TargetModules::List(_) => None,
+        };
+        let is_ff = |m: &str| match (&ff_regex, &self.feedforward_modules) {
+            (Some(re), _) => re.is_match(m),
+            (None, TargetModules::List(v)) => v.iter().any(|x| m.ends_with(x.as_str())),
+            (None, TargetModules::Regex(_)) => false,
+        };
         let out: Vec<_> = linear_modules(base)
             .into_iter()
             .filter(|(m, _, _)| sel.matches(m))
             .map(|(m, o, i)| {
-                let is_ff = ff.matches(&m);
+                let is_ff = is_ff(&m);
                 let shape = if is_ff { vec![1, i] } else { vec![o, 1] };
                 (m, is_ff, shape)
             })
@@ -140,6 +161,34 @@ impl Delta for Ia3 {
                 if let Some(b) = base.get_opt(&bn) {
                     let scaled = (b * l.flatten_all()?.to_dtype(b.dtype())?)?;
                     base.insert_frozen(bn, scaled);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn unmerge(&self, merged: &mut ParamStore, params: &ParamStore) -> Result<()> {
+        for (m, ff) in &self.modules {
+            let l = params.get(&format!("{m}.ia3_l"))?.detach();
+            if l.abs()?
+                .flatten_all()?
+                .min(0)?
+                .to_dtype(candle_core::DType::F64)?
+                .to_scalar::<f64>()?
+                == 0.0
+            {
+                return Err(Error::invalid(format!(
+                    "IA3 vector of {m} has a zero: the merge cannot be undone"
+                )));
+            }
+            let wn = format!("{m}.weight");
+            let w = merged.get(&wn)?;
+            merged.insert_frozen(wn.clone(), w.broadcast_div(&l.to_dtype(w.dtype())?)?);
+            let bn = format!("{m}.bias");
+            if !ff {
+                if let Some(b) = merged.get_opt(&bn) {
+                    let unscaled = (b / l.flatten_all()?.to_dtype(b.dtype())?)?;
+                    merged.insert_frozen(bn, unscaled);
                 }
             }
         }

@@ -336,6 +336,24 @@ impl Delta for Lora {
         }
         Ok(())
     }
+
+    fn unmerge(&self, merged: &mut ParamStore, params: &ParamStore) -> Result<()> {
+        if !self.biases.is_empty() {
+            return Err(Error::invalid(
+                "LoRA with trained biases overwrote the base biases: keep the unmerged store",
+            ));
+        }
+        for (m, scale) in &self.scales {
+            let w_name = format!("{m}.weight");
+            let w = merged.get(&w_name)?;
+            let a = params.get(&format!("{m}.lora_A.weight"))?;
+            let b = params.get(&format!("{m}.lora_B.weight"))?;
+            let delta = (b.matmul(a)? * *scale)?;
+            let base = (w.to_dtype(delta.dtype())? - delta)?.to_dtype(w.dtype())?;
+            merged.insert_frozen(w_name, base);
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

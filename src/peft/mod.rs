@@ -121,6 +121,15 @@ pub trait Delta: Send + Sync + std::fmt::Debug {
             self.method()
         )))
     }
+
+    /// Undo [`Delta::merge`] on a merged store. Methods whose merge overwrites base values
+    /// (BitFit, LN tuning) cannot: keep the original store instead (merging never mutates it).
+    fn unmerge(&self, _merged: &mut ParamStore, _params: &ParamStore) -> Result<()> {
+        Err(Error::invalid(format!(
+            "{} overwrites base values when merged: keep the unmerged store instead",
+            self.method()
+        )))
+    }
 }
 
 /// The deltas attached to a model, applied in order.
@@ -256,6 +265,17 @@ impl DeltaSet {
         let mut out = base.clone();
         for d in &self.deltas {
             d.merge(&mut out, params)?;
+        }
+        Ok(out)
+    }
+}
+
+impl DeltaSet {
+    /// The base store back from a merged one (every delta unmerged, in reverse order).
+    pub fn unmerge(&self, merged: &ParamStore, params: &ParamStore) -> Result<ParamStore> {
+        let mut out = merged.clone();
+        for d in self.deltas.iter().rev() {
+            d.unmerge(&mut out, params)?;
         }
         Ok(out)
     }

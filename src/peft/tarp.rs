@@ -314,4 +314,23 @@ impl Delta for Tarp {
         }
         Ok(())
     }
+
+    fn unmerge(&self, merged: &mut ParamStore, params: &ParamStore) -> Result<()> {
+        if self.cfg.variant == TarpVariant::Dynamic {
+            return self.merge(merged, params);
+        }
+        for m in self.modules.keys() {
+            let wn = format!("{m}.weight");
+            let w = merged.get(&wn)?.clone();
+            // W = Phi1 ⊙ W0 + Phi2 with Phi1 = softplus(.) > 0, so W0 = (W - Phi2) / Phi1.
+            let mut w0 = (&w - self.phi(m, "2", params)?.to_dtype(w.dtype())?)?;
+            if self.cfg.multiplicative {
+                let phi1 =
+                    Self::softplus(&(self.phi(m, "1", params)? + C)?)?.to_dtype(w.dtype())?;
+                w0 = (w0 / phi1)?;
+            }
+            merged.insert_frozen(wn, w0.detach());
+        }
+        Ok(())
+    }
 }

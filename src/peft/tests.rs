@@ -174,6 +174,19 @@ fn mergeable_methods_merge_exactly() -> Result<()> {
                 let got = logits(&m, &merged, &DeltaSet::none(), &ParamStore::new(), &ids)?;
                 let diff = max_diff(&got, &with_delta)?;
                 assert!(diff < 1e-5, "{}: merged differs by {diff}", cfg.method());
+                match d.unmerge(&merged, &a.params) {
+                    Ok(back) => {
+                        for (n, t) in base.iter() {
+                            let e = max_diff(t.tensor(), back.get(n)?)?;
+                            assert!(e < 1e-5, "{}: unmerged {n} differs by {e}", cfg.method());
+                        }
+                    }
+                    Err(e) => assert!(
+                        matches!(cfg, DeltaConfig::Bitfit(_) | DeltaConfig::LnTuning(_)),
+                        "{}: {e}",
+                        cfg.method()
+                    ),
+                }
             }
         }
     }
