@@ -151,3 +151,46 @@ fn help_teaches_and_assets_verify() {
         "{out}"
     );
 }
+
+#[test]
+fn generate_with_a_peft_adapter_matches_peft() {
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/peft/lora_qv_down");
+    let (code, out, err) = metapeft(&[
+        "generate",
+        "--adapter",
+        &dir.to_string_lossy(),
+        "--prompt",
+        "The capital of France is",
+        "--max-new-tokens",
+        "12",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let fx = common::fixture("peft/expected.json");
+    let case = fx["adapters"]["lora_qv_down"]["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["prompt"] == "The capital of France is")
+        .unwrap()
+        .clone();
+    let want: Vec<u64> = case["generated_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect();
+    let got: Vec<u64> = v["generated_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect();
+    // generate stops at EOS; PEFT's reference ran the full 12 steps.
+    assert!(
+        !got.is_empty() && want.starts_with(&got),
+        "ours {got:?} vs PEFT {want:?}"
+    );
+}

@@ -10,6 +10,7 @@ mod export;
 mod generate;
 mod info;
 mod peft;
+mod score;
 
 use clap::{Parser, Subcommand};
 
@@ -48,6 +49,8 @@ enum Command {
     Export(export::Args),
     /// Parameter-efficient methods: parameter summaries, fresh adapters
     Peft(peft::Args),
+    /// Score prediction files: ROUGE, BLEU, seqeval, accuracy, macro-F1, OOD AUROC
+    Score(score::Args),
     /// Time training steps, forward passes and generation on the real model; print a table
     Bench(bench::Args),
     /// The end-to-end demo on the default models: chat answer and sentence similarity
@@ -68,6 +71,7 @@ pub fn run() -> std::process::ExitCode {
         Command::Convert(a) => convert::run(a),
         Command::Export(a) => export::run(a),
         Command::Peft(a) => peft::run(a),
+        Command::Score(a) => score::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Demo(a) => demo::run(a),
     };
