@@ -11,6 +11,7 @@ pub mod params;
 pub use error::{Error, Result};
 pub mod assets;
 pub mod bench;
+pub mod data;
 pub mod eval;
 pub mod generate;
 pub mod io;

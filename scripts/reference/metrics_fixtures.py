@@ -325,6 +325,7 @@ TOK13A_STRINGS = [
     "zero\u200bwidth",
     "Mr. Smith's 2nd-place finish (3.5 pts).",
     "",
+    "pi is 3.14.",
 ]
 
 
@@ -638,11 +639,17 @@ def ood_section():
     odd_id = np.round(rng.normal(0.5, 1.0, 30), 6)
     odd_ood = np.round(rng.normal(0.0, 1.0, 25), 6)
 
+    # Every threshold adds one ID and one OOD sample: all ROC points are
+    # collinear, so roc_curve's default drop_intermediate=True keeps only
+    # (0, 0) and (1, 1) and "first TPR >= 0.95" would give 1.0 instead of 0.95.
+    diag = np.arange(1.0, 21.0)
+
     sets = []
     for name, a, b in (("normal_shift", normal_id, normal_ood),
                        ("many_ties", ties_id, ties_ood),
                        ("perfectly_separated", sep_id, sep_ood),
-                       ("n_id_30", odd_id, odd_ood)):
+                       ("n_id_30", odd_id, odd_ood),
+                       ("diagonal_ties", diag, diag.copy())):
         sets.append({"name": name, "id_scores": [fl(x) for x in a],
                      "ood_scores": [fl(x) for x in b], **ood_metrics(a, b)})
 

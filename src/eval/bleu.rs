@@ -42,7 +42,19 @@ pub fn tokenize_13a(line: &str) -> String {
             out.push(c);
         }
     }
-    out.split_whitespace().collect::<Vec<_>>().join(" ")
+    py_split(&out).join(" ")
+}
+
+/// Python's `str.split()`: Unicode whitespace plus the separators U+001C..U+001F.
+fn py_split(s: &str) -> Vec<&str> {
+    s.split(|c: char| c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c))
+        .filter(|t| !t.is_empty())
+        .collect()
+}
+
+/// Python's `str.rstrip()`.
+fn py_rstrip(s: &str) -> &str {
+    s.trim_end_matches(|c: char| c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c))
 }
 
 fn ngrams(tokens: &[&str], n: usize) -> HashMap<Vec<String>, usize> {
@@ -74,7 +86,7 @@ pub fn corpus_bleu(hyps: &[String], refs: &[Vec<String>]) -> Bleu {
     let mut totals = [0usize; 4];
     let (mut sys_len, mut ref_len) = (0usize, 0usize);
     for (i, h) in hyps.iter().enumerate() {
-        let ht = tokenize_13a(h);
+        let ht = tokenize_13a(py_rstrip(h));
         let hyp: Vec<&str> = ht.split_whitespace().collect();
         let rts: Vec<String> = refs
             .iter()
