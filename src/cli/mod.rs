@@ -11,6 +11,7 @@ mod generate;
 mod info;
 mod peft;
 mod score;
+mod tasks;
 
 use clap::{Parser, Subcommand};
 
@@ -51,6 +52,8 @@ enum Command {
     Peft(peft::Args),
     /// Score prediction files: ROUGE, BLEU, seqeval, accuracy, macro-F1, OOD AUROC
     Score(score::Args),
+    /// List the built-in tasks (datasets read from ../shared/data or --data-dir)
+    Tasks(tasks::Args),
     /// Time training steps, forward passes and generation on the real model; print a table
     Bench(bench::Args),
     /// The end-to-end demo on the default models: chat answer and sentence similarity
@@ -72,6 +75,7 @@ pub fn run() -> std::process::ExitCode {
         Command::Export(a) => export::run(a),
         Command::Peft(a) => peft::run(a),
         Command::Score(a) => score::run(a),
+        Command::Tasks(a) => tasks::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Demo(a) => demo::run(a),
     };
