@@ -18,3 +18,4 @@ pub mod io;
 pub mod model;
 pub mod peft;
 pub mod runtime;
+pub mod train;
