@@ -66,6 +66,13 @@ pub struct RunArgs {
     /// Evaluate on at most this many test examples
     #[arg(long)]
     pub eval_limit: Option<usize>,
+    /// Prompt->completion tasks: also generate for this many test examples and report ROUGE
+    /// (default 30; 0 to skip)
+    #[arg(long)]
+    pub generate_eval: Option<usize>,
+    /// Maximum new tokens when generating for evaluation
+    #[arg(long)]
+    pub max_new_tokens: Option<usize>,
     #[arg(long)]
     pub out: Option<PathBuf>,
 }
@@ -88,6 +95,8 @@ impl RunArgs {
             max_len,
             seed,
             eval_limit,
+            generate_eval,
+            max_new_tokens,
             out
         )
     }
@@ -138,9 +147,32 @@ pub fn run(a: Args) -> Result<()> {
         .find(|s| ds.splits.get(*s).is_some_and(|v| !v.is_empty()))
         .context("task has no training split")?;
     let test_split = eval_split(&ds)?;
-    let train_ex = k_shot(ds.split(train_split)?, shots, seed);
-    let mut test_ex: Vec<data::Example> = ds.split(test_split)?.to_vec();
-    test_ex.truncate(eval_limit);
+    let template = prompt_template(&task);
+    let apply = |v: Vec<data::Example>| -> Vec<data::Example> {
+        v.into_iter()
+            .map(|mut e| {
+                if let data::Content::PromptCompletion { prompt, .. } = &mut e.content {
+                    *prompt = template.replace("{prompt}", prompt);
+                }
+                e
+            })
+            .collect()
+    };
+    let train_ex = apply(k_shot(ds.split(train_split)?, shots, seed));
+    // Test splits are often sorted (by intent, topic): evaluate on a seeded random subset.
+    let all_test = ds.split(test_split)?;
+    let test_ex: Vec<data::Example> = if all_test.len() > eval_limit {
+        let mut idx: Vec<usize> = (0..all_test.len()).collect();
+        rand::seq::SliceRandom::shuffle(
+            &mut idx[..],
+            &mut <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed ^ 0x7e57),
+        );
+        idx.truncate(eval_limit);
+        idx.sort_unstable();
+        apply(idx.into_iter().map(|i| all_test[i].clone()).collect())
+    } else {
+        apply(all_test.to_vec())
+    };
 
     // The delta (or full fine-tuning).
     let (base, deltas, dp, adapter) = if method == "full" {
@@ -198,12 +230,23 @@ pub fn run(a: Args) -> Result<()> {
                 pad,
                 last_tokens: 0,
             };
+            let n_gen = if ds.kind == TaskKind::PromptCompletion { r.generate_eval.unwrap_or(30) } else { 0 };
+            let max_new = r.max_new_tokens.unwrap_or(64);
             let before = obj.perplexity(8)?;
             eprintln!("perplexity before: {:.3} on {} tokens", before.value(), before.tokens);
+            let rouge_before = rouge_eval(&m, &ck, &base, &deltas, &dp, &test_ex, n_gen, max_new, &out.join("generations-before.jsonl"))?;
             let rep = train(&tc, vars, &mut obj, Some(&out), a.resume)?;
             let after = obj.perplexity(8)?;
             eprintln!("perplexity after:  {:.3}", after.value());
-            serde_json::json!({"metric": "perplexity", "before": before.value(), "after": after.value(), "eval_tokens": after.tokens, "train": rep})
+            let rouge_after = rouge_eval(&m, &ck, &base, &deltas, &dp, &test_ex, n_gen, max_new, &out.join("generations-after.jsonl"))?;
+            let mut j = serde_json::json!({"metric": "perplexity", "before": before.value(), "after": after.value(), "eval_tokens": after.tokens, "train": rep});
+            if n_gen > 0 {
+                eprintln!("ROUGE-L F1 before {:.4}, after {:.4} ({n_gen} generated)", rouge_before[2], rouge_after[2]);
+                j["rouge_examples"] = n_gen.min(test_ex.len()).into();
+                j["rouge_before"] = serde_json::json!({"rouge1": rouge_before[0], "rouge2": rouge_before[1], "rougeL": rouge_before[2]});
+                j["rouge_after"] = serde_json::json!({"rouge1": rouge_after[0], "rouge2": rouge_after[1], "rougeL": rouge_after[2]});
+            }
+            j
         }
         (Arch::Bert(cfg), TaskKind::Classification) => {
             let m = Bert::new(cfg.clone());
@@ -268,4 +311,73 @@ pub fn run(a: Args) -> Result<()> {
     )?;
     println!("{}", serde_json::to_string_pretty(&full["result"])?);
     Ok(())
+}
+
+/// How prompt->completion examples are shown to a decoder.
+fn prompt_template(task: &str) -> &'static str {
+    match task.split('/').next().unwrap_or("") {
+        "dialogsum" | "scitldr" | "multilexsum" => "{prompt}\nSummary:",
+        "dailydialog" | "multiwoz" | "persona-chat" => "{prompt}\n",
+        _ => "{prompt}",
+    }
+}
+
+/// Mean over examples of the best-reference ROUGE-1/2/L F1 of greedy generations; the
+/// generations are written to `log` (JSONL) for inspection.
+#[allow(clippy::too_many_arguments)]
+fn rouge_eval(
+    m: &Llama,
+    ck: &model::Checkpoint,
+    base: &ParamStore,
+    deltas: &DeltaSet,
+    dp: &ParamStore,
+    examples: &[data::Example],
+    n: usize,
+    max_new: usize,
+    log: &std::path::Path,
+) -> Result<[f64; 3]> {
+    use metapeft::eval::rouge;
+    use metapeft::generate::{generate, GenerateOptions};
+    let mut sums = [0.0; 3];
+    let mut lines = String::new();
+    let take: Vec<&data::Example> = examples.iter().take(n).collect();
+    deltas.set_training(false);
+    for e in &take {
+        let data::Content::PromptCompletion {
+            prompt, references, ..
+        } = &e.content
+        else {
+            continue;
+        };
+        let mut ids = ck.tokenizer.encode(prompt, false)?;
+        let keep = 768usize;
+        if ids.len() > keep {
+            ids.drain(..ids.len() - keep);
+        }
+        let opts = GenerateOptions {
+            max_new_tokens: max_new,
+            stop: vec!["\n".into()],
+            ..Default::default()
+        };
+        let g = generate(m, base, deltas, dp, &ck.tokenizer, &ids, &opts, |_| {})?;
+        let text = g.text.trim().to_string();
+        let best = |f: &dyn Fn(&rouge::Rouge) -> f64| -> f64 {
+            references
+                .iter()
+                .map(|r| f(&rouge::rouge(r, &text)))
+                .fold(0.0, f64::max)
+        };
+        sums[0] += best(&|s| s.rouge1.fmeasure);
+        sums[1] += best(&|s| s.rouge2.fmeasure);
+        sums[2] += best(&|s| s.rouge_l.fmeasure);
+        lines.push_str(
+            &serde_json::json!({"generated": text, "references": references}).to_string(),
+        );
+        lines.push('\n');
+    }
+    if !take.is_empty() {
+        io::write_atomic(log, lines.as_bytes())?;
+    }
+    let k = take.len().max(1) as f64;
+    Ok([sums[0] / k, sums[1] / k, sums[2] / k])
 }
