@@ -2,22 +2,10 @@
 
 mod common;
 
-use std::process::Command;
-
 fn adapt(args: &[&str]) -> (i32, String, String) {
-    common::smollm2_path();
-    common::minilm_path();
-    let out = Command::new(env!("CARGO_BIN_EXE_metapeft"))
-        .arg("adapt")
-        .args(args)
-        .env("METAPEFT_NO_PROGRESS", "1")
-        .output()
-        .expect("run metapeft");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let mut all = vec!["adapt"];
+    all.extend_from_slice(args);
+    common::metapeft(&all)
 }
 
 #[test]

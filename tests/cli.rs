@@ -2,23 +2,7 @@
 
 mod common;
 
-use std::process::Command;
-
-fn metapeft(args: &[&str]) -> (i32, String, String) {
-    // Make sure the default models are in the cache the binary will look at.
-    common::smollm2_path();
-    common::minilm_path();
-    let out = Command::new(env!("CARGO_BIN_EXE_metapeft"))
-        .args(args)
-        .env("METAPEFT_NO_PROGRESS", "1")
-        .output()
-        .expect("run metapeft");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use common::metapeft;
 
 #[test]
 fn generate_chat_json_with_logprobs() {

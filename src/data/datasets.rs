@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use super::formats::{conll, csv_records, field, parse_lines, read_text};
+use super::formats::{conll, csv_records, field, parse_json_lines, parse_lines, read_text};
 use super::{pylit, Content, Dataset, Example, TaskKind};
 use crate::{Error, Result};
 
@@ -393,33 +393,24 @@ pub fn scitldr(dir: &Path, skip_bad: bool) -> Result<Dataset> {
     let mut splits = vec![];
     for (s, file) in [("train", "train"), ("validation", "dev"), ("test", "test")] {
         let path = dir.join(format!("{file}.jsonl"));
-        let rows = parse_lines(
-            &path,
-            None,
-            &read_text(&path, None)?,
-            skip_bad,
-            &mut skipped,
-            |line| {
-                let v: serde_json::Value =
-                    serde_json::from_str(line).map_err(|e| format!("invalid JSON: {e}"))?;
-                let src: Vec<&str> = v
-                    .get("source")
-                    .and_then(|x| x.as_array())
-                    .ok_or("missing `source`")?
-                    .iter()
-                    .filter_map(|x| x.as_str())
-                    .collect();
-                let refs: Vec<String> = v
-                    .get("target")
-                    .and_then(|x| x.as_array())
-                    .ok_or("missing `target`")?
-                    .iter()
-                    .filter_map(|x| x.as_str().map(String::from))
-                    .collect();
-                let first = refs.first().cloned().ok_or("empty `target`")?;
-                Ok(pc(src.join(" "), first, refs, Some("science".into())))
-            },
-        )?;
+        let rows = parse_json_lines(&path, skip_bad, &mut skipped, |v| {
+            let src: Vec<&str> = v
+                .get("source")
+                .and_then(|x| x.as_array())
+                .ok_or("missing `source`")?
+                .iter()
+                .filter_map(|x| x.as_str())
+                .collect();
+            let refs: Vec<String> = v
+                .get("target")
+                .and_then(|x| x.as_array())
+                .ok_or("missing `target`")?
+                .iter()
+                .filter_map(|x| x.as_str().map(String::from))
+                .collect();
+            let first = refs.first().cloned().ok_or("empty `target`")?;
+            Ok(pc(src.join(" "), first, refs, Some("science".into())))
+        })?;
         splits.push((s, rows));
     }
     Ok(dataset(
@@ -432,24 +423,15 @@ pub fn scitldr(dir: &Path, skip_bad: bool) -> Result<Dataset> {
 
 pub fn multilexsum(path: &Path, skip_bad: bool) -> Result<Dataset> {
     let mut skipped = 0;
-    let rows = parse_lines(
-        path,
-        None,
-        &read_text(path, None)?,
-        skip_bad,
-        &mut skipped,
-        |line| {
-            let v: serde_json::Value =
-                serde_json::from_str(line).map_err(|e| format!("invalid JSON: {e}"))?;
-            let s = field(&v, "summary")?.to_string();
-            Ok(pc(
-                field(&v, "document")?.into(),
-                s.clone(),
-                vec![s],
-                Some("legal".into()),
-            ))
-        },
-    )?;
+    let rows = parse_json_lines(path, skip_bad, &mut skipped, |v| {
+        let s = field(v, "summary")?.to_string();
+        Ok(pc(
+            field(v, "document")?.into(),
+            s.clone(),
+            vec![s],
+            Some("legal".into()),
+        ))
+    })?;
     Ok(dataset(
         "multilexsum",
         TaskKind::PromptCompletion,
@@ -460,24 +442,15 @@ pub fn multilexsum(path: &Path, skip_bad: bool) -> Result<Dataset> {
 
 pub fn pubmedqa(path: &Path, skip_bad: bool) -> Result<Dataset> {
     let mut skipped = 0;
-    let rows = parse_lines(
-        path,
-        None,
-        &read_text(path, None)?,
-        skip_bad,
-        &mut skipped,
-        |line| {
-            let v: serde_json::Value =
-                serde_json::from_str(line).map_err(|e| format!("invalid JSON: {e}"))?;
-            let t = format!(
-                "Question: {}\n{}\nAnswer: {}",
-                field(&v, "question")?,
-                field(&v, "passage")?,
-                field(&v, "answer")?
-            );
-            Ok(text(t, Some("biomedical".into())))
-        },
-    )?;
+    let rows = parse_json_lines(path, skip_bad, &mut skipped, |v| {
+        let t = format!(
+            "Question: {}\n{}\nAnswer: {}",
+            field(v, "question")?,
+            field(v, "passage")?,
+            field(v, "answer")?
+        );
+        Ok(text(t, Some("biomedical".into())))
+    })?;
     Ok(dataset(
         "pubmedqa",
         TaskKind::LanguageModeling,
@@ -711,24 +684,15 @@ pub fn plain_text(name: &str, files: &[(&str, std::path::PathBuf)]) -> Result<Da
 /// `pair`) + `label`.
 pub fn jsonl(path: &Path, fields: &Fields, skip_bad: bool) -> Result<Dataset> {
     let mut skipped = 0;
-    let rows = parse_lines(
-        path,
-        None,
-        &read_text(path, None)?,
-        skip_bad,
-        &mut skipped,
-        |line| {
-            let v: serde_json::Value =
-                serde_json::from_str(line).map_err(|e| format!("invalid JSON: {e}"))?;
-            fields.example(|k| {
-                v.get(k).map(|x| {
-                    x.as_str()
-                        .map(String::from)
-                        .unwrap_or_else(|| x.to_string())
-                })
+    let rows = parse_json_lines(path, skip_bad, &mut skipped, |v| {
+        fields.example(|k| {
+            v.get(k).map(|x| {
+                x.as_str()
+                    .map(String::from)
+                    .unwrap_or_else(|| x.to_string())
             })
-        },
-    )?;
+        })
+    })?;
     Ok(dataset(
         &path.display().to_string(),
         fields.kind(),

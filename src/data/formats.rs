@@ -65,6 +65,21 @@ pub fn parse_lines<T>(
     Ok(out)
 }
 
+/// Parse a JSON-lines file, one object per non-empty line, with `f` turning each into a record.
+pub fn parse_json_lines<T>(
+    path: &Path,
+    skip_bad: bool,
+    skipped: &mut usize,
+    mut f: impl FnMut(&serde_json::Value) -> std::result::Result<T, String>,
+) -> Result<Vec<T>> {
+    let text = read_text(path, None)?;
+    parse_lines(path, None, &text, skip_bad, skipped, |line| {
+        let v: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| format!("invalid JSON: {e}"))?;
+        f(&v)
+    })
+}
+
 /// A JSON object field as a string.
 pub fn field<'a>(v: &'a serde_json::Value, k: &str) -> std::result::Result<&'a str, String> {
     v.get(k)

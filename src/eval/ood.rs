@@ -42,12 +42,11 @@ fn sorted(id: &[f64], ood: &[f64]) -> Vec<(f64, bool)> {
     v
 }
 
-/// ROC points `(fpr, tpr)` at every distinct threshold, from the highest score down.
-fn roc(id: &[f64], ood: &[f64]) -> Vec<(f64, f64)> {
+/// Cumulative `(true positives, false positives)` after each distinct threshold, highest first.
+fn cumulative_counts(id: &[f64], ood: &[f64]) -> Vec<(f64, f64)> {
     let v = sorted(id, ood);
-    let (p, n) = (id.len() as f64, ood.len() as f64);
-    let mut pts = vec![(0.0, 0.0)];
     let (mut tp, mut fp) = (0.0, 0.0);
+    let mut out = vec![];
     let mut i = 0;
     while i < v.len() {
         let s = v[i].0;
@@ -59,9 +58,21 @@ fn roc(id: &[f64], ood: &[f64]) -> Vec<(f64, f64)> {
             }
             i += 1;
         }
-        pts.push((fp / n, tp / p));
+        out.push((tp, fp));
     }
-    pts
+    out
+}
+
+/// ROC points `(fpr, tpr)` at every distinct threshold, from the highest score down.
+fn roc(id: &[f64], ood: &[f64]) -> Vec<(f64, f64)> {
+    let (p, n) = (id.len() as f64, ood.len() as f64);
+    std::iter::once((0.0, 0.0))
+        .chain(
+            cumulative_counts(id, ood)
+                .into_iter()
+                .map(|(tp, fp)| (fp / n, tp / p)),
+        )
+        .collect()
 }
 
 pub fn auroc(id: &[f64], ood: &[f64]) -> f64 {
@@ -72,23 +83,12 @@ pub fn auroc(id: &[f64], ood: &[f64]) -> f64 {
 }
 
 pub fn aupr(id: &[f64], ood: &[f64]) -> f64 {
-    let v = sorted(id, ood);
     let p = id.len() as f64;
-    let (mut tp, mut fp, mut prev_recall, mut ap) = (0.0, 0.0, 0.0, 0.0);
-    let mut i = 0;
-    while i < v.len() {
-        let s = v[i].0;
-        while i < v.len() && v[i].0 == s {
-            if v[i].1 {
-                tp += 1.0;
-            } else {
-                fp += 1.0;
-            }
-            i += 1;
-        }
+    let mut prev_recall = 0.0;
+    let mut ap = 0.0;
+    for (tp, fp) in cumulative_counts(id, ood) {
         let recall = tp / p;
-        let precision = tp / (tp + fp);
-        ap += (recall - prev_recall) * precision;
+        ap += (recall - prev_recall) * tp / (tp + fp);
         prev_recall = recall;
     }
     ap

@@ -58,22 +58,6 @@ impl Bert {
         out
     }
 
-    /// A base tensor as the deltas see it (tuned norms and biases replace the base ones).
-    fn weight(
-        &self,
-        p: &ParamStore,
-        deltas: &DeltaSet,
-        dp: &ParamStore,
-        name: &str,
-    ) -> Result<Tensor> {
-        if deltas.is_empty() {
-            return Ok(p.get(name)?.clone());
-        }
-        deltas
-            .weight(name, p.get_opt(name), dp)?
-            .ok_or_else(|| crate::Error::invalid(format!("parameter `{name}` is not in the store")))
-    }
-
     fn dense(
         &self,
         p: &ParamStore,
@@ -83,7 +67,7 @@ impl Bert {
         x: &Tensor,
     ) -> Result<Tensor> {
         let w = p.get(&format!("{module}.weight"))?;
-        let b = self.weight(p, deltas, dp, &format!("{module}.bias"))?;
+        let b = deltas.resolve(&format!("{module}.bias"), p, dp)?;
         if deltas.is_empty() {
             return Ok(ops::linear(x, w, Some(&b))?);
         }
@@ -102,8 +86,8 @@ impl Bert {
     ) -> Result<Tensor> {
         Ok(ops::layer_norm(
             x,
-            &self.weight(p, deltas, dp, &format!("{module}.weight"))?,
-            &self.weight(p, deltas, dp, &format!("{module}.bias"))?,
+            &deltas.resolve(&format!("{module}.weight"), p, dp)?,
+            &deltas.resolve(&format!("{module}.bias"), p, dp)?,
             self.cfg.layer_norm_eps,
         )?)
     }

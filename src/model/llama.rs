@@ -132,22 +132,6 @@ impl Llama {
         out
     }
 
-    /// A base tensor as the deltas see it (tuned norms and biases replace the base ones).
-    fn weight(
-        &self,
-        p: &ParamStore,
-        deltas: &DeltaSet,
-        dp: &ParamStore,
-        name: &str,
-    ) -> Result<Tensor> {
-        if deltas.is_empty() {
-            return Ok(p.get(name)?.clone());
-        }
-        deltas
-            .weight(name, p.get_opt(name), dp)?
-            .ok_or_else(|| crate::Error::invalid(format!("parameter `{name}` is not in the store")))
-    }
-
     fn proj(
         &self,
         p: &ParamStore,
@@ -241,7 +225,7 @@ impl Llama {
         for i in 0..cfg.num_hidden_layers {
             let pre = format!("model.layers.{i}");
             let residual = x.clone();
-            let w = self.weight(p, deltas, dp, &format!("{pre}.input_layernorm.weight"))?;
+            let w = deltas.resolve(&format!("{pre}.input_layernorm.weight"), p, dp)?;
             let xn = ops::rms_norm(&x, &w, cfg.rms_norm_eps)?;
             let q = self.proj(p, deltas, dp, &format!("{pre}.self_attn.q_proj"), &xn)?;
             let k = self.proj(p, deltas, dp, &format!("{pre}.self_attn.k_proj"), &xn)?;
@@ -270,12 +254,7 @@ impl Llama {
             x = (residual + o)?;
 
             let residual = x.clone();
-            let w = self.weight(
-                p,
-                deltas,
-                dp,
-                &format!("{pre}.post_attention_layernorm.weight"),
-            )?;
+            let w = deltas.resolve(&format!("{pre}.post_attention_layernorm.weight"), p, dp)?;
             let xn = ops::rms_norm(&x, &w, cfg.rms_norm_eps)?;
             let g = self.proj(p, deltas, dp, &format!("{pre}.mlp.gate_proj"), &xn)?;
             let u = self.proj(p, deltas, dp, &format!("{pre}.mlp.up_proj"), &xn)?;
@@ -291,7 +270,7 @@ impl Llama {
         if let Some(c) = cache {
             c.advance(prefix + t);
         }
-        let w = self.weight(p, deltas, dp, "model.norm.weight")?;
+        let w = deltas.resolve("model.norm.weight", p, dp)?;
         let x = ops::rms_norm(&x, &w, cfg.rms_norm_eps)?;
         if virtual_tokens > 0 {
             return Ok(x.narrow(1, virtual_tokens, t - virtual_tokens)?);

@@ -165,6 +165,16 @@ impl DeltaSet {
         self.deltas.iter().for_each(|d| d.set_training(on));
     }
 
+    /// Base tensor `name` as the model should use it: the base store's, unless a delta replaces
+    /// it (the last one wins). Errors if neither has it.
+    pub fn resolve(&self, name: &str, base: &ParamStore, params: &ParamStore) -> Result<Tensor> {
+        if self.deltas.is_empty() {
+            return Ok(base.get(name)?.clone());
+        }
+        self.weight(name, base.get_opt(name), params)?
+            .ok_or_else(|| Error::invalid(format!("parameter `{name}` is not in the store")))
+    }
+
     /// The tensor to use for base tensor `name` (the last delta that replaces it wins).
     pub fn weight(
         &self,

@@ -46,6 +46,22 @@ pub fn minilm() -> &'static Checkpoint {
     })
 }
 
+/// Run the `metapeft` binary with the default models in the cache; (exit code, stdout, stderr).
+pub fn metapeft(args: &[&str]) -> (i32, String, String) {
+    smollm2_path();
+    minilm_path();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_metapeft"))
+        .args(args)
+        .env("METAPEFT_NO_PROGRESS", "1")
+        .output()
+        .expect("run metapeft");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 pub fn fixture(name: &str) -> serde_json::Value {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
