@@ -354,13 +354,21 @@ fn rouge_eval(
         if ids.len() > keep {
             ids.drain(..ids.len() - keep);
         }
+        // No stop string: models often start with a newline after "Summary:"; keep the first
+        // non-empty line instead.
         let opts = GenerateOptions {
             max_new_tokens: max_new,
-            stop: vec!["\n".into()],
             ..Default::default()
         };
         let g = generate(m, base, deltas, dp, &ck.tokenizer, &ids, &opts, |_| {})?;
-        let text = g.text.trim().to_string();
+        let text = g
+            .text
+            .trim_start()
+            .lines()
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_string();
         let best = |f: &dyn Fn(&rouge::Rouge) -> f64| -> f64 {
             references
                 .iter()
