@@ -51,43 +51,11 @@ fn gguf_tensor_types_dequantize_like_ggml() {
                 .dequantize(&Device::Cpu)
                 .unwrap();
             let got = ck.params.get(name).unwrap();
-            let rel = (got - &want)
-                .unwrap()
-                .sqr()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-                .sqrt()
-                / want
-                    .sqr()
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap()
-                    .sqrt();
+            let rel = common::l2(&(got - &want).unwrap()) / common::l2(&want);
             // Rows are quantized independently, so the permuted Q rows round-trip exactly too.
             assert!(rel < 1e-6, "{dt:?} {name}: relative L2 difference {rel}");
             // And close to the original f32 weights, as far as the type allows.
-            let err = (got - orig)
-                .unwrap()
-                .sqr()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-                .sqrt()
-                / orig
-                    .sqr()
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap()
-                    .sqrt();
+            let err = common::l2(&(got - orig).unwrap()) / common::l2(orig);
             assert!(err < 0.15, "{dt:?} {name}: error vs f32 {err}");
         }
     }

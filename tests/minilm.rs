@@ -116,22 +116,6 @@ fn every_lora_tensor_gets_a_gradient() {
         .neg()
         .unwrap();
     let grads = loss.backward().unwrap();
-    for (name, v) in lp.vars() {
-        let g = grads
-            .get(v.as_tensor())
-            .unwrap_or_else(|| panic!("{name}: no gradient"));
-        let norm = g
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-            .sqrt();
-        assert!(
-            norm.is_finite() && norm > 0.0,
-            "{name}: gradient norm {norm}"
-        );
-    }
+    common::assert_every_var_has_gradient(&grads, &lp.vars());
     let _ = ParamStore::new();
 }

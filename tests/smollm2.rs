@@ -258,23 +258,7 @@ fn every_lora_tensor_gets_a_gradient() {
     let grads = loss.backward().unwrap();
     let vars = lp.vars();
     assert_eq!(vars.len(), 2 * 7 * 30);
-    for (name, v) in vars {
-        let g = grads
-            .get(v.as_tensor())
-            .unwrap_or_else(|| panic!("{name}: no gradient"));
-        let norm = g
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-            .sqrt();
-        assert!(
-            norm.is_finite() && norm > 0.0,
-            "{name}: gradient norm {norm}"
-        );
-    }
+    common::assert_every_var_has_gradient(&grads, &vars);
     // The frozen base gets no gradient at all.
     assert!(grads
         .get(

@@ -62,6 +62,36 @@ pub fn metapeft(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// The L2 norm of a tensor.
+pub fn l2(t: &Tensor) -> f32 {
+    t.sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+        .sqrt()
+}
+
+/// Every variable received a finite, non-zero gradient.
+pub fn assert_every_var_has_gradient(
+    grads: &candle_core::backprop::GradStore,
+    vars: &[(String, candle_core::Var)],
+) {
+    for (name, v) in vars {
+        let g = grads
+            .get(v.as_tensor())
+            .unwrap_or_else(|| panic!("{name}: no gradient"));
+        let norm = l2(g);
+        assert!(
+            norm.is_finite() && norm > 0.0,
+            "{name}: gradient norm {norm}"
+        );
+    }
+}
+
 pub fn fixture(name: &str) -> serde_json::Value {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
