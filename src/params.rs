@@ -47,6 +47,25 @@ impl ParamStore {
             .ok_or_else(|| Error::invalid(format!("parameter `{name}` is not in the store")))
     }
 
+    /// The entry itself (frozen tensor or trainable `Var`).
+    pub fn param(&self, name: &str) -> Option<&Param> {
+        self.entries.get(name)
+    }
+
+    pub fn insert(&mut self, name: impl Into<String>, p: Param) {
+        self.entries.insert(name.into(), p);
+    }
+
+    /// The same tensors with no gradient tracking: every entry frozen and detached (shares
+    /// storage, copies nothing).
+    pub fn detached(&self) -> Self {
+        let mut out = ParamStore::new();
+        for (k, p) in &self.entries {
+            out.insert_frozen(k.clone(), p.tensor().detach());
+        }
+        out
+    }
+
     pub fn get_opt(&self, name: &str) -> Option<&Tensor> {
         self.entries.get(name).map(Param::tensor)
     }

@@ -1,0 +1,50 @@
+//! Episode losses for the model kinds: a decoder on language modelling or prompt -> completion.
+
+use candle_core::Tensor;
+
+use super::maml::EpisodeLoss;
+use crate::data::batch::{collate, Sequence};
+use crate::model::Llama;
+use crate::params::ParamStore;
+use crate::peft::DeltaSet;
+use crate::Result;
+
+/// A decoder's episode: next-token cross-entropy on support batches (inner step `k` takes the
+/// `k`-th batch, cycling) and on the whole query set.
+pub struct LmEpisode<'a> {
+    pub model: &'a Llama,
+    pub deltas: &'a DeltaSet,
+    pub support: Vec<Sequence>,
+    pub query: Vec<Sequence>,
+    /// Support sequences per inner step.
+    pub batch: usize,
+    pub pad: u32,
+}
+
+impl LmEpisode<'_> {
+    fn loss(&self, base: &ParamStore, fast: &ParamStore, seqs: &[&Sequence]) -> Result<Tensor> {
+        let b = collate(seqs, self.pad)?;
+        let logits = self.model.forward(
+            base,
+            self.deltas,
+            fast,
+            &b.input_ids,
+            Some(&b.attention_mask),
+        )?;
+        Ok(crate::ops::cross_entropy(&logits, &b.targets, -100)?)
+    }
+}
+
+impl EpisodeLoss for LmEpisode<'_> {
+    fn support(&self, base: &ParamStore, fast: &ParamStore, step: usize) -> Result<Tensor> {
+        let n = self.support.len().max(1);
+        let b = self.batch.clamp(1, n);
+        let seqs: Vec<&Sequence> = (0..b).map(|i| &self.support[(step * b + i) % n]).collect();
+        self.loss(base, fast, &seqs)
+    }
+
+    fn query(&self, base: &ParamStore, fast: &ParamStore) -> Result<Tensor> {
+        let seqs: Vec<&Sequence> = self.query.iter().collect();
+        self.loss(base, fast, &seqs)
+    }
+}
