@@ -332,7 +332,10 @@ fn exact_here(
     })
 }
 
-fn norm(ts: &HashMap<String, Tensor>) -> Result<f64> {
+/// Gradients of the adapted entries, by name.
+type FastGrads = HashMap<String, Tensor>;
+
+fn norm(ts: &FastGrads) -> Result<f64> {
     let mut s = 0.0;
     for t in ts.values() {
         s += scalar(&t.sqr()?.sum_all()?)?;
@@ -368,7 +371,7 @@ pub fn hessian_free(
             break;
         }
         let e = eps / vn;
-        let grad_at = |sign: f64| -> Result<(HashMap<String, Tensor>, Vec<Option<Tensor>>)> {
+        let grad_at = |sign: f64| -> Result<(FastGrads, Vec<Option<Tensor>>)> {
             let mut moved = ParamStore::new();
             for (name, p) in tr.points[k].iter() {
                 let t = match v.get(name) {
