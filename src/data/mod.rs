@@ -6,6 +6,7 @@
 
 pub mod batch;
 pub mod datasets;
+pub mod family;
 pub mod formats;
 pub mod pylit;
 
