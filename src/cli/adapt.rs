@@ -47,6 +47,9 @@ pub struct RunArgs {
     /// A JSON/TOML delta config file instead of the method's defaults
     #[arg(long)]
     pub method_config: Option<PathBuf>,
+    /// Start from a `metapeft prepare` output: its base model and meta-learned delta init
+    #[arg(long)]
+    pub from: Option<PathBuf>,
     /// Training examples: per class for classification, in total otherwise
     #[arg(long)]
     pub shots: Option<usize>,
@@ -87,6 +90,7 @@ impl RunArgs {
             task,
             method,
             method_config,
+            from,
             shots,
             steps,
             lr,
@@ -125,7 +129,22 @@ pub fn run(a: Args) -> Result<()> {
         .clone()
         .context("--task is required (see `metapeft tasks`)")?;
     let out = r.out.clone().context("--out is required")?;
-    let method = r.method.clone().unwrap_or_else(|| "lora".into());
+    let prepared = match &r.from {
+        Some(p) => Some(io::prepared::read_info(p)?),
+        None => None,
+    };
+    if let (Some(info), Some(m)) = (&prepared, &r.method) {
+        if m.replace('-', "_") != info.method {
+            bail!(
+                "--method {m} differs from the prepared model's method `{}`",
+                info.method
+            );
+        }
+    }
+    let method = match &prepared {
+        Some(info) => info.method.clone(),
+        None => r.method.clone().unwrap_or_else(|| "lora".into()),
+    };
     let (shots, seed) = (r.shots.unwrap_or(16), r.seed.unwrap_or(0));
     let (steps, batch_size, max_len) = (
         r.steps.unwrap_or(50),
@@ -139,7 +158,10 @@ pub fn run(a: Args) -> Result<()> {
         serde_json::to_string_pretty(&r)?.as_bytes(),
     )?;
 
-    let spec = super::model_or_default(r.model.clone(), metapeft::assets::SMOLLM2)?;
+    let spec = match (&r.model, &r.from) {
+        (None, Some(p)) => io::prepared::model_spec(p)?,
+        _ => super::model_or_default(r.model.clone(), metapeft::assets::SMOLLM2)?,
+    };
     let ck = model::load(&spec, &Device::Cpu)?;
     let ds = datasets::load(&task, &metapeft::assets::data_dir(), false)?;
     let train_split = ["train", "validation", "val", "dev"]
@@ -182,11 +204,21 @@ pub fn run(a: Args) -> Result<()> {
         })?;
         (b, DeltaSet::none(), ParamStore::new(), None)
     } else {
-        let cfg = match &r.method_config {
-            Some(p) => config_from_file(p)?,
-            None => default_config(&method, &ck.arch)?,
+        let ad = match &r.from {
+            // The meta-learned initialisation, trained from here like a fresh delta.
+            Some(p) => {
+                let mut ad = io::load_adapter(&io::prepared::adapter_dir(p), &ck.arch, &ck.params)?;
+                ad.params.make_trainable(|_| true)?;
+                ad
+            }
+            None => {
+                let cfg = match &r.method_config {
+                    Some(p) => config_from_file(p)?,
+                    None => default_config(&method, &ck.arch)?,
+                };
+                cfg.init(&ck.arch, &ck.params, seed)?
+            }
         };
-        let ad = cfg.init(&ck.arch, &ck.params, seed)?;
         let d = ad.attach(&ck.arch, &ck.params)?;
         (ck.params.clone(), d, ad.params.clone(), Some(ad))
     };
@@ -303,7 +335,7 @@ pub fn run(a: Args) -> Result<()> {
         )?,
         None => io::hf_dir::write_parts(&ck.arch, &base, &ck.tokenizer, &out.join("model"))?,
     }
-    let full = serde_json::json!({"task": task, "method": method, "shots": shots, "train_examples": train_ex.len(),
+    let full = serde_json::json!({"task": task, "method": method, "from": r.from, "shots": shots, "train_examples": train_ex.len(),
                                   "eval_examples": test_ex.len(), "steps": steps, "seed": seed, "model": spec, "result": report});
     io::write_atomic(
         &out.join("report.json"),
@@ -314,7 +346,7 @@ pub fn run(a: Args) -> Result<()> {
 }
 
 /// How prompt->completion examples are shown to a decoder.
-fn prompt_template(task: &str) -> &'static str {
+pub(crate) fn prompt_template(task: &str) -> &'static str {
     match task.split('/').next().unwrap_or("") {
         "dialogsum" | "scitldr" | "multilexsum" => "{prompt}\nSummary:",
         "dailydialog" | "multiwoz" | "persona-chat" => "{prompt}\n",

@@ -40,6 +40,13 @@ enum ExportFormat {
 
 /// Load an adapter from a PEFT/metapeft directory or a GGUF LoRA file.
 pub fn load_adapter(path: &Path, ck: &Checkpoint) -> Result<Adapter> {
+    if io::prepared::is_prepared(path) {
+        return Ok(io::load_adapter(
+            &io::prepared::adapter_dir(path),
+            &ck.arch,
+            &ck.params,
+        )?);
+    }
     if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
         return Ok(io::gguf_lora::read(path, &ck.arch, &ck.params)?);
     }

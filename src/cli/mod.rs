@@ -11,6 +11,7 @@ mod export;
 mod generate;
 mod info;
 mod peft;
+mod prepare;
 mod score;
 mod tasks;
 
@@ -51,6 +52,8 @@ enum Command {
     Convert(convert::Args),
     /// Export an adapter: Hugging Face PEFT, metapeft, GGUF LoRA (llama.cpp) or merged model
     Export(export::Args),
+    /// Meta-learn over a task family so later few-shot adaptation is better (MAML family, MLtD, priming)
+    Prepare(prepare::Args),
     /// Parameter-efficient methods: parameter summaries, fresh adapters
     Peft(peft::Args),
     /// Score prediction files: ROUGE, BLEU, seqeval, accuracy, macro-F1, OOD AUROC
@@ -78,6 +81,7 @@ pub fn run() -> std::process::ExitCode {
         Command::Convert(a) => convert::run(a),
         Command::Export(a) => export::run(a),
         Command::Peft(a) => peft::run(a),
+        Command::Prepare(a) => prepare::run(a),
         Command::Score(a) => score::run(a),
         Command::Tasks(a) => tasks::run(a),
         Command::Bench(a) => bench::run(a),
@@ -99,6 +103,10 @@ pub(crate) fn model_or_default(
     default: metapeft::assets::Asset,
 ) -> anyhow::Result<String> {
     match model {
+        // A `metapeft prepare` output stands for its (possibly trained) base model.
+        Some(m) if metapeft::io::prepared::is_prepared(std::path::Path::new(&m)) => Ok(
+            metapeft::io::prepared::model_spec(std::path::Path::new(&m))?,
+        ),
         Some(m) => Ok(m),
         None => Ok(metapeft::assets::ensure(default)?
             .to_string_lossy()

@@ -7,6 +7,7 @@ pub mod hf_dir;
 pub mod merged;
 pub mod native_format;
 pub mod peft_format;
+pub mod prepared;
 
 use std::collections::HashMap;
 use std::path::Path;

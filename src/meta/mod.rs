@@ -9,6 +9,8 @@ pub mod maml;
 pub mod second_order;
 #[cfg(test)]
 mod tests;
+pub mod trainer;
 
 pub use episode::LmEpisode;
 pub use maml::{EpisodeGrads, EpisodeLoss, InnerLoop};
+pub use trainer::{meta_train, Algo, MetaConfig, MetaModel, MetaReport};

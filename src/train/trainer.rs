@@ -263,14 +263,21 @@ pub fn train(
 }
 
 fn progress(total: usize, done: usize) -> indicatif::ProgressBar {
+    progress_bar("train", total, done)
+}
+
+/// A progress bar on stderr (hidden when stderr is not a terminal or METAPEFT_NO_PROGRESS is set).
+pub(crate) fn progress_bar(label: &str, total: usize, done: usize) -> indicatif::ProgressBar {
     use std::io::IsTerminal;
     if !std::io::stderr().is_terminal() || std::env::var_os("METAPEFT_NO_PROGRESS").is_some() {
         return indicatif::ProgressBar::hidden();
     }
     let pb = indicatif::ProgressBar::new(total as u64);
     pb.set_style(
-        indicatif::ProgressStyle::with_template("train [{bar:30}] {pos}/{len} {msg} eta {eta}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        indicatif::ProgressStyle::with_template(&format!(
+            "{label} [{{bar:30}}] {{pos}}/{{len}} {{msg}} eta {{eta}}"
+        ))
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     pb.set_position(done as u64);
     pb

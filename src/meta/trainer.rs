@@ -1,0 +1,521 @@
+//! The meta-training loop: sample a meta-batch of episodes from the meta-train tasks, take each
+//! algorithm's meta-gradient, average, take one outer step; validate on held-out tasks; checkpoint
+//! so a killed run resumes exactly (episode sampling is a pure function of seed and step).
+
+use std::io::Write;
+use std::path::Path;
+use std::time::Instant;
+
+use candle_core::{Tensor, Var};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use super::episode::LmEpisode;
+use super::maml::{self, EpisodeGrads, InnerLoop};
+use crate::data::batch::{sequences, Sequence};
+use crate::data::family::{episode, FamilyTask, TaskFamily};
+use crate::data::{Content, Example, TaskKind};
+use crate::model::{Llama, TextTokenizer};
+use crate::params::ParamStore;
+use crate::peft::DeltaSet;
+use crate::train::checkpoint::{self, LoopState};
+use crate::train::optim::{clip_grad_norm, Optimizer, OptimizerConfig};
+use crate::{Error, Result};
+
+/// The preparation algorithms.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Algo {
+    /// First-order MAML.
+    Fomaml,
+    /// Exact second-order MAML.
+    Maml,
+    /// Second-order MAML with finite-difference Hessian-vector products.
+    MamlHf,
+    Reptile,
+    /// Inner loop on the last layer's delta only ("almost no inner loop").
+    Anil,
+    /// First-order MAML with learned per-parameter inner rates.
+    MetaSgd,
+    /// Meta-Learning the Difference: first-order, TARP delta (plus TAMS when enabled).
+    Mltd,
+    /// Priming (Gheini et al.): the inner loop trains a fresh delta, the outer loop the base.
+    Prime,
+    /// Ordinary training on the union of meta-train tasks (a baseline; no inner loop).
+    Multitask,
+}
+
+impl Algo {
+    pub const ALL: [&'static str; 9] = [
+        "fomaml",
+        "maml",
+        "maml-hf",
+        "reptile",
+        "anil",
+        "meta-sgd",
+        "mltd",
+        "prime",
+        "multitask",
+    ];
+
+    pub fn parse(s: &str) -> Result<Self> {
+        serde_json::from_value(serde_json::Value::String(s.to_string())).map_err(|_| {
+            Error::invalid(format!(
+                "unknown algorithm `{s}`; choose one of {}",
+                Self::ALL.join(", ")
+            ))
+        })
+    }
+
+    pub fn name(self) -> String {
+        serde_json::to_value(self)
+            .ok()
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_default()
+    }
+
+    /// Whether the outer loop updates the base model.
+    pub fn trains_base(self) -> bool {
+        self == Algo::Prime
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MetaConfig {
+    pub algo: Algo,
+    pub inner_steps: usize,
+    pub inner_lr: f64,
+    /// Episodes per outer step.
+    pub meta_batch: usize,
+    pub meta_steps: usize,
+    pub outer_lr: f64,
+    /// Examples in an episode's support and query sets.
+    pub support: usize,
+    pub query: usize,
+    /// Support sequences per inner step.
+    pub batch: usize,
+    pub max_len: usize,
+    pub seed: u64,
+    /// Meta-validate every N outer steps (and at the end); 0: only at the end.
+    pub valid_every: usize,
+    /// Episodes per meta-valid task.
+    pub valid_episodes: usize,
+    /// Also update the base model in the outer loop (always on for priming).
+    pub train_base: bool,
+    /// Step length of the Hessian-free finite differences.
+    pub hf_eps: f64,
+    pub grad_clip: Option<f64>,
+    pub checkpoint_every: usize,
+    /// Testing aid: stop abruptly after this outer step, as a crash would.
+    #[serde(default)]
+    pub halt_after: Option<usize>,
+}
+
+impl Default for MetaConfig {
+    fn default() -> Self {
+        MetaConfig {
+            algo: Algo::Fomaml,
+            inner_steps: 5,
+            inner_lr: 0.05,
+            meta_batch: 4,
+            meta_steps: 100,
+            outer_lr: 1e-3,
+            support: 8,
+            query: 8,
+            batch: 4,
+            max_len: 128,
+            seed: 0,
+            valid_every: 25,
+            valid_episodes: 2,
+            train_base: false,
+            hf_eps: 1e-3,
+            grad_clip: Some(1.0),
+            checkpoint_every: 10,
+            halt_after: None,
+        }
+    }
+}
+
+/// What is being prepared: a decoder, its tokenizer, the base and delta stores.
+pub struct MetaModel<'a> {
+    pub model: &'a Llama,
+    pub tok: &'a TextTokenizer,
+    /// The base; entries are `Var`s where the outer loop trains it.
+    pub base: &'a ParamStore,
+    pub deltas: &'a DeltaSet,
+    /// The delta's initial values: `Var`s when meta-learned, frozen for priming.
+    pub init: &'a ParamStore,
+    /// Meta-SGD's learned inner rates, named like `init`'s entries.
+    pub lrs: Option<&'a ParamStore>,
+    /// How prompt -> completion examples are shown (`{prompt}` is replaced).
+    pub template: &'a str,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ValidResult {
+    pub step: usize,
+    /// Mean query loss over the meta-valid episodes, before and after the inner loop.
+    pub loss_before: f64,
+    pub loss_after: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct MetaReport {
+    pub steps: usize,
+    pub final_query_loss: f64,
+    pub valid: Vec<ValidResult>,
+    pub resumed_from: Option<usize>,
+    pub seconds_per_episode: f64,
+}
+
+/// The names of the delta entries the inner loop adapts for `algo` on a model of `layers`.
+fn adapted_filter(algo: Algo, layers: usize) -> Box<dyn Fn(&str) -> bool + Sync> {
+    match algo {
+        Algo::Anil => {
+            let last = format!(".layers.{}.", layers.saturating_sub(1));
+            Box::new(move |n: &str| n.contains(&last))
+        }
+        _ => Box::new(|_: &str| true),
+    }
+}
+
+fn templated(examples: &[Example], template: &str) -> Vec<Example> {
+    examples
+        .iter()
+        .cloned()
+        .map(|mut e| {
+            if let Content::PromptCompletion { prompt, .. } = &mut e.content {
+                *prompt = template.replace("{prompt}", prompt);
+            }
+            e
+        })
+        .collect()
+}
+
+fn tokenized(m: &MetaModel, ex: &[Example], max_len: usize) -> Result<Vec<Sequence>> {
+    let (s, _) = sequences(m.tok, &templated(ex, m.template), max_len)?;
+    if s.is_empty() {
+        return Err(Error::invalid("an episode produced no token sequences"));
+    }
+    Ok(s)
+}
+
+fn pad_id(tok: &TextTokenizer) -> u32 {
+    tok.pad_id.or(tok.eos_ids.first().copied()).unwrap_or(0)
+}
+
+/// Seed of episode `b` of outer step `step` (a pure function, so resumed runs replay exactly).
+fn episode_seed(seed: u64, step: usize, b: usize) -> u64 {
+    seed ^ (step as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ (b as u64).wrapping_mul(0xD1B5_4A32_D192_ED03)
+}
+
+/// One episode's meta-gradient for the configured algorithm.
+fn episode_grads(
+    cfg: &MetaConfig,
+    m: &MetaModel,
+    task: &FamilyTask,
+    seed: u64,
+    meta_vars: &[(String, Var)],
+) -> Result<EpisodeGrads> {
+    let ep = episode(task, cfg.support, cfg.query, seed)?;
+    let mut support = tokenized(m, &ep.support, cfg.max_len)?;
+    let query = tokenized(m, &ep.query, cfg.max_len)?;
+    let mut query = query;
+    if cfg.algo == Algo::Multitask {
+        // No inner loop: the loss on the whole episode is an ordinary training loss.
+        query.append(&mut support);
+    }
+    let lm = LmEpisode {
+        model: m.model,
+        deltas: m.deltas,
+        support,
+        query,
+        batch: cfg.batch,
+        pad: pad_id(m.tok),
+    };
+    let adapted = adapted_filter(cfg.algo, m.model.cfg.num_hidden_layers);
+    let inner = InnerLoop {
+        steps: if cfg.algo == Algo::Multitask {
+            0
+        } else {
+            cfg.inner_steps
+        },
+        lr: cfg.inner_lr,
+        adapted: adapted.as_ref(),
+        learned_lrs: m.lrs,
+    };
+    match cfg.algo {
+        Algo::Maml => maml::exact(&lm, m.base, m.init, &inner, meta_vars),
+        Algo::MamlHf => maml::hessian_free(&lm, m.base, m.init, &inner, meta_vars, cfg.hf_eps),
+        Algo::Reptile => maml::reptile(&lm, m.base, m.init, &inner, meta_vars),
+        _ => maml::first_order(&lm, m.base, m.init, &inner, meta_vars),
+    }
+}
+
+/// Query loss before and after the inner loop, averaged over fixed-seed episodes of `tasks`.
+pub fn validate(cfg: &MetaConfig, m: &MetaModel, tasks: &[FamilyTask]) -> Result<(f64, f64)> {
+    use super::maml::EpisodeLoss;
+    let (mut before, mut after, mut n) = (0.0, 0.0, 0usize);
+    let adapted = adapted_filter(cfg.algo, m.model.cfg.num_hidden_layers);
+    let inner = InnerLoop {
+        steps: cfg.inner_steps,
+        lr: cfg.inner_lr,
+        adapted: adapted.as_ref(),
+        learned_lrs: m.lrs,
+    };
+    let base = m.base.detached();
+    for (ti, task) in tasks.iter().enumerate() {
+        for e in 0..cfg.valid_episodes {
+            let ep = episode(
+                task,
+                cfg.support,
+                cfg.query,
+                0x5eed_0000 + (ti * 100 + e) as u64,
+            )?;
+            let lm = LmEpisode {
+                model: m.model,
+                deltas: m.deltas,
+                support: tokenized(m, &ep.support, cfg.max_len)?,
+                query: tokenized(m, &ep.query, cfg.max_len)?,
+                batch: cfg.batch,
+                pad: pad_id(m.tok),
+            };
+            let init = m.init.detached();
+            before += lm.query(&base, &init)?.to_scalar::<f32>()? as f64;
+            let (fast, _) = maml::adapted(&lm, &base, &init, &inner)?;
+            after += lm.query(&base, &fast)?.to_scalar::<f32>()? as f64;
+            n += 1;
+        }
+    }
+    let n = n.max(1) as f64;
+    Ok((before / n, after / n))
+}
+
+/// Meta-train on `family`'s meta-train tasks. With `out`, writes `meta-metrics.jsonl` and
+/// checkpoints there and (with `resume`) continues from the newest checkpoint.
+pub fn meta_train(
+    cfg: &MetaConfig,
+    m: &MetaModel,
+    family: &TaskFamily,
+    out: Option<&Path>,
+    resume: bool,
+) -> Result<MetaReport> {
+    if !matches!(
+        family.kind,
+        TaskKind::LanguageModeling | TaskKind::PromptCompletion
+    ) {
+        return Err(Error::invalid(format!(
+            "family `{}` is a {:?} family: meta-training supports decoder language-modelling and \
+             prompt->completion families for now",
+            family.name, family.kind
+        )));
+    }
+    if family.meta_train.is_empty() {
+        return Err(Error::invalid("the family has no meta-train tasks"));
+    }
+    if cfg.meta_batch == 0 || cfg.meta_steps == 0 {
+        return Err(Error::invalid(
+            "meta_batch and meta_steps must be at least 1",
+        ));
+    }
+    let mut meta_vars = m.init.vars();
+    meta_vars.extend(m.base.vars());
+    if let Some(l) = m.lrs {
+        meta_vars.extend(
+            l.vars()
+                .into_iter()
+                .map(|(n, v)| (format!("meta_sgd_lr.{n}"), v)),
+        );
+    }
+    let mut opt = Optimizer::new(
+        OptimizerConfig::AdamW {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        },
+        meta_vars.clone(),
+    )?;
+    let mut st = LoopState::default();
+    let mut resumed_from = None;
+    let log_path = out.map(|d| d.join("meta-metrics.jsonl"));
+    if let Some(d) = out {
+        std::fs::create_dir_all(d)?;
+        match (resume, checkpoint::find(d)) {
+            (true, Some(ck)) => {
+                st = checkpoint::load(&ck, &mut opt)?;
+                resumed_from = Some(st.step);
+                if let Some(lp) = &log_path {
+                    truncate_log(lp, st.step)?;
+                }
+            }
+            _ => {
+                if let Some(lp) = &log_path {
+                    let _ = std::fs::remove_file(lp);
+                }
+            }
+        }
+    }
+    let mut log = match &log_path {
+        Some(p) => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)?,
+        ),
+        None => None,
+    };
+    let mut valid = vec![];
+    let pb = crate::train::trainer::progress_bar("prepare", cfg.meta_steps, st.step);
+    let started = Instant::now();
+    let mut episodes = 0usize;
+    let mut final_q = f64::NAN;
+    while st.step < cfg.meta_steps {
+        let step = st.step;
+        let mut acc: Vec<Option<Tensor>> = vec![None; meta_vars.len()];
+        let (mut q_sum, mut s_first, mut s_last) = (0.0, 0.0, 0.0);
+        for b in 0..cfg.meta_batch {
+            let seed = episode_seed(cfg.seed, step, b);
+            let ti = StdRng::seed_from_u64(seed).random_range(0..family.meta_train.len());
+            let task = &family.meta_train[ti];
+            let g = episode_grads(cfg, m, task, seed, &meta_vars).map_err(|e| {
+                Error::invalid(format!(
+                    "outer step {}, task `{}`: {e}",
+                    step + 1,
+                    task.name
+                ))
+            })?;
+            q_sum += g.query_loss;
+            s_first += g.support_losses.first().copied().unwrap_or(f64::NAN);
+            s_last += g.support_losses.last().copied().unwrap_or(f64::NAN);
+            for (a, gi) in acc.iter_mut().zip(g.grads) {
+                if let Some(gi) = gi {
+                    let gi = (gi / cfg.meta_batch as f64)?;
+                    *a = Some(match a.take() {
+                        Some(x) => (x + gi)?,
+                        None => gi,
+                    });
+                }
+            }
+            episodes += 1;
+        }
+        let mut grads = grad_store(&meta_vars, acc)?;
+        let grad_norm = match cfg.grad_clip {
+            Some(c) => clip_grad_norm(&mut grads, &meta_vars, c)?,
+            None => f64::NAN,
+        };
+        opt.step(&grads, cfg.outer_lr)?;
+        st.step += 1;
+        st.optimizer_steps = opt.steps;
+        let nb = cfg.meta_batch as f64;
+        final_q = q_sum / nb;
+        let elapsed = started.elapsed().as_secs_f64();
+        let per_episode = elapsed / episodes.max(1) as f64;
+        let mut rec = serde_json::json!({
+            "step": st.step, "query_loss": final_q, "support_loss_first": s_first / nb,
+            "support_loss_last": s_last / nb, "grad_norm": grad_norm, "seconds_per_episode": per_episode,
+        });
+        let valid_now =
+            (cfg.valid_every > 0 && st.step % cfg.valid_every == 0) || st.step == cfg.meta_steps;
+        if valid_now && !family.meta_valid.is_empty() {
+            let (b, a) = validate(cfg, m, &family.meta_valid)?;
+            rec["valid_loss_before"] = b.into();
+            rec["valid_loss_after"] = a.into();
+            valid.push(ValidResult {
+                step: st.step,
+                loss_before: b,
+                loss_after: a,
+            });
+            if st.best_metric.is_none_or(|best| a < best) {
+                st.best_metric = Some(a);
+                st.best_step = Some(st.step);
+            }
+        }
+        if let Some(f) = log.as_mut() {
+            writeln!(f, "{rec}")?;
+        }
+        pb.set_position(st.step as u64);
+        pb.set_message(format!(
+            "query loss {final_q:.3} (ppl {:.1}), {per_episode:.1} s/episode{}",
+            final_q.exp(),
+            valid
+                .last()
+                .map(|v| format!(", valid {:.3}->{:.3}", v.loss_before, v.loss_after))
+                .unwrap_or_default()
+        ));
+        if cfg.halt_after == Some(st.step) {
+            pb.abandon();
+            return Err(Error::invalid(format!(
+                "halted after outer step {} (halt_after)",
+                st.step
+            )));
+        }
+        if let Some(d) = out {
+            if cfg.checkpoint_every > 0 && st.step % cfg.checkpoint_every == 0 {
+                checkpoint::save(d, &opt, &st)?;
+            }
+        }
+    }
+    pb.finish_and_clear();
+    if let Some(d) = out {
+        checkpoint::save(d, &opt, &st)?;
+    }
+    Ok(MetaReport {
+        steps: st.step,
+        final_query_loss: final_q,
+        valid,
+        resumed_from,
+        seconds_per_episode: started.elapsed().as_secs_f64() / episodes.max(1) as f64,
+    })
+}
+
+/// A `GradStore` holding `grads` for `vars` (candle only builds one from a backward pass).
+fn grad_store(
+    vars: &[(String, Var)],
+    grads: Vec<Option<Tensor>>,
+) -> Result<candle_core::backprop::GradStore> {
+    // Summing each variable times zero gives a store with a slot for every variable; then the
+    // slots are overwritten with the meta-gradients.
+    let mut total: Option<Tensor> = None;
+    for (_, v) in vars {
+        let t = (v.as_tensor().sum_all()? * 0.0)?;
+        total = Some(match total {
+            Some(x) => (x + t)?,
+            None => t,
+        });
+    }
+    let mut store = total
+        .ok_or_else(|| Error::invalid("no meta-variables"))?
+        .backward()?;
+    for ((_, v), g) in vars.iter().zip(grads) {
+        match g {
+            Some(g) => {
+                store.insert(v.as_tensor(), g);
+            }
+            None => {
+                store.remove(v.as_tensor());
+            }
+        }
+    }
+    Ok(store)
+}
+
+fn truncate_log(path: &Path, step: usize) -> Result<()> {
+    if let Ok(text) = std::fs::read_to_string(path) {
+        let kept: Vec<&str> = text
+            .lines()
+            .filter(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .ok()
+                    .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
+                    .is_some_and(|s| s as usize <= step)
+            })
+            .collect();
+        crate::io::write_atomic(
+            path,
+            (kept.join("\n") + if kept.is_empty() { "" } else { "\n" }).as_bytes(),
+        )?;
+    }
+    Ok(())
+}
