@@ -14,7 +14,7 @@ use crate::peft::lora::{Lora, LoraConfig};
 use crate::peft::DeltaSet;
 use crate::{Error, Result};
 
-pub const WORKLOADS: [(&str, &str); 5] = [
+pub const WORKLOADS: [(&str, &str); 8] = [
     (
         "lora-qv",
         "LoRA r=8 on q,v: train step (fwd+bwd+AdamW), batch 4 x 128",
@@ -28,6 +28,18 @@ pub const WORKLOADS: [(&str, &str); 5] = [
     (
         "generate",
         "greedy generation, 32-token prompt + 64 new tokens",
+    ),
+    (
+        "fomaml",
+        "FOMAML episode, LoRA r=8 on q,v: 5 inner SGD steps on 4 x 128 + query step on 4 x 128",
+    ),
+    (
+        "maml-exact",
+        "exact second-order MAML episode, LoRA q,v: 1 inner step on 4 x 128 + query 4 x 128",
+    ),
+    (
+        "maml-hf",
+        "Hessian-free MAML episode, LoRA q,v: 1 inner step on 4 x 128 + query 4 x 128",
     ),
 ];
 
@@ -152,6 +164,57 @@ pub fn run(
                 let loss = ops::cross_entropy(&logits, &target, -100)?;
                 let grads = loss.backward()?;
                 opt.step(&grads)?;
+                Ok(())
+            })?;
+        }
+        "fomaml" | "maml-exact" | "maml-hf" => {
+            use crate::meta::{maml, InnerLoop, LmEpisode};
+            let seqs = |offset: usize| -> Result<Vec<crate::data::batch::Sequence>> {
+                let ids = text_tokens(ck, 2 * b * (t + 1))?;
+                Ok((0..b)
+                    .map(|i| {
+                        let s = &ids[(offset + i) * (t + 1)..(offset + i + 1) * (t + 1)];
+                        crate::data::batch::Sequence {
+                            ids: s[..t].to_vec(),
+                            targets: s[1..].iter().map(|&x| x as i64).collect(),
+                        }
+                    })
+                    .collect())
+            };
+            let (lora, dp) = Lora::init(&lora_cfg(&["q_proj", "v_proj"]), &ck.params, 0)?;
+            let mut deltas = DeltaSet::none();
+            deltas.push(lora);
+            let ep = LmEpisode {
+                model,
+                deltas: &deltas,
+                support: seqs(0)?,
+                query: seqs(b)?,
+                batch: b,
+                pad: 0,
+            };
+            let all = |_: &str| true;
+            let steps = if workload == "fomaml" { 5 } else { 1 };
+            let inner = InnerLoop {
+                steps,
+                lr: 0.05,
+                adapted: &all,
+                learned_lrs: None,
+            };
+            let meta_vars = dp.vars();
+            // Forward-pass equivalents: a first-order step is ~2 (forward + input gradients);
+            // differentiating through one inner step adds ~2 more; Hessian-free adds 2 gradients.
+            let fwd_equiv = match workload {
+                "fomaml" => 2.0 * (steps as f64 + 1.0),
+                "maml-exact" => 6.0,
+                _ => 8.0,
+            };
+            timing.flops = fwd_equiv * forward_flops(model, b * t, t);
+            timing.seconds = time(&mut || {
+                match workload {
+                    "fomaml" => maml::first_order(&ep, &ck.params, &dp, &inner, &meta_vars)?,
+                    "maml-exact" => maml::exact(&ep, &ck.params, &dp, &inner, &meta_vars)?,
+                    _ => maml::hessian_free(&ep, &ck.params, &dp, &inner, &meta_vars, 1e-3)?,
+                };
                 Ok(())
             })?;
         }

@@ -347,7 +347,7 @@ pub fn meta_train(
                 st = checkpoint::load(&ck, &mut opt)?;
                 resumed_from = Some(st.step);
                 if let Some(lp) = &log_path {
-                    truncate_log(lp, st.step)?;
+                    crate::train::trainer::truncate_log(lp, st.step)?;
                 }
             }
             _ => {
@@ -499,23 +499,4 @@ fn grad_store(
         }
     }
     Ok(store)
-}
-
-fn truncate_log(path: &Path, step: usize) -> Result<()> {
-    if let Ok(text) = std::fs::read_to_string(path) {
-        let kept: Vec<&str> = text
-            .lines()
-            .filter(|l| {
-                serde_json::from_str::<serde_json::Value>(l)
-                    .ok()
-                    .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
-                    .is_some_and(|s| s as usize <= step)
-            })
-            .collect();
-        crate::io::write_atomic(
-            path,
-            (kept.join("\n") + if kept.is_empty() { "" } else { "\n" }).as_bytes(),
-        )?;
-    }
-    Ok(())
 }

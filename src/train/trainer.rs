@@ -113,21 +113,7 @@ pub fn train(
                 resumed_from = Some(st.step);
                 // Drop log lines written after the checkpoint: they will be replayed.
                 if let Some(lp) = &log_path {
-                    if let Ok(text) = std::fs::read_to_string(lp) {
-                        let kept: Vec<&str> = text
-                            .lines()
-                            .filter(|l| {
-                                serde_json::from_str::<serde_json::Value>(l)
-                                    .ok()
-                                    .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
-                                    .is_some_and(|s| s as usize <= st.step)
-                            })
-                            .collect();
-                        crate::io::write_atomic(
-                            lp,
-                            (kept.join("\n") + if kept.is_empty() { "" } else { "\n" }).as_bytes(),
-                        )?;
-                    }
+                    truncate_log(lp, st.step)?;
                 }
             }
         } else if let Some(lp) = &log_path {
@@ -260,6 +246,26 @@ pub fn train(
         resumed_from,
         log: log_path,
     })
+}
+
+/// Keep only the JSONL records of steps up to `step` (a resumed run replays the rest).
+pub(crate) fn truncate_log(path: &Path, step: usize) -> Result<()> {
+    if let Ok(text) = std::fs::read_to_string(path) {
+        let kept: Vec<&str> = text
+            .lines()
+            .filter(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .ok()
+                    .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
+                    .is_some_and(|s| s as usize <= step)
+            })
+            .collect();
+        crate::io::write_atomic(
+            path,
+            (kept.join("\n") + if kept.is_empty() { "" } else { "\n" }).as_bytes(),
+        )?;
+    }
+    Ok(())
 }
 
 fn progress(total: usize, done: usize) -> indicatif::ProgressBar {
