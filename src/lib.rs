@@ -15,6 +15,7 @@ pub mod data;
 pub mod eval;
 pub mod generate;
 pub mod io;
+pub mod meta;
 pub mod model;
 pub mod peft;
 pub mod runtime;
