@@ -1,7 +1,11 @@
 //! Text generation with a KV cache: greedy or sampled (temperature, top-k, top-p, seed), stopping
 //! at EOS, a stop string or a token budget, optionally reporting top-N log-probabilities.
+//!
+//! Deltas that mix sequence positions outside attention (TAMS convolutions) change earlier
+//! positions' hidden states in ways a KV cache does not hold: with those, every step recomputes
+//! the whole sequence (quadratic, but exact).
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, IndexOp, Tensor};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde::Serialize;
 
@@ -83,19 +87,15 @@ pub fn generate(
             return Err(Error::invalid("top-p must be in (0, 1]"));
         }
     }
-    let device = Device::Cpu;
     let mut rng = StdRng::seed_from_u64(opts.seed);
-    let mut cache = KvCache::new(model.cfg.num_hidden_layers);
+    let mut decoder = Decoder::new(model, params, deltas, delta_params);
     let mut generated: Vec<u32> = Vec::new();
     let mut steps = Vec::new();
     let mut text = String::new();
     let mut finish = "length";
-    let mut input = Tensor::new(prompt_ids, &device)?.unsqueeze(0)?;
+    let mut input = prompt_ids.to_vec();
     for _ in 0..opts.max_new_tokens {
-        let logits = model
-            .forward_last(params, deltas, delta_params, &input, &mut cache)?
-            .squeeze(0)?
-            .to_vec1::<f32>()?;
+        let logits = decoder.next_logits(&input)?;
         let next = choose(&logits, opts, &mut rng);
         if opts.logprobs > 0 {
             steps.push(top_logprobs(&logits, opts.logprobs));
@@ -123,7 +123,7 @@ pub fn generate(
             on_text(&full[text.len()..]);
             text = full;
         }
-        input = Tensor::new(&[next], &device)?.unsqueeze(0)?;
+        input = vec![next];
     }
     if finish != "stop" {
         let full = tokenizer.decode(&generated, true)?;
@@ -139,6 +139,56 @@ pub fn generate(
         steps,
         finish_reason: finish.to_string(),
     })
+}
+
+/// Next-token logits for a growing sequence: from a KV cache, or by recomputing the whole
+/// sequence when a delta mixes positions ([`DeltaSet::mixes_positions`]).
+pub(crate) struct Decoder<'a> {
+    model: &'a Llama,
+    params: &'a ParamStore,
+    deltas: &'a DeltaSet,
+    delta_params: &'a ParamStore,
+    cache: Option<KvCache>,
+    ids: Vec<u32>,
+}
+
+impl<'a> Decoder<'a> {
+    pub(crate) fn new(
+        model: &'a Llama,
+        params: &'a ParamStore,
+        deltas: &'a DeltaSet,
+        delta_params: &'a ParamStore,
+    ) -> Self {
+        let cache = (!deltas.mixes_positions()).then(|| KvCache::new(model.cfg.num_hidden_layers));
+        Self {
+            model,
+            params,
+            deltas,
+            delta_params,
+            cache,
+            ids: vec![],
+        }
+    }
+
+    /// Append `new` tokens; the logits `[vocab]` of the token after them.
+    pub(crate) fn next_logits(&mut self, new: &[u32]) -> Result<Vec<f32>> {
+        let (m, p, d, dp) = (self.model, self.params, self.deltas, self.delta_params);
+        let device = Device::Cpu;
+        let logits = match &mut self.cache {
+            Some(cache) => {
+                let input = Tensor::new(new, &device)?.unsqueeze(0)?;
+                m.forward_last(p, d, dp, &input, cache)?
+            }
+            None => {
+                self.ids.extend_from_slice(new);
+                let input = Tensor::new(self.ids.as_slice(), &device)?.unsqueeze(0)?;
+                let h = m.forward_hidden(p, d, dp, &input, None, None)?;
+                let t = h.dim(1)?;
+                m.lm_head(p, &h.i((.., t - 1, ..))?.contiguous()?)?
+            }
+        };
+        Ok(logits.squeeze(0)?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
+    }
 }
 
 /// Pick the next token: argmax at temperature 0, else sample after temperature, top-k and top-p.

@@ -7,6 +7,7 @@
 pub mod episode;
 pub mod maml;
 pub mod second_order;
+pub mod tams;
 #[cfg(test)]
 mod tests;
 pub mod trainer;

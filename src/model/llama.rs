@@ -174,6 +174,12 @@ impl Llama {
                 "padding masks are not supported together with a KV cache",
             ));
         }
+        if past > 0 && deltas.mixes_positions() {
+            return Err(crate::Error::invalid(
+                "a delta mixes sequence positions (TAMS convolutions): the KV cache cannot extend \
+                 a sequence; run the full sequence again without a cache",
+            ));
+        }
         let first = past == 0;
         let prefix = if first { deltas.prefix_len() } else { 0 };
         let embed = p.get("model.embed_tokens.weight")?;

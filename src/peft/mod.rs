@@ -111,6 +111,13 @@ pub trait Delta: Send + Sync + std::fmt::Debug {
         false
     }
 
+    /// Whether the delta mixes sequence positions outside attention (TAMS's convolutions). Then
+    /// a position's output depends on earlier positions' hidden states, which a KV cache does not
+    /// keep: decoding must recompute the whole sequence.
+    fn mixes_positions(&self) -> bool {
+        false
+    }
+
     /// Training mode switches on stochastic parts such as LoRA dropout.
     fn set_training(&self, _on: bool) {}
 
@@ -208,6 +215,11 @@ impl DeltaSet {
         self.deltas
             .iter()
             .try_fold(y, |y, d| d.linear(module, x, w, y, params))
+    }
+
+    /// Whether any delta mixes sequence positions (see [`Delta::mixes_positions`]).
+    pub fn mixes_positions(&self) -> bool {
+        self.deltas.iter().any(|d| d.mixes_positions())
     }
 
     pub fn prefix_len(&self) -> usize {
