@@ -77,6 +77,52 @@ fn every_algorithm_prepares_a_tiny_model() {
 }
 
 #[test]
+fn mltd_with_tams_saves_cell_controller_and_architectures() {
+    let model = common::tiny_hf_dir("prep-tams", |_, _| {});
+    let m = model.to_string_lossy().to_string();
+    let cfg = model.join("tams.json");
+    std::fs::write(
+        &cfg,
+        r#"{"reduced_dim": 4, "controller_hidden": 8, "layers": [1]}"#,
+    )
+    .unwrap();
+    let out = model.join("prep");
+    let o = out.to_string_lossy().to_string();
+    let c = cfg.to_string_lossy().to_string();
+    let mut args = vec![
+        "--model",
+        &m,
+        "--algo",
+        "mltd",
+        "--tams-config",
+        &c,
+        "--out",
+        &o,
+    ];
+    args.extend_from_slice(&SMALL);
+    let (code, _, stderr) = prepare(&args);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains("TAMS architecture per meta-train task"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("node2 <- "), "{stderr}");
+    let archs = metapeft::meta::tams::read_architectures(&out.join("tams")).unwrap();
+    let info = metapeft::io::prepared::read_info(&out).unwrap();
+    assert_eq!(
+        archs.len(),
+        info.architectures.unwrap().as_object().unwrap().len()
+    );
+    assert!(archs.contains_key("tinyshakespeare"));
+    let t =
+        candle_core::safetensors::load(out.join("tams/tams.safetensors"), &Device::Cpu).unwrap();
+    assert!(
+        t.contains_key("tams.controller.fc2.weight") && t.contains_key("tams.layers.1.out.weight")
+    );
+    assert!(!t.keys().any(|k| k.starts_with("tams.layers.0.")));
+}
+
+#[test]
 fn adapt_generate_and_export_accept_a_prepared_directory() {
     let model = common::tiny_hf_dir("prep-use", |_, _| {});
     let m = model.to_string_lossy().to_string();
@@ -269,6 +315,7 @@ fn meta_training_resumes_exactly() {
             init: &ad.params,
             lrs: None,
             template: "{prompt}",
+            tams: None,
         };
         let mc = MetaConfig {
             algo: Algo::Fomaml,

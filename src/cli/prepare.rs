@@ -4,9 +4,12 @@ use anyhow::{bail, Context, Result};
 use candle_core::{Device, Var};
 use metapeft::data::family;
 use metapeft::io::{self, prepared, AdapterFormat};
-use metapeft::meta::{meta_train, Algo, MetaConfig, MetaModel};
+use metapeft::meta::tams::{self, TamsConfig};
+use metapeft::meta::trainer::task_architectures;
+use metapeft::meta::{meta_train, Algo, MetaConfig, MetaModel, TamsParts};
 use metapeft::model::{self, Arch, Llama};
 use metapeft::params::ParamStore;
+use metapeft::peft::config::ModelDims;
 use metapeft::peft::config::{config_from_file, default_config};
 use metapeft::peft::Adapter;
 use serde::{Deserialize, Serialize};
@@ -87,6 +90,12 @@ pub struct PrepareArgs {
     /// Also train the base model in the outer loop (priming always does)
     #[arg(long)]
     pub train_base: Option<bool>,
+    /// TAMS: a controller picks a DARTS cell in every FFN residual per task (MLtD's model search)
+    #[arg(long)]
+    pub tams: Option<bool>,
+    /// A JSON/TOML TAMS config (reduced_dim, controller_hidden, gumbel_temperature, layers, hard)
+    #[arg(long)]
+    pub tams_config: Option<PathBuf>,
     #[arg(long)]
     pub out: Option<PathBuf>,
 }
@@ -114,6 +123,8 @@ impl PrepareArgs {
             seed,
             valid_every,
             train_base,
+            tams,
+            tams_config,
             out
         )
     }
@@ -186,7 +197,22 @@ pub fn run(a: Args) -> Result<()> {
         None => default_config(&method, &ck.arch)?,
     };
     let fresh = delta_cfg.init(&ck.arch, &ck.params, cfg.seed)?;
-    let deltas = fresh.attach(&ck.arch, &ck.params)?;
+    let mut deltas = fresh.attach(&ck.arch, &ck.params)?;
+    let tams_cfg: Option<TamsConfig> = match (&r.tams_config, r.tams.unwrap_or(false)) {
+        (Some(p), _) => Some(read_tams_config(p)?),
+        (None, true) => Some(TamsConfig::default()),
+        (None, false) => None,
+    };
+    let dims = ModelDims::of(&ck.arch);
+    let tams_state = match &tams_cfg {
+        Some(tc) => {
+            let params = tc.init(dims, &ck.params, cfg.seed ^ 0x7a35)?;
+            let (cell, controller) = tc.build(dims, &params)?;
+            deltas.push(cell);
+            Some((params, controller))
+        }
+        None => None,
+    };
     // Priming meta-learns the base only: every episode starts from the same fresh delta.
     let init = if algo == Algo::Prime {
         fresh.params.detached()
@@ -223,6 +249,14 @@ pub fn run(a: Args) -> Result<()> {
         init: &init,
         lrs: lrs.as_ref(),
         template,
+        tams: match (&tams_cfg, &tams_state) {
+            (Some(config), Some((params, controller))) => Some(TamsParts {
+                config,
+                controller,
+                params,
+            }),
+            _ => None,
+        },
     };
     eprintln!(
         "preparing with {} ({} delta, {} inner steps at {}, meta-batch {}, {} outer steps{})",
@@ -235,6 +269,25 @@ pub fn run(a: Args) -> Result<()> {
         if train_base { ", base trained" } else { "" }
     );
     let report = meta_train(&cfg, &mm, &fam, Some(&out), a.resume)?;
+    let architectures = task_architectures(&cfg, &mm, &fam)?;
+    if let (Some(tc), Some((params, _))) = (&tams_cfg, &tams_state) {
+        let dir = out.join("tams");
+        std::fs::create_dir_all(&dir)?;
+        io::write_atomic(
+            &dir.join("tams_config.json"),
+            serde_json::to_string_pretty(tc)?.as_bytes(),
+        )?;
+        let t: std::collections::HashMap<String, candle_core::Tensor> = params
+            .iter()
+            .map(|(n, p)| (n.to_string(), p.tensor().detach()))
+            .collect();
+        io::save_safetensors(&t, &dir.join("tams.safetensors"))?;
+        tams::write_architectures(&dir, &architectures)?;
+        eprintln!("TAMS architecture per meta-train task:");
+        for (task, arch) in &architectures {
+            eprintln!("  {task:<28} {arch}");
+        }
+    }
 
     let adapter = Adapter {
         config: delta_cfg.clone(),
@@ -271,9 +324,23 @@ pub fn run(a: Args) -> Result<()> {
         method,
         config: serde_json::to_value(&cfg)?,
         report: serde_json::to_value(&report)?,
-        architectures: None,
+        architectures: if architectures.is_empty() {
+            None
+        } else {
+            Some(serde_json::to_value(&architectures)?)
+        },
     };
     prepared::write_info(&out, &info)?;
     println!("{}", serde_json::to_string_pretty(&info.report)?);
     Ok(())
+}
+
+fn read_tams_config(p: &std::path::Path) -> Result<TamsConfig> {
+    let text =
+        std::fs::read_to_string(p).with_context(|| format!("{}: cannot read", p.display()))?;
+    if p.extension().is_some_and(|e| e == "toml") {
+        toml::from_str(&text).with_context(|| format!("{}: bad TAMS config", p.display()))
+    } else {
+        serde_json::from_str(&text).with_context(|| format!("{}: bad TAMS config", p.display()))
+    }
 }

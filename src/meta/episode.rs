@@ -22,6 +22,16 @@ pub struct LmEpisode<'a> {
 }
 
 impl LmEpisode<'_> {
+    /// The support set, or the query set when there is no support (no inner loop): what a
+    /// task embedding is computed from.
+    pub fn support_or_query(&self) -> Vec<Sequence> {
+        if self.support.is_empty() {
+            self.query.clone()
+        } else {
+            self.support.clone()
+        }
+    }
+
     fn loss(&self, base: &ParamStore, fast: &ParamStore, seqs: &[&Sequence]) -> Result<Tensor> {
         let b = collate(seqs, self.pad)?;
         let logits = self.model.forward(

@@ -14,4 +14,4 @@ pub mod trainer;
 
 pub use episode::LmEpisode;
 pub use maml::{EpisodeGrads, EpisodeLoss, InnerLoop};
-pub use trainer::{meta_train, Algo, MetaConfig, MetaModel, MetaReport};
+pub use trainer::{meta_train, Algo, MetaConfig, MetaModel, MetaReport, TamsParts};

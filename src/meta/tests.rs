@@ -354,3 +354,91 @@ fn reptile_points_from_the_adapted_weights_back_to_the_init() -> Result<()> {
     );
     Ok(())
 }
+
+/// With TAMS the architecture is a non-adapted entry carrying a graph to the controller: the
+/// first-order meta-gradient of the controller is the gradient of the query loss at the adapted
+/// weights as the architecture moves (soft mode, where it is a true gradient).
+#[test]
+fn tams_controller_gets_the_query_gradient_through_the_architecture() -> Result<()> {
+    use super::tams::{self, ArchMode, TamsConfig};
+    use crate::peft::config::ModelDims;
+    let s = setup()?;
+    let arch_cfg = Arch::Llama(s.model.cfg.clone());
+    let dims = ModelDims::of(&arch_cfg);
+    let tc = TamsConfig {
+        reduced_dim: 4,
+        controller_hidden: 6,
+        layers: Some(vec![1]),
+        ..TamsConfig::default()
+    };
+    let tp = tc.init(dims, &s.base, 3)?.to_dtype(DType::F64)?;
+    // A non-zero output projection, so the cell (and so the architecture) matters.
+    let mut tparams = ParamStore::new();
+    for (i, (n, p)) in tp.iter().enumerate() {
+        let t = if n.ends_with("out.weight") {
+            (p.tensor() + randn_f64(p.tensor().dims(), 50 + i as u64, 0.3)?)?
+        } else {
+            p.tensor().clone()
+        };
+        tparams.insert_trainable(n, Var::from_tensor(&t)?);
+    }
+    let (cell, controller) = tc.build(dims, &tparams)?;
+    let mut deltas = DeltaSet::none();
+    let lora = DeltaConfig::Lora(LoraConfig::new(2, 4.0, &["q_proj", "v_proj", "down_proj"]));
+    deltas.push_boxed(lora.build(&arch_cfg, &s.base, &s.init)?);
+    deltas.push(cell);
+    let task = LmEpisode {
+        deltas: &deltas,
+        ..episode(&s)
+    };
+    let emb = tams::task_embedding(
+        &s.base,
+        &crate::model::testing::token_ids(2, 6, 32, 1)?,
+        None,
+    )?;
+    let arch_of = |p: &ParamStore| controller.arch_weights(&emb, p, ArchMode::Soft, None);
+    let (lora_init, mut meta) = as_vars(&s.init)?;
+    let mut init = lora_init.clone();
+    for (n, p) in tparams.iter() {
+        if !n.starts_with("tams.controller.") {
+            init.insert(n, p.clone());
+        }
+    }
+    init.insert_frozen(tams::ARCH, arch_of(&tparams)?);
+    let ctrl: Vec<(String, Var)> = tparams
+        .vars()
+        .into_iter()
+        .filter(|(n, _)| n.starts_with("tams.controller."))
+        .collect();
+    meta.extend(ctrl.clone());
+    let not_arch = |n: &str| n != tams::ARCH;
+    let inner = InnerLoop {
+        steps: 2,
+        lr: 0.3,
+        adapted: &not_arch,
+        learned_lrs: None,
+    };
+    let fo = maml::first_order(&task, &s.base, &init, &inner, &meta)?;
+    let (fast, _) = maml::adapted(&task, &s.base, &init, &inner)?;
+    let ctrl_grads = &fo.grads[meta.len() - ctrl.len()..];
+    assert!(ctrl_grads.iter().all(Option::is_some));
+    let d = directions(&ctrl, 31)?;
+    let h = 1e-5;
+    let f = |sign: f64| -> Result<f64> {
+        let moved_ctrl = moved(&tparams, &ctrl, &d, sign * h)?;
+        let mut st = fast.clone();
+        st.insert_frozen(tams::ARCH, arch_of(&moved_ctrl)?);
+        Ok(task.query(&s.base, &st)?.to_scalar::<f64>()?)
+    };
+    let numeric = (f(1.0)? - f(-1.0)?) / (2.0 * h);
+    let analytic = dot(ctrl_grads, &d)?;
+    assert!(
+        numeric.abs() > 1e-8,
+        "the architecture does not affect the loss"
+    );
+    assert!(
+        (analytic - numeric).abs() / numeric.abs() < 1e-4,
+        "{analytic} vs {numeric}"
+    );
+    Ok(())
+}

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::episode::LmEpisode;
 use super::maml::{self, EpisodeGrads, InnerLoop};
+use super::tams::{self, ArchMode, Architecture, Controller, TamsConfig};
 use crate::data::batch::{sequences, Sequence};
 use crate::data::family::{episode, FamilyTask, TaskFamily};
 use crate::data::{Content, Example, TaskKind};
@@ -149,6 +150,51 @@ pub struct MetaModel<'a> {
     pub lrs: Option<&'a ParamStore>,
     /// How prompt -> completion examples are shown (`{prompt}` is replaced).
     pub template: &'a str,
+    /// TAMS: the cell must also be in `deltas`; its shared weights and the controller are here.
+    pub tams: Option<TamsParts<'a>>,
+}
+
+/// TAMS during meta-training: the controller picks each episode's cell architecture from the
+/// support set; the cell's weights are adapted in the inner loop with the delta, the controller
+/// is trained in the outer loop through the straight-through architecture.
+#[derive(Clone, Copy)]
+pub struct TamsParts<'a> {
+    pub config: &'a TamsConfig,
+    pub controller: &'a Controller,
+    /// Cell weights (`tams.layers.*`) and controller weights (`tams.controller.*`), as `Var`s.
+    pub params: &'a ParamStore,
+}
+
+/// The store an episode starts from: the delta's init, plus with TAMS the cell's weights and the
+/// architecture the controller picks for this support set (carrying its graph to the
+/// controller). Returns the architecture too.
+pub fn episode_init(
+    m: &MetaModel,
+    support: &[Sequence],
+    rng: Option<&mut StdRng>,
+) -> Result<(ParamStore, Option<Architecture>)> {
+    let Some(t) = &m.tams else {
+        return Ok((m.init.clone(), None));
+    };
+    let ids: Vec<u32> = support.iter().flat_map(|s| s.ids.iter().copied()).collect();
+    let n = ids.len();
+    let ids = Tensor::from_vec(ids, n, &candle_core::Device::Cpu)?;
+    let emb = tams::task_embedding(m.base, &ids, None)?;
+    let mode = if t.config.hard {
+        ArchMode::Hard
+    } else {
+        ArchMode::Soft
+    };
+    let arch = t.controller.arch_weights(&emb, t.params, mode, rng)?;
+    let chosen = Architecture::from_weights(&arch)?;
+    let mut st = m.init.clone();
+    for (name, p) in t.params.iter() {
+        if !name.starts_with("tams.controller.") {
+            st.insert(name, p.clone());
+        }
+    }
+    st.insert_frozen(tams::ARCH, arch);
+    Ok((st, Some(chosen)))
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -168,14 +214,15 @@ pub struct MetaReport {
     pub seconds_per_episode: f64,
 }
 
-/// The names of the delta entries the inner loop adapts for `algo` on a model of `layers`.
+/// The names of the delta entries the inner loop adapts for `algo` on a model of `layers` (never
+/// a TAMS architecture: the controller chooses it).
 fn adapted_filter(algo: Algo, layers: usize) -> Box<dyn Fn(&str) -> bool + Sync> {
     match algo {
         Algo::Anil => {
             let last = format!(".layers.{}.", layers.saturating_sub(1));
-            Box::new(move |n: &str| n.contains(&last))
+            Box::new(move |n: &str| n.contains(&last) && n != tams::ARCH)
         }
-        _ => Box::new(|_: &str| true),
+        _ => Box::new(|n: &str| n != tams::ARCH),
     }
 }
 
@@ -234,6 +281,11 @@ fn episode_grads(
         batch: cfg.batch,
         pad: pad_id(m.tok),
     };
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x7a35);
+    let gumbel = m
+        .tams
+        .is_some_and(|t| t.config.gumbel_temperature.is_some());
+    let (init, _) = episode_init(m, &lm.support_or_query(), gumbel.then_some(&mut rng))?;
     let adapted = adapted_filter(cfg.algo, m.model.cfg.num_hidden_layers);
     let inner = InnerLoop {
         steps: if cfg.algo == Algo::Multitask {
@@ -246,10 +298,10 @@ fn episode_grads(
         learned_lrs: m.lrs,
     };
     match cfg.algo {
-        Algo::Maml => maml::exact(&lm, m.base, m.init, &inner, meta_vars),
-        Algo::MamlHf => maml::hessian_free(&lm, m.base, m.init, &inner, meta_vars, cfg.hf_eps),
-        Algo::Reptile => maml::reptile(&lm, m.base, m.init, &inner, meta_vars),
-        _ => maml::first_order(&lm, m.base, m.init, &inner, meta_vars),
+        Algo::Maml => maml::exact(&lm, m.base, &init, &inner, meta_vars),
+        Algo::MamlHf => maml::hessian_free(&lm, m.base, &init, &inner, meta_vars, cfg.hf_eps),
+        Algo::Reptile => maml::reptile(&lm, m.base, &init, &inner, meta_vars),
+        _ => maml::first_order(&lm, m.base, &init, &inner, meta_vars),
     }
 }
 
@@ -281,7 +333,7 @@ pub fn validate(cfg: &MetaConfig, m: &MetaModel, tasks: &[FamilyTask]) -> Result
                 batch: cfg.batch,
                 pad: pad_id(m.tok),
             };
-            let init = m.init.detached();
+            let init = episode_init(m, &lm.support, None)?.0.detached();
             before += lm.query(&base, &init)?.to_scalar::<f32>()? as f64;
             let (fast, _) = maml::adapted(&lm, &base, &init, &inner)?;
             after += lm.query(&base, &fast)?.to_scalar::<f32>()? as f64;
@@ -321,6 +373,9 @@ pub fn meta_train(
     }
     let mut meta_vars = m.init.vars();
     meta_vars.extend(m.base.vars());
+    if let Some(t) = &m.tams {
+        meta_vars.extend(t.params.vars());
+    }
     if let Some(l) = m.lrs {
         meta_vars.extend(
             l.vars()
@@ -468,6 +523,26 @@ pub fn meta_train(
         resumed_from,
         seconds_per_episode: started.elapsed().as_secs_f64() / episodes.max(1) as f64,
     })
+}
+
+/// Each meta-train task's architecture, chosen from a fixed episode's support set.
+pub fn task_architectures(
+    cfg: &MetaConfig,
+    m: &MetaModel,
+    family: &TaskFamily,
+) -> Result<std::collections::BTreeMap<String, Architecture>> {
+    let mut out = std::collections::BTreeMap::new();
+    if m.tams.is_none() {
+        return Ok(out);
+    }
+    for task in &family.meta_train {
+        let ep = episode(task, cfg.support, cfg.query, 0x5eed)?;
+        let support = tokenized(m, &ep.support, cfg.max_len)?;
+        if let (_, Some(a)) = episode_init(m, &support, None)? {
+            out.insert(task.name.clone(), a);
+        }
+    }
+    Ok(out)
 }
 
 /// A `GradStore` holding `grads` for `vars` (candle only builds one from a backward pass).
