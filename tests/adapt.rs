@@ -90,5 +90,5 @@ fn encoder_classification_run_and_toml_config() {
     // Unsupported combinations say so.
     let (code, _, err) = adapt(&["--task", "wikiann/en", "--out", out.to_str().unwrap()]);
     assert_eq!(code, 1);
-    assert!(err.contains("not supported yet"), "{err}");
+    assert!(err.contains("not supported"), "{err}");
 }
