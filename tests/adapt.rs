@@ -566,6 +566,38 @@ fn decoder_classification_with_verbalizers_and_a_last_token_head() {
         j["result"]["verbalizers"],
         serde_json::json!([" bad", " good"])
     );
+    // Verbalizers must name known labels and tell the labels apart.
+    let (code, _, err) = eval(&[
+        "--task",
+        "sst2",
+        "--eval-limit",
+        "2",
+        "--verbalizers",
+        "2=meh",
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("`2`") && err.contains("0, 1"), "{err}");
+    let (code, _, err) = eval(&[
+        "--task",
+        "sst2",
+        "--eval-limit",
+        "2",
+        "--verbalizers",
+        "0=ok,1=ok",
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("same verbalizer"), "{err}");
+    // A head on a task without labels is a mistake, not ignored.
+    let (code, _, err) = eval(&[
+        "--task",
+        "fortunes/science",
+        "--head",
+        &o,
+        "--eval-limit",
+        "2",
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("classification tasks"), "{err}");
     // A bad --head value is an error.
     let (code, _, err) = adapt(&[
         "--task",

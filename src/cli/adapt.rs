@@ -390,6 +390,14 @@ impl Session<'_> {
             td.kind,
             TaskKind::Classification | TaskKind::TokenClassification
         );
+        if let (Mode::Eval { head_dir: Some(d) }, false) = (&mode, needs_head) {
+            bail!(
+                "--head {} is for classification tasks; `{}` is a {:?} task",
+                d.display(),
+                td.name,
+                td.kind
+            );
+        }
         if self.head_only && !needs_head {
             bail!(
                 "--method head trains a classification head only; `{}` is a {:?} task",
@@ -460,11 +468,7 @@ impl Session<'_> {
                     (_, Some(h)) => bail!("--head must be `linear` or `verbalizer`, not `{h}`"),
                 };
                 let custom = setup::parse_verbalizers(r.verbalizers.as_deref().unwrap_or(""))?;
-                let verbs: Vec<Vec<u32>> = td
-                    .labels
-                    .iter()
-                    .map(|l| ck.tokenizer.encode(&setup::verbalizer(&td.name, l, &custom), false))
-                    .collect::<metapeft::Result<_>>()?;
+                let verbs = setup::verbalizer_ids(&ck.tokenizer, &td.name, &td.labels, &custom)?;
                 if kind == "verbalizer" && self.head_only {
                     bail!("--method head with --head verbalizer has nothing to train (use --head linear)");
                 }

@@ -154,6 +154,41 @@ pub fn verbalizer(task: &str, label: &str, custom: &BTreeMap<String, String>) ->
     format!(" {w}")
 }
 
+/// Token ids of every label's verbalizer, checked: `custom` may only name known labels, and no
+/// two labels may share (or tokenize to) the same words.
+pub fn verbalizer_ids(
+    tok: &crate::model::TextTokenizer,
+    task: &str,
+    labels: &[String],
+    custom: &BTreeMap<String, String>,
+) -> Result<Vec<Vec<u32>>> {
+    if let Some(k) = custom.keys().find(|k| !labels.contains(k)) {
+        return Err(Error::invalid(format!(
+            "--verbalizers names label `{k}`, which task `{task}` does not have (labels: {})",
+            labels.join(", ")
+        )));
+    }
+    let mut out: Vec<Vec<u32>> = vec![];
+    for l in labels {
+        let words = verbalizer(task, l, custom);
+        let ids = tok.encode(&words, false)?;
+        if ids.is_empty() {
+            return Err(Error::invalid(format!(
+                "the verbalizer of label `{l}` is empty"
+            )));
+        }
+        if let Some(j) = out.iter().position(|o| *o == ids) {
+            return Err(Error::invalid(format!(
+                "labels `{}` and `{l}` have the same verbalizer `{}`; give them different words with --verbalizers",
+                labels[j],
+                words.trim()
+            )));
+        }
+        out.push(ids);
+    }
+    Ok(out)
+}
+
 /// Parse `label=word,label=word`.
 pub fn parse_verbalizers(s: &str) -> Result<BTreeMap<String, String>> {
     s.split(',')
