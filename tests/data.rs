@@ -266,3 +266,60 @@ fn tags_align_to_the_first_sub_token_with_the_real_minilm_tokenizer() {
     assert_eq!(items[0].ids.len(), 4);
     assert_eq!(items[0].word_of[3], None);
 }
+
+#[test]
+fn classification_items_truncate_with_counts_keeping_sep_or_the_prompt_end() {
+    use metapeft::data::batch::{decoder_items, encoder_items};
+    use metapeft::data::Example;
+    let ex = |t: &str, l: &str| Example {
+        content: Content::Labeled {
+            text: t.into(),
+            pair: None,
+            label: l.into(),
+        },
+        group: None,
+    };
+    let labels: Vec<String> = vec!["neg".into(), "pos".into()];
+    let data = vec![
+        ex("a short one", "pos"),
+        ex(
+            "this sentence is quite a lot longer than the limit allows",
+            "neg",
+        ),
+    ];
+    let tok = &common::minilm().tokenizer;
+    let (items, cut) = encoder_items(tok, &data, &labels, 6).unwrap();
+    assert_eq!(cut, 1);
+    assert_eq!((items[0].label, items[1].label), (1, 0));
+    let full = tok
+        .encode(
+            "this sentence is quite a lot longer than the limit allows",
+            true,
+        )
+        .unwrap();
+    assert_eq!(items[1].ids.len(), 6);
+    assert_eq!(items[1].ids[..5], full[..5]);
+    assert_eq!(items[1].ids[5], *full.last().unwrap(), "[SEP] is kept");
+    let template = |t: &str, _: Option<&str>| format!("{t}\nLabel:");
+    let (items, cut) = decoder_items(tok, &data, &labels, &template, 7).unwrap();
+    assert_eq!(cut, 1);
+    let whole = tok
+        .encode(
+            &template(
+                "this sentence is quite a lot longer than the limit allows",
+                None,
+            ),
+            true,
+        )
+        .unwrap();
+    assert_eq!(
+        items[1].ids[..],
+        whole[whole.len() - 7..],
+        "the prompt's end is kept"
+    );
+    // A label outside the label set is a clear error.
+    let err = encoder_items(tok, &[ex("x", "maybe")], &labels, 8)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("`maybe`") && err.contains("neg, pos"), "{err}");
+}
