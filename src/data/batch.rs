@@ -1,6 +1,8 @@
 //! Turning examples into token batches: causal-LM windows, prompt -> completion sequences with the
-//! loss on the completion only, and (pair) classification inputs. Truncations are counted so the
-//! caller can warn about them.
+//! loss on the completion only, (pair) classification inputs for encoders and decoders, and
+//! token-classification inputs with word -> sub-token label alignment. Truncations are counted so
+//! the caller can warn about them. [`BatchOrder`] picks the items of each step, optionally
+//! length-bucketed.
 
 use candle_core::{Device, Tensor};
 
@@ -117,55 +119,6 @@ pub fn collate(seqs: &[&Sequence], pad: u32) -> Result<LmBatch> {
         attention_mask: Tensor::from_vec(mask, (n, t), &d)?,
         target_tokens: count,
     })
-}
-
-/// Encoder classification inputs: `[CLS] text [SEP] (pair [SEP])` padded, with masks and label
-/// indices into `labels`.
-pub fn classification_batch(
-    tok: &TextTokenizer,
-    examples: &[&Example],
-    labels: &[String],
-    pad: u32,
-) -> Result<(Tensor, Tensor, Tensor)> {
-    let mut seqs = vec![];
-    let mut ys = vec![];
-    for e in examples {
-        let Content::Labeled { text, pair, label } = &e.content else {
-            return Err(Error::invalid("classification needs labelled examples"));
-        };
-        let ids = match pair {
-            Some(p) => {
-                let enc = tok
-                    .inner()
-                    .encode((text.as_str(), p.as_str()), true)
-                    .map_err(|e| Error::invalid(format!("tokenizer: {e}")))?;
-                enc.get_ids().to_vec()
-            }
-            None => tok.encode(text, true)?,
-        };
-        let y = labels.iter().position(|l| l == label).ok_or_else(|| {
-            Error::invalid(format!(
-                "label `{label}` is not in the label set ({} labels)",
-                labels.len()
-            ))
-        })?;
-        seqs.push(ids);
-        ys.push(y as u32);
-    }
-    let t = seqs.iter().map(Vec::len).max().unwrap_or(1).max(1);
-    let n = seqs.len();
-    let mut ids = Vec::with_capacity(n * t);
-    let mut mask = Vec::with_capacity(n * t);
-    for s in &seqs {
-        ids.extend(s.iter().copied().chain(std::iter::repeat(pad)).take(t));
-        mask.extend((0..t).map(|i| (i < s.len()) as u32));
-    }
-    let d = Device::Cpu;
-    Ok((
-        Tensor::from_vec(ids, (n, t), &d)?,
-        Tensor::from_vec(mask, (n, t), &d)?,
-        Tensor::from_vec(ys, n, &d)?,
-    ))
 }
 
 /// Keep at most `max_len` tokens of an encoder input, keeping its last token (`[SEP]`).
