@@ -218,6 +218,8 @@ fn early_stopping_stops_when_the_metric_stalls() {
         "1",
         "--patience",
         "2",
+        "--metric",
+        "macro_f1",
         "--eval-limit",
         "15",
         "--out",
@@ -229,6 +231,45 @@ fn early_stopping_stops_when_the_metric_stalls() {
     assert_eq!(t["steps"], 3);
     assert_eq!(t["best_step"], 1);
     assert!(out.join("eval.svg").is_file());
+    // --metric picks what is logged and watched: macro-F1 here.
+    let rep = report(&out);
+    assert_eq!(rep["result"]["eval_metric"], "macro_f1");
+    let first: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(out.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    close(
+        &first["eval_metric"],
+        &rep["result"]["metrics_before"]["macro_f1"],
+        "logged macro-F1",
+    );
+    assert_ne!(
+        rep["result"]["metrics_before"]["macro_f1"],
+        rep["result"]["metrics_before"]["accuracy"]
+    );
+    let (code, _, err) = adapt(&[
+        "--model",
+        &m,
+        "--task",
+        "clinc150/banking",
+        "--steps",
+        "1",
+        "--eval-limit",
+        "5",
+        "--metric",
+        "bleu",
+        "--out",
+        &o,
+    ]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("bleu") && err.contains("accuracy, macro_f1"),
+        "{err}"
+    );
     // --patience alone is refused.
     let (code, _, err) = adapt(&[
         "--model",

@@ -9,9 +9,9 @@ use metapeft::params::ParamStore;
 use metapeft::peft::config::{config_from_file, default_config};
 use metapeft::peft::DeltaSet;
 use metapeft::train::objectives::{
-    load_head, new_head, rouge_eval, save_head, BatchOrder, DecoderClassifier, DecoderHead,
-    DecoderLm, EncoderClassifier, EncoderTagger, Evaluate, Metrics, HEAD_DECODER_LAST,
-    HEAD_ENCODER_POOLED, HEAD_TOKEN,
+    load_head, lower_is_better, new_head, rouge_eval, save_head, BatchOrder, DecoderClassifier,
+    DecoderHead, DecoderLm, EncoderClassifier, EncoderTagger, Evaluate, Metrics, Monitored,
+    HEAD_DECODER_LAST, HEAD_ENCODER_POOLED, HEAD_TOKEN,
 };
 use metapeft::train::setup::{self, TaskData};
 use metapeft::train::{train, Objective, OptimizerConfig, Schedule, TrainConfig, TrainReport};
@@ -99,6 +99,10 @@ pub struct RunArgs {
     /// --eval-every)
     #[arg(long)]
     pub patience: Option<usize>,
+    /// The metric --eval-every logs and early stopping watches (default: the task's main one:
+    /// perplexity, accuracy or f1; also e.g. macro_f1, nll, precision, recall)
+    #[arg(long)]
+    pub metric: Option<String>,
     /// Write a checkpoint every N steps (default 10; always at the end)
     #[arg(long)]
     pub checkpoint_every: Option<usize>,
@@ -132,6 +136,7 @@ impl RunArgs {
             verbalizers,
             eval_every,
             patience,
+            metric,
             checkpoint_every,
             bucket
         )
@@ -258,7 +263,10 @@ pub fn run(a: Args) -> Result<()> {
     }
     let log = out.join("metrics.jsonl");
     if log.is_file() {
-        let metric = report["metric"].as_str().unwrap_or("metric").to_string();
+        let metric = report["eval_metric"]
+            .as_str()
+            .unwrap_or("metric")
+            .to_string();
         if let Err(e) = metapeft::train::plot::plot_run(&log, &out, &metric) {
             eprintln!("metapeft: warning: could not draw the curves: {e}");
         }
@@ -298,7 +306,11 @@ pub(crate) struct Session<'a> {
 }
 
 /// Metrics before and after training, or once (eval).
-fn drive<O: Objective + Evaluate>(obj: &mut O, mode: Mode) -> Result<serde_json::Value> {
+fn drive<O: Objective + Evaluate>(
+    obj: &mut O,
+    mode: Mode,
+    metric: Option<&str>,
+) -> Result<serde_json::Value> {
     let before = obj.metrics()?;
     let show = |m: &Metrics| {
         m.values
@@ -321,16 +333,28 @@ fn drive<O: Objective + Evaluate>(obj: &mut O, mode: Mode) -> Result<serde_json:
             resume,
         } => {
             eprintln!("before: {}", show(&before));
+            let watched = metric.unwrap_or(before.primary).to_string();
+            if !before.values.contains_key(&watched) {
+                bail!(
+                    "--metric {watched}: this task reports {}",
+                    before.values.keys().cloned().collect::<Vec<_>>().join(", ")
+                );
+            }
             let tc = TrainConfig {
-                higher_is_better: before.higher_is_better,
+                higher_is_better: !lower_is_better(&watched),
                 ..tc.clone()
             };
-            let rep: TrainReport = train(&tc, vars, obj, Some(out), resume)?;
+            let mut mon = Monitored {
+                inner: obj,
+                metric: watched.clone(),
+            };
+            let rep: TrainReport = train(&tc, vars, &mut mon, Some(out), resume)?;
             let after = obj.metrics()?;
             eprintln!("after:  {}", show(&after));
             Ok(
                 serde_json::json!({"metric": before.primary, "before": before.value(), "after": after.value(),
-                                  "metrics_before": before.values, "metrics_after": after.values, "train": rep}),
+                                  "metrics_before": before.values, "metrics_after": after.values, "train": rep,
+                                  "eval_metric": watched}),
             )
         }
     }
@@ -440,7 +464,7 @@ impl Session<'_> {
                 let rouge_json = |x: [f64; 3]| serde_json::json!({"rouge1": x[0], "rouge2": x[1], "rougeL": x[2]});
                 let is_eval = matches!(mode, Mode::Eval { .. });
                 let rb = if n_gen > 0 { Some(gen(if is_eval { "eval" } else { "before" })?) } else { None };
-                let mut j = drive(&mut obj, mode)?;
+                let mut j = drive(&mut obj, mode, r.metric.as_deref())?;
                 if let Some(rb) = rb {
                     j["rouge_examples"] = n_gen.min(td.eval.len()).into();
                     if is_eval {
@@ -488,7 +512,7 @@ impl Session<'_> {
                     eval: ev,
                     pad,
                 };
-                let mut j = drive(&mut obj, mode)?;
+                let mut j = drive(&mut obj, mode, r.metric.as_deref())?;
                 j["head"] = kind.into();
                 if kind == "verbalizer" {
                     j["verbalizers"] = td.labels.iter().map(|l| setup::verbalizer(&td.name, l, &custom)).collect::<Vec<_>>().into();
@@ -516,7 +540,7 @@ impl Session<'_> {
                     eval: ev,
                     pad: cfg.pad_token_id,
                 };
-                let j = drive(&mut obj, mode)?;
+                let j = drive(&mut obj, mode, r.metric.as_deref())?;
                 if let Some(d) = &out_dir {
                     save_head(&head, &td.labels, HEAD_ENCODER_POOLED, d)?;
                 }
@@ -541,7 +565,7 @@ impl Session<'_> {
                     eval: ev,
                     pad: cfg.pad_token_id,
                 };
-                let j = drive(&mut obj, mode)?;
+                let j = drive(&mut obj, mode, r.metric.as_deref())?;
                 if let Some(d) = &out_dir {
                     save_head(&head, &td.labels, HEAD_TOKEN, d)?;
                 }

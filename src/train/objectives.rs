@@ -152,6 +152,38 @@ impl Evaluate for DecoderLm<'_> {
     }
 }
 
+/// An objective whose evaluation (for early stopping) is one chosen metric of its set.
+pub struct Monitored<'o, O> {
+    pub inner: &'o mut O,
+    pub metric: String,
+}
+
+/// Whether smaller values of `metric` are better.
+pub fn lower_is_better(metric: &str) -> bool {
+    matches!(metric, "perplexity" | "nll")
+}
+
+impl<O: Objective + Evaluate> Objective for Monitored<'_, O> {
+    fn loss(&mut self, step: usize, micro: usize) -> Result<Tensor> {
+        self.inner.loss(step, micro)
+    }
+
+    fn evaluate(&mut self) -> Result<f64> {
+        let m = self.inner.metrics()?;
+        m.values.get(&self.metric).copied().ok_or_else(|| {
+            Error::invalid(format!(
+                "metric `{}` is not reported here (available: {})",
+                self.metric,
+                m.values.keys().cloned().collect::<Vec<_>>().join(", ")
+            ))
+        })
+    }
+
+    fn tokens(&self, step: usize, micro: usize) -> usize {
+        self.inner.tokens(step, micro)
+    }
+}
+
 fn class_metrics(pred: &[usize], gold: &[usize]) -> Metrics {
     use crate::eval::classification::{accuracy, macro_f1};
     Metrics::new(
