@@ -59,6 +59,33 @@ fn decoder_lm_run_writes_report_adapter_and_log() {
         serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
     assert_eq!(rep2["result"]["after"], rep["result"]["after"]);
     assert_eq!(rep2["result"]["train"]["resumed_from"], 4);
+    // eval with the saved adapter gives the run's final perplexity; without it, the "before".
+    let adapter = out.join("adapter").display().to_string();
+    let common_args = [
+        "--task",
+        "fortunes/science",
+        "--max-len",
+        "32",
+        "--eval-limit",
+        "6",
+    ];
+    let mut with = vec!["--adapter", adapter.as_str()];
+    with.extend_from_slice(&common_args);
+    let (code, j, err) = eval(&with);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(j["result"]["metric"], "perplexity");
+    close(
+        &j["result"]["value"],
+        &rep["result"]["after"],
+        "perplexity after",
+    );
+    let (code, j, err) = eval(&common_args);
+    assert_eq!(code, 0, "{err}");
+    close(
+        &j["result"]["value"],
+        &rep["result"]["before"],
+        "perplexity before",
+    );
 }
 
 #[test]
