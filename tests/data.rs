@@ -215,3 +215,111 @@ fn malformed_records_name_the_file_and_line() {
         .to_string()
         .contains("metapeft tasks"));
 }
+
+#[test]
+fn tags_align_to_the_first_sub_token_with_the_real_minilm_tokenizer() {
+    use metapeft::data::batch::{tagged_items, IGNORE};
+    use metapeft::data::Example;
+    let tok = &common::minilm().tokenizer;
+    let words = ["Schwarzenegger", "visited", "Ouagadougou", "."];
+    let tags = ["B-PER", "O", "B-LOC", "O"];
+    let ex = Example {
+        content: Content::Tagged {
+            tokens: words.iter().map(|s| s.to_string()).collect(),
+            tags: tags.iter().map(|s| s.to_string()).collect(),
+        },
+        group: None,
+    };
+    let set: Vec<String> = ["B-LOC", "B-PER", "O"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let (items, truncated) = tagged_items(tok, std::slice::from_ref(&ex), &set, 64).unwrap();
+    assert_eq!(truncated, 0);
+    let it = &items[0];
+    let pieces: Vec<String> = it
+        .ids
+        .iter()
+        .map(|&i| tok.decode(&[i], false).unwrap())
+        .collect();
+    // Both names split into several word pieces; [CLS] and [SEP] belong to no word.
+    assert!(it.ids.len() > words.len() + 3, "{pieces:?}");
+    assert_eq!(it.word_of.first(), Some(&None));
+    assert_eq!(it.word_of.last(), Some(&None));
+    let labelled: Vec<(usize, i64)> = it
+        .targets
+        .iter()
+        .enumerate()
+        .filter(|(_, &t)| t != IGNORE)
+        .map(|(i, &t)| (i, t))
+        .collect();
+    // Exactly one labelled token per word, the first of its pieces, with the word's tag.
+    assert_eq!(labelled.len(), words.len(), "{pieces:?}");
+    for (w, (pos, t)) in labelled.iter().enumerate() {
+        assert_eq!(it.word_of[*pos], Some(w));
+        assert!(*pos == 0 || it.word_of[pos - 1] != Some(w));
+        assert_eq!(set[*t as usize], tags[w]);
+    }
+    // Truncation keeps [SEP], and the lost words are counted.
+    let (items, truncated) = tagged_items(tok, &[ex], &set, 4).unwrap();
+    assert_eq!(truncated, 1);
+    assert_eq!(items[0].ids.len(), 4);
+    assert_eq!(items[0].word_of[3], None);
+}
+
+#[test]
+fn classification_items_truncate_with_counts_keeping_sep_or_the_prompt_end() {
+    use metapeft::data::batch::{decoder_items, encoder_items};
+    use metapeft::data::Example;
+    let ex = |t: &str, l: &str| Example {
+        content: Content::Labeled {
+            text: t.into(),
+            pair: None,
+            label: l.into(),
+        },
+        group: None,
+    };
+    let labels: Vec<String> = vec!["neg".into(), "pos".into()];
+    let data = vec![
+        ex("a short one", "pos"),
+        ex(
+            "this sentence is quite a lot longer than the limit allows",
+            "neg",
+        ),
+    ];
+    let tok = &common::minilm().tokenizer;
+    let (items, cut) = encoder_items(tok, &data, &labels, 6).unwrap();
+    assert_eq!(cut, 1);
+    assert_eq!((items[0].label, items[1].label), (1, 0));
+    let full = tok
+        .encode(
+            "this sentence is quite a lot longer than the limit allows",
+            true,
+        )
+        .unwrap();
+    assert_eq!(items[1].ids.len(), 6);
+    assert_eq!(items[1].ids[..5], full[..5]);
+    assert_eq!(items[1].ids[5], *full.last().unwrap(), "[SEP] is kept");
+    let template = |t: &str, _: Option<&str>| format!("{t}\nLabel:");
+    let (items, cut) = decoder_items(tok, &data, &labels, &template, 7).unwrap();
+    assert_eq!(cut, 1);
+    let whole = tok
+        .encode(
+            &template(
+                "this sentence is quite a lot longer than the limit allows",
+                None,
+            ),
+            true,
+        )
+        .unwrap();
+    assert_eq!(
+        items[1].ids[..],
+        whole[whole.len() - 7..],
+        "the prompt's end is kept"
+    );
+    // A label outside the label set is a clear error.
+    let err = encoder_items(tok, &[ex("x", "maybe")], &labels, 8)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("`maybe`") && err.contains("neg, pos"), "{err}");
+}

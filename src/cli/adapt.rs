@@ -1,15 +1,20 @@
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use candle_core::Device;
-use metapeft::data::{self, batch, datasets, k_shot, TaskKind};
+use candle_core::{Device, Var};
+use metapeft::data::{batch, TaskKind};
 use metapeft::io::{self, AdapterFormat};
-use metapeft::model::{self, Arch, Bert, Llama};
+use metapeft::model::{self, Arch, Bert, Checkpoint, Llama};
 use metapeft::params::ParamStore;
 use metapeft::peft::config::{config_from_file, default_config};
 use metapeft::peft::DeltaSet;
-use metapeft::train::objectives::{new_head, BatchOrder, DecoderLm, EncoderClassifier};
-use metapeft::train::{train, OptimizerConfig, Schedule, TrainConfig};
+use metapeft::train::objectives::{
+    load_head, lower_is_better, new_head, rouge_eval, save_head, BatchOrder, DecoderClassifier,
+    DecoderHead, DecoderLm, EncoderClassifier, EncoderTagger, Evaluate, Metrics, Monitored,
+    HEAD_DECODER_LAST, HEAD_ENCODER_POOLED, HEAD_TOKEN,
+};
+use metapeft::train::setup::{self, TaskData};
+use metapeft::train::{train, Objective, OptimizerConfig, Schedule, TrainConfig, TrainReport};
 use serde::{Deserialize, Serialize};
 
 #[derive(clap::Args)]
@@ -18,8 +23,11 @@ use serde::{Deserialize, Serialize};
 options given on the command line win. The resolved configuration is written to OUT/run.json.\n\n\
 Examples:\n  metapeft adapt --model $MINILM --task clinc150/banking --method lora --shots 10 --out runs/clinc\n  \
 metapeft adapt --task fortunes/science --method lora --shots 50 --steps 60 --out runs/fortunes\n\n\
-Supported now: decoders on language-modelling and prompt->completion tasks (metric: perplexity), encoders on \
-classification tasks (metrics: accuracy, macro-F1)."
+Supported: decoders on language-modelling and prompt->completion tasks (perplexity; ROUGE of greedy \
+generations) and on classification (--head verbalizer: labels scored by the LM; --head linear: a linear head on \
+the last token); encoders on classification (mean-pooled linear head; accuracy, macro-F1) and token \
+classification (per-token head on each word's first sub-token; entity-level F1). --method head trains the \
+head only (a linear probe); --method full fine-tunes every weight but the embeddings."
 )]
 pub struct Args {
     /// A TOML file with any of the options below
@@ -41,7 +49,8 @@ pub struct RunArgs {
     /// A task name from `metapeft tasks`
     #[arg(long)]
     pub task: Option<String>,
-    /// lora, tarp, adapter, ia3, prompt_tuning, prefix_tuning, bitfit, ln_tuning, or full
+    /// lora, tarp, adapter, ia3, prompt_tuning, prefix_tuning, bitfit, ln_tuning, full, or head
+    /// (train the classification head only: a linear probe)
     #[arg(long)]
     pub method: Option<String>,
     /// A JSON/TOML delta config file instead of the method's defaults
@@ -78,6 +87,31 @@ pub struct RunArgs {
     pub max_new_tokens: Option<usize>,
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Decoder classification: `verbalizer` (default; score each label's words by the LM) or
+    /// `linear` (a linear head on the last non-pad token)
+    #[arg(long)]
+    pub head: Option<String>,
+    /// Verbalizer words per label, `label=word,label=word` (default: per-task words, else the
+    /// label with `_` as spaces)
+    #[arg(long)]
+    pub verbalizers: Option<String>,
+    /// Evaluate every N steps (logged as eval_metric; plotted to eval.svg)
+    #[arg(long)]
+    pub eval_every: Option<usize>,
+    /// Stop after this many evaluations without improvement of the task's metric (needs
+    /// --eval-every)
+    #[arg(long)]
+    pub patience: Option<usize>,
+    /// The metric --eval-every logs and early stopping watches (default: the task's main one:
+    /// perplexity, accuracy or f1; also e.g. macro_f1, nll, precision, recall)
+    #[arg(long)]
+    pub metric: Option<String>,
+    /// Write a checkpoint every N steps (default 10; always at the end)
+    #[arg(long)]
+    pub checkpoint_every: Option<usize>,
+    /// Length bucketing of training batches (default true)
+    #[arg(long)]
+    pub bucket: Option<bool>,
 }
 
 impl RunArgs {
@@ -101,21 +135,20 @@ impl RunArgs {
             eval_limit,
             generate_eval,
             max_new_tokens,
-            out
+            out,
+            head,
+            verbalizers,
+            eval_every,
+            patience,
+            metric,
+            checkpoint_every,
+            bucket
         )
     }
 }
 
-fn eval_split(ds: &data::Dataset) -> Result<&'static str> {
-    for s in ["test", "validation", "val", "dev"] {
-        if ds.splits.get(s).is_some_and(|v| !v.is_empty()) {
-            return Ok(s);
-        }
-    }
-    bail!("task `{}` has no test/validation split", ds.name)
-}
-
-pub fn run(a: Args) -> Result<()> {
+/// Resolve `--config` and the command line.
+fn resolve(a: &Args) -> Result<RunArgs> {
     let file = match &a.config {
         Some(p) => toml::from_str(
             &std::fs::read_to_string(p).with_context(|| format!("{}: cannot read", p.display()))?,
@@ -123,7 +156,11 @@ pub fn run(a: Args) -> Result<()> {
         .with_context(|| format!("{}: bad run config", p.display()))?,
         None => RunArgs::default(),
     };
-    let r = a.run.over(file);
+    Ok(a.run.clone().over(file))
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let r = resolve(&a)?;
     let task = r
         .task
         .clone()
@@ -145,86 +182,73 @@ pub fn run(a: Args) -> Result<()> {
         Some(info) => info.method.clone(),
         None => r.method.clone().unwrap_or_else(|| "lora".into()),
     };
-    let (shots, seed) = (r.shots.unwrap_or(16), r.seed.unwrap_or(0));
-    let (steps, batch_size, max_len) = (
+    let (shots, seed, steps) = (
+        r.shots.unwrap_or(16),
+        r.seed.unwrap_or(0),
         r.steps.unwrap_or(50),
-        r.batch_size.unwrap_or(8),
-        r.max_len.unwrap_or(256),
     );
-    let eval_limit = r.eval_limit.unwrap_or(200);
+    if r.patience.is_some() && r.eval_every.is_none() {
+        bail!("--patience needs --eval-every");
+    }
+    if r.eval_every == Some(0) {
+        bail!("--eval-every must be at least 1");
+    }
     std::fs::create_dir_all(&out)?;
     io::write_atomic(
         &out.join("run.json"),
         serde_json::to_string_pretty(&r)?.as_bytes(),
     )?;
-
     let spec = match (&r.model, &r.from) {
         (None, Some(p)) => io::prepared::model_spec(p)?,
         _ => super::model_or_default(r.model.clone(), metapeft::assets::SMOLLM2)?,
     };
     let ck = model::load(&spec, &Device::Cpu)?;
-    let ds = datasets::load(&task, &metapeft::assets::data_dir(), false)?;
-    let train_split = ["train", "validation", "val", "dev"]
-        .into_iter()
-        .find(|s| ds.splits.get(*s).is_some_and(|v| !v.is_empty()))
-        .context("task has no training split")?;
-    let test_split = eval_split(&ds)?;
-    let template = prompt_template(&task);
-    let apply = |v: Vec<data::Example>| -> Vec<data::Example> {
-        v.into_iter()
-            .map(|mut e| {
-                if let data::Content::PromptCompletion { prompt, .. } = &mut e.content {
-                    *prompt = template.replace("{prompt}", prompt);
-                }
-                e
-            })
-            .collect()
-    };
-    let train_ex = apply(k_shot(ds.split(train_split)?, shots, seed));
-    // Test splits are often sorted (by intent, topic): evaluate on a seeded random subset.
-    let all_test = ds.split(test_split)?;
-    let test_ex: Vec<data::Example> = if all_test.len() > eval_limit {
-        let mut idx: Vec<usize> = (0..all_test.len()).collect();
-        rand::seq::SliceRandom::shuffle(
-            &mut idx[..],
-            &mut <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed ^ 0x7e57),
-        );
-        idx.truncate(eval_limit);
-        idx.sort_unstable();
-        apply(idx.into_iter().map(|i| all_test[i].clone()).collect())
-    } else {
-        apply(all_test.to_vec())
-    };
+    let td = setup::task_data(
+        &task,
+        &metapeft::assets::data_dir(),
+        shots,
+        seed,
+        r.eval_limit.unwrap_or(200),
+    )?;
 
-    // The delta (or full fine-tuning).
-    let (base, deltas, dp, adapter) = if method == "full" {
-        let mut b = ck.params.clone();
-        b.make_trainable(|n| {
-            !n.ends_with("embed_tokens.weight") && !n.contains("word_embeddings")
-        })?;
-        (b, DeltaSet::none(), ParamStore::new(), None)
-    } else {
-        let ad = match &r.from {
-            // The meta-learned initialisation, trained from here like a fresh delta.
-            Some(p) => {
-                let mut ad = io::load_adapter(&io::prepared::adapter_dir(p), &ck.arch, &ck.params)?;
-                ad.params.make_trainable(|_| true)?;
-                ad
-            }
-            None => {
-                let cfg = match &r.method_config {
-                    Some(p) => config_from_file(p)?,
-                    None => default_config(&method, &ck.arch)?,
-                };
-                cfg.init(&ck.arch, &ck.params, seed)?
-            }
-        };
-        let d = ad.attach(&ck.arch, &ck.params)?;
-        (ck.params.clone(), d, ad.params.clone(), Some(ad))
+    // The delta (or full fine-tuning, or nothing but the head).
+    let (base, deltas, dp, adapter) = match method.as_str() {
+        "full" => {
+            let mut b = ck.params.clone();
+            b.make_trainable(|n| {
+                !n.ends_with("embed_tokens.weight") && !n.contains("word_embeddings")
+            })?;
+            (b, DeltaSet::none(), ParamStore::new(), None)
+        }
+        "head" | "none" => (ck.params.clone(), DeltaSet::none(), ParamStore::new(), None),
+        _ => {
+            let ad = match &r.from {
+                // The meta-learned initialisation, trained from here like a fresh delta.
+                Some(p) => {
+                    let mut ad =
+                        io::load_adapter(&io::prepared::adapter_dir(p), &ck.arch, &ck.params)?;
+                    ad.params.make_trainable(|_| true)?;
+                    ad
+                }
+                None => {
+                    let cfg = match &r.method_config {
+                        Some(p) => config_from_file(p)?,
+                        None => default_config(&method, &ck.arch)?,
+                    };
+                    cfg.init(&ck.arch, &ck.params, seed)?
+                }
+            };
+            let d = ad.attach(&ck.arch, &ck.params)?;
+            (ck.params.clone(), d, ad.params.clone(), Some(ad))
+        }
     };
     let tc = TrainConfig {
         steps,
-        lr: r.lr.unwrap_or(if method == "full" { 5e-5 } else { 1e-3 }),
+        lr: r.lr.unwrap_or(match method.as_str() {
+            "full" => 5e-5,
+            "head" | "none" => 1e-2,
+            _ => 1e-3,
+        }),
         schedule: Schedule::Linear { warmup: steps / 10 },
         optimizer: OptimizerConfig::AdamW {
             beta1: 0.9,
@@ -234,97 +258,29 @@ pub fn run(a: Args) -> Result<()> {
         },
         grad_clip: Some(1.0),
         grad_accum: r.grad_accum.unwrap_or(1),
-        eval_every: None,
-        patience: None,
-        higher_is_better: false,
-        checkpoint_every: 10,
+        eval_every: r.eval_every,
+        patience: r.patience,
+        higher_is_better: false, // set from the task's metric
+        checkpoint_every: r.checkpoint_every.unwrap_or(10),
         halt_after: None,
     };
     let mut vars = base.vars();
     vars.extend(dp.vars());
-    let report = match (&ck.arch, ds.kind) {
-        (Arch::Llama(cfg), TaskKind::LanguageModeling | TaskKind::PromptCompletion) => {
-            let m = Llama::new(cfg.clone(), &Device::Cpu)?;
-            let (tr, t1) = batch::sequences(&ck.tokenizer, &train_ex, max_len)?;
-            let (ev, t2) = batch::sequences(&ck.tokenizer, &test_ex, max_len)?;
-            if t1 + t2 > 0 {
-                eprintln!("metapeft: {} examples truncated to {max_len} tokens", t1 + t2);
-            }
-            let pad = ck.tokenizer.pad_id.or(ck.tokenizer.eos_ids.first().copied()).unwrap_or(0);
-            let mut obj = DecoderLm {
-                model: &m,
-                base: &base,
-                deltas: &deltas,
-                params: &dp,
-                order: BatchOrder::new(tr.len(), batch_size.min(tr.len().max(1)), tc.grad_accum, seed),
-                train: tr,
-                eval: ev,
-                pad,
-                last_tokens: 0,
-            };
-            let n_gen = if ds.kind == TaskKind::PromptCompletion { r.generate_eval.unwrap_or(30) } else { 0 };
-            let max_new = r.max_new_tokens.unwrap_or(64);
-            let before = obj.perplexity(8)?;
-            eprintln!("perplexity before: {:.3} on {} tokens", before.value(), before.tokens);
-            let rouge_before = rouge_eval(&m, &ck, &base, &deltas, &dp, &test_ex, n_gen, max_new, &out.join("generations-before.jsonl"))?;
-            let rep = train(&tc, vars, &mut obj, Some(&out), a.resume)?;
-            let after = obj.perplexity(8)?;
-            eprintln!("perplexity after:  {:.3}", after.value());
-            let rouge_after = rouge_eval(&m, &ck, &base, &deltas, &dp, &test_ex, n_gen, max_new, &out.join("generations-after.jsonl"))?;
-            let mut j = serde_json::json!({"metric": "perplexity", "before": before.value(), "after": after.value(), "eval_tokens": after.tokens, "train": rep});
-            if n_gen > 0 {
-                eprintln!("ROUGE-L F1 before {:.4}, after {:.4} ({n_gen} generated)", rouge_before[2], rouge_after[2]);
-                j["rouge_examples"] = n_gen.min(test_ex.len()).into();
-                j["rouge_before"] = serde_json::json!({"rouge1": rouge_before[0], "rouge2": rouge_before[1], "rougeL": rouge_before[2]});
-                j["rouge_after"] = serde_json::json!({"rouge1": rouge_after[0], "rouge2": rouge_after[1], "rougeL": rouge_after[2]});
-            }
-            j
-        }
-        (Arch::Bert(cfg), TaskKind::Classification) => {
-            let m = Bert::new(cfg.clone());
-            let labels = {
-                let mut l: Vec<String> = train_ex.iter().filter_map(|e| e.label().map(String::from)).collect();
-                l.sort();
-                l.dedup();
-                l
-            };
-            if let Some(e) = test_ex.iter().find(|e| e.label().is_some_and(|l| !labels.contains(&l.to_string()))) {
-                bail!("test split has label `{}` that the training examples never show", e.label().unwrap_or_default());
-            }
-            let head = new_head(labels.len(), cfg.hidden_size, seed)?;
-            vars.extend(head.vars());
-            let mut obj = EncoderClassifier {
-                model: &m,
-                tok: &ck.tokenizer,
-                base: &base,
-                deltas: &deltas,
-                params: &dp,
-                head: &head,
-                labels: labels.clone(),
-                order: BatchOrder::new(train_ex.len(), batch_size.min(train_ex.len()), tc.grad_accum, seed),
-                train: train_ex.clone(),
-                eval: test_ex.clone(),
-                pad: cfg.pad_token_id,
-            };
-            let (p0, g0) = obj.predict(32)?;
-            let before = (metapeft::eval::classification::accuracy(&p0, &g0), metapeft::eval::classification::macro_f1(&p0, &g0));
-            let rep = train(&tc, vars, &mut obj, Some(&out), a.resume)?;
-            let (p1, g1) = obj.predict(32)?;
-            let after = (metapeft::eval::classification::accuracy(&p1, &g1), metapeft::eval::classification::macro_f1(&p1, &g1));
-            eprintln!("accuracy {:.4} -> {:.4}, macro-F1 {:.4} -> {:.4}", before.0, after.0, before.1, after.1);
-            let tensors: std::collections::HashMap<String, candle_core::Tensor> =
-                head.iter().map(|(n, p)| (n.to_string(), p.tensor().detach())).collect();
-            io::save_safetensors(&tensors, &out.join("head.safetensors"))?;
-            io::write_atomic(&out.join("labels.json"), serde_json::to_string(&labels)?.as_bytes())?;
-            serde_json::json!({"metric": "accuracy", "before": before.0, "after": after.0,
-                               "macro_f1_before": before.1, "macro_f1_after": after.1, "labels": labels.len(), "train": rep})
-        }
-        (arch, kind) => bail!(
-            "adapting a {} model on a {kind:?} task is not supported yet (decoders: language modelling and \
-             prompt->completion; encoders: classification)",
-            arch.name()
-        ),
+    let s = Session {
+        ck: &ck,
+        td: &td,
+        base: &base,
+        deltas: &deltas,
+        dp: &dp,
+        r: &r,
+        head_only: matches!(method.as_str(), "head" | "none"),
     };
+    let report = s.execute(Mode::Adapt {
+        tc: &tc,
+        vars,
+        out: &out,
+        resume: a.resume,
+    })?;
     match adapter {
         Some(ad) => io::save_adapter(
             &ad,
@@ -333,10 +289,23 @@ pub fn run(a: Args) -> Result<()> {
             &out.join("adapter"),
             AdapterFormat::Native,
         )?,
-        None => io::hf_dir::write_parts(&ck.arch, &base, &ck.tokenizer, &out.join("model"))?,
+        None if method == "full" => {
+            io::hf_dir::write_parts(&ck.arch, &base, &ck.tokenizer, &out.join("model"))?
+        }
+        None => {}
     }
-    let full = serde_json::json!({"task": task, "method": method, "from": r.from, "shots": shots, "train_examples": train_ex.len(),
-                                  "eval_examples": test_ex.len(), "steps": steps, "seed": seed, "model": spec, "result": report});
+    let log = out.join("metrics.jsonl");
+    if log.is_file() {
+        let metric = report["eval_metric"]
+            .as_str()
+            .unwrap_or("metric")
+            .to_string();
+        if let Err(e) = metapeft::train::plot::plot_run(&log, &out, &metric) {
+            eprintln!("metapeft: warning: could not draw the curves: {e}");
+        }
+    }
+    let full = serde_json::json!({"task": task, "method": method, "from": r.from, "shots": shots, "train_examples": td.train.len(),
+                                  "eval_examples": td.eval.len(), "steps": steps, "seed": seed, "model": spec, "result": report});
     io::write_atomic(
         &out.join("report.json"),
         serde_json::to_string_pretty(&full)?.as_bytes(),
@@ -345,79 +314,305 @@ pub fn run(a: Args) -> Result<()> {
     Ok(())
 }
 
-/// How prompt->completion examples are shown to a decoder.
-pub(crate) fn prompt_template(task: &str) -> &'static str {
-    match task.split('/').next().unwrap_or("") {
-        "dialogsum" | "scitldr" | "multilexsum" => "{prompt}\nSummary:",
-        "dailydialog" | "multiwoz" | "persona-chat" => "{prompt}\n",
-        _ => "{prompt}",
+/// Train then evaluate (adapt), or evaluate only (eval).
+pub(crate) enum Mode<'a> {
+    Adapt {
+        tc: &'a TrainConfig,
+        vars: Vec<(String, Var)>,
+        out: &'a Path,
+        resume: bool,
+    },
+    /// With the directory of a previous run whose head to use.
+    Eval { head_dir: Option<&'a Path> },
+}
+
+/// Everything a run needs besides the mode; shared by `adapt` and `eval`.
+pub(crate) struct Session<'a> {
+    pub ck: &'a Checkpoint,
+    pub td: &'a TaskData,
+    pub base: &'a ParamStore,
+    pub deltas: &'a DeltaSet,
+    pub dp: &'a ParamStore,
+    pub r: &'a RunArgs,
+    /// `--method head`: nothing but the head trains.
+    pub head_only: bool,
+}
+
+/// Metrics before and after training, or once (eval).
+fn drive<O: Objective + Evaluate>(
+    obj: &mut O,
+    mode: Mode,
+    metric: Option<&str>,
+) -> Result<serde_json::Value> {
+    let before = obj.metrics()?;
+    let show = |m: &Metrics| {
+        m.values
+            .iter()
+            .map(|(k, v)| format!("{k} {v:.4}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match mode {
+        Mode::Eval { .. } => {
+            eprintln!("{}", show(&before));
+            Ok(
+                serde_json::json!({"metric": before.primary, "value": before.value(), "metrics": before.values}),
+            )
+        }
+        Mode::Adapt {
+            tc,
+            vars,
+            out,
+            resume,
+        } => {
+            eprintln!("before: {}", show(&before));
+            let watched = metric.unwrap_or(before.primary).to_string();
+            if !before.values.contains_key(&watched) {
+                bail!(
+                    "--metric {watched}: this task reports {}",
+                    before.values.keys().cloned().collect::<Vec<_>>().join(", ")
+                );
+            }
+            let tc = TrainConfig {
+                higher_is_better: !lower_is_better(&watched),
+                ..tc.clone()
+            };
+            let mut mon = Monitored {
+                inner: obj,
+                metric: watched.clone(),
+            };
+            let rep: TrainReport = train(&tc, vars, &mut mon, Some(out), resume)?;
+            let after = obj.metrics()?;
+            eprintln!("after:  {}", show(&after));
+            Ok(
+                serde_json::json!({"metric": before.primary, "before": before.value(), "after": after.value(),
+                                  "metrics_before": before.values, "metrics_after": after.values, "train": rep,
+                                  "eval_metric": watched}),
+            )
+        }
     }
 }
 
-/// Mean over examples of the best-reference ROUGE-1/2/L F1 of greedy generations; the
-/// generations are written to `log` (JSONL) for inspection.
-#[allow(clippy::too_many_arguments)]
-fn rouge_eval(
-    m: &Llama,
-    ck: &model::Checkpoint,
-    base: &ParamStore,
-    deltas: &DeltaSet,
-    dp: &ParamStore,
-    examples: &[data::Example],
-    n: usize,
-    max_new: usize,
-    log: &std::path::Path,
-) -> Result<[f64; 3]> {
-    use metapeft::eval::rouge;
-    use metapeft::generate::{generate, GenerateOptions};
-    let mut sums = [0.0; 3];
-    let mut lines = String::new();
-    let take: Vec<&data::Example> = examples.iter().take(n).collect();
-    deltas.set_training(false);
-    for e in &take {
-        let data::Content::PromptCompletion {
-            prompt, references, ..
-        } = &e.content
-        else {
-            continue;
-        };
-        let mut ids = ck.tokenizer.encode(prompt, false)?;
-        let keep = 768usize;
-        if ids.len() > keep {
-            ids.drain(..ids.len() - keep);
-        }
-        // No stop string: models often start with a newline after "Summary:"; keep the first
-        // non-empty line instead.
-        let opts = GenerateOptions {
-            max_new_tokens: max_new,
-            ..Default::default()
-        };
-        let g = generate(m, base, deltas, dp, &ck.tokenizer, &ids, &opts, |_| {})?;
-        let text = g
-            .text
-            .trim_start()
-            .lines()
-            .next()
-            .unwrap_or("")
-            .trim()
-            .to_string();
-        let best = |f: &dyn Fn(&rouge::Rouge) -> f64| -> f64 {
-            references
-                .iter()
-                .map(|r| f(&rouge::rouge(r, &text)))
-                .fold(0.0, f64::max)
-        };
-        sums[0] += best(&|s| s.rouge1.fmeasure);
-        sums[1] += best(&|s| s.rouge2.fmeasure);
-        sums[2] += best(&|s| s.rouge_l.fmeasure);
-        lines.push_str(
-            &serde_json::json!({"generated": text, "references": references}).to_string(),
+impl Session<'_> {
+    fn order(&self, lengths: Vec<usize>) -> BatchOrder {
+        let n = lengths.len();
+        let batch = self.r.batch_size.unwrap_or(8).min(n.max(1));
+        let o = BatchOrder::new(
+            n,
+            batch,
+            self.r.grad_accum.unwrap_or(1),
+            self.r.seed.unwrap_or(0),
         );
-        lines.push('\n');
+        if self.r.bucket.unwrap_or(true) {
+            o.with_lengths(lengths)
+        } else {
+            o
+        }
     }
-    if !take.is_empty() {
-        io::write_atomic(log, lines.as_bytes())?;
+
+    fn warn_truncated(&self, n: usize, max_len: usize) {
+        if n > 0 {
+            eprintln!("metapeft: {n} examples truncated to {max_len} tokens");
+        }
     }
-    let k = take.len().max(1) as f64;
-    Ok([sums[0] / k, sums[1] / k, sums[2] / k])
+
+    /// A head for `labels` classes on `hidden` units: loaded from `--head DIR` (eval), new and
+    /// trainable (adapt), or an error when eval has none.
+    fn head(&self, mode: &mut Mode, kind: &str, hidden: usize) -> Result<ParamStore> {
+        let labels = &self.td.labels;
+        match mode {
+            Mode::Eval { head_dir: Some(d) } => Ok(load_head(d, kind, labels, hidden)?),
+            Mode::Eval { head_dir: None } => bail!(
+                "evaluating {} on `{}` needs a trained head: --head DIR (a previous `metapeft adapt` run's \
+                 directory, with head.safetensors and labels.json)",
+                self.ck.arch.name(),
+                self.td.name
+            ),
+            Mode::Adapt { vars, .. } => {
+                let h = new_head(labels.len(), hidden, self.r.seed.unwrap_or(0))?;
+                vars.extend(h.vars());
+                Ok(h)
+            }
+        }
+    }
+
+    pub(crate) fn execute(&self, mut mode: Mode) -> Result<serde_json::Value> {
+        let (ck, td, r) = (self.ck, self.td, self.r);
+        let max_len = r.max_len.unwrap_or(256);
+        let out_dir = match &mode {
+            Mode::Adapt { out, .. } => Some(out.to_path_buf()),
+            Mode::Eval { .. } => None,
+        };
+        let needs_head = matches!(
+            td.kind,
+            TaskKind::Classification | TaskKind::TokenClassification
+        );
+        if let (Mode::Eval { head_dir: Some(d) }, false) = (&mode, needs_head) {
+            bail!(
+                "--head {} is for classification tasks; `{}` is a {:?} task",
+                d.display(),
+                td.name,
+                td.kind
+            );
+        }
+        if self.head_only && !needs_head {
+            bail!(
+                "--method head trains a classification head only; `{}` is a {:?} task",
+                td.name,
+                td.kind
+            );
+        }
+        if needs_head && td.labels.len() < 2 {
+            bail!(
+                "task `{}` has {} label(s); classification needs at least 2",
+                td.name,
+                td.labels.len()
+            );
+        }
+        let mut result = match (&ck.arch, td.kind) {
+            (Arch::Llama(cfg), TaskKind::LanguageModeling | TaskKind::PromptCompletion) => {
+                let m = Llama::new(cfg.clone(), &Device::Cpu)?;
+                let (tr, t1) = batch::sequences(&ck.tokenizer, &td.train, max_len)?;
+                let (ev, t2) = batch::sequences(&ck.tokenizer, &td.eval, max_len)?;
+                self.warn_truncated(t1 + t2, max_len);
+                let pad = ck.tokenizer.pad_id.or(ck.tokenizer.eos_ids.first().copied()).unwrap_or(0);
+                let lengths = tr.iter().map(|s| s.ids.len()).collect();
+                let mut obj = DecoderLm {
+                    model: &m,
+                    base: self.base,
+                    deltas: self.deltas,
+                    params: self.dp,
+                    order: self.order(lengths),
+                    train: tr,
+                    eval: ev,
+                    pad,
+                    last_tokens: 0,
+                };
+                let n_gen = if td.kind == TaskKind::PromptCompletion { r.generate_eval.unwrap_or(30) } else { 0 };
+                let max_new = r.max_new_tokens.unwrap_or(64);
+                let gen = |tag: &str| -> Result<[f64; 3]> {
+                    let log = out_dir.as_ref().map(|d| d.join(format!("generations-{tag}.jsonl")));
+                    Ok(rouge_eval(&m, &ck.tokenizer, self.base, self.deltas, self.dp, &td.eval, n_gen, max_new, log.as_deref())?)
+                };
+                let rouge_json = |x: [f64; 3]| serde_json::json!({"rouge1": x[0], "rouge2": x[1], "rougeL": x[2]});
+                let is_eval = matches!(mode, Mode::Eval { .. });
+                let rb = if n_gen > 0 { Some(gen(if is_eval { "eval" } else { "before" })?) } else { None };
+                let mut j = drive(&mut obj, mode, r.metric.as_deref())?;
+                if let Some(rb) = rb {
+                    j["rouge_examples"] = n_gen.min(td.eval.len()).into();
+                    if is_eval {
+                        j["rouge"] = rouge_json(rb);
+                    } else {
+                        let ra = gen("after")?;
+                        eprintln!("ROUGE-L F1 before {:.4}, after {:.4} ({n_gen} generated)", rb[2], ra[2]);
+                        j["rouge_before"] = rouge_json(rb);
+                        j["rouge_after"] = rouge_json(ra);
+                    }
+                }
+                j
+            }
+            (Arch::Llama(cfg), TaskKind::Classification) => {
+                let m = Llama::new(cfg.clone(), &Device::Cpu)?;
+                let template = |t: &str, p: Option<&str>| setup::classification_prompt(&td.name, t, p);
+                let (tr, t1) = batch::decoder_items(&ck.tokenizer, &td.train, &td.labels, &template, max_len)?;
+                let (ev, t2) = batch::decoder_items(&ck.tokenizer, &td.eval, &td.labels, &template, max_len)?;
+                self.warn_truncated(t1 + t2, max_len);
+                let pad = ck.tokenizer.pad_id.or(ck.tokenizer.eos_ids.first().copied()).unwrap_or(0);
+                let kind = match (&mode, r.head.as_deref()) {
+                    (Mode::Eval { head_dir }, _) => if head_dir.is_some() { "linear" } else { "verbalizer" },
+                    (_, None | Some("verbalizer")) => "verbalizer",
+                    (_, Some("linear")) => "linear",
+                    (_, Some(h)) => bail!("--head must be `linear` or `verbalizer`, not `{h}`"),
+                };
+                let custom = setup::parse_verbalizers(r.verbalizers.as_deref().unwrap_or(""))?;
+                let verbs = setup::verbalizer_ids(&ck.tokenizer, &td.name, &td.labels, &custom)?;
+                if kind == "verbalizer" && self.head_only {
+                    bail!("--method head with --head verbalizer has nothing to train (use --head linear)");
+                }
+                let head_store = if kind == "linear" { Some(self.head(&mut mode, HEAD_DECODER_LAST, cfg.hidden_size)?) } else { None };
+                let lengths = tr.iter().map(|i| i.ids.len()).collect();
+                let mut obj = DecoderClassifier {
+                    model: &m,
+                    base: self.base,
+                    deltas: self.deltas,
+                    params: self.dp,
+                    head: match &head_store {
+                        Some(h) => DecoderHead::Linear(h),
+                        None => DecoderHead::Verbalizer(verbs.clone()),
+                    },
+                    order: self.order(lengths),
+                    train: tr,
+                    eval: ev,
+                    pad,
+                };
+                let mut j = drive(&mut obj, mode, r.metric.as_deref())?;
+                j["head"] = kind.into();
+                if kind == "verbalizer" {
+                    j["verbalizers"] = td.labels.iter().map(|l| setup::verbalizer(&td.name, l, &custom)).collect::<Vec<_>>().into();
+                }
+                if let (Some(h), Some(d)) = (&head_store, &out_dir) {
+                    save_head(h, &td.labels, HEAD_DECODER_LAST, d)?;
+                }
+                j
+            }
+            (Arch::Bert(cfg), TaskKind::Classification) => {
+                let m = Bert::new(cfg.clone());
+                let (tr, t1) = batch::encoder_items(&ck.tokenizer, &td.train, &td.labels, max_len)?;
+                let (ev, t2) = batch::encoder_items(&ck.tokenizer, &td.eval, &td.labels, max_len)?;
+                self.warn_truncated(t1 + t2, max_len);
+                let head = self.head(&mut mode, HEAD_ENCODER_POOLED, cfg.hidden_size)?;
+                let lengths = tr.iter().map(|i| i.ids.len()).collect();
+                let mut obj = EncoderClassifier {
+                    model: &m,
+                    base: self.base,
+                    deltas: self.deltas,
+                    params: self.dp,
+                    head: &head,
+                    order: self.order(lengths),
+                    train: tr,
+                    eval: ev,
+                    pad: cfg.pad_token_id,
+                };
+                let j = drive(&mut obj, mode, r.metric.as_deref())?;
+                if let Some(d) = &out_dir {
+                    save_head(&head, &td.labels, HEAD_ENCODER_POOLED, d)?;
+                }
+                j
+            }
+            (Arch::Bert(cfg), TaskKind::TokenClassification) => {
+                let m = Bert::new(cfg.clone());
+                let (tr, t1) = batch::tagged_items(&ck.tokenizer, &td.train, &td.labels, max_len)?;
+                let (ev, t2) = batch::tagged_items(&ck.tokenizer, &td.eval, &td.labels, max_len)?;
+                self.warn_truncated(t1 + t2, max_len);
+                let head = self.head(&mut mode, HEAD_TOKEN, cfg.hidden_size)?;
+                let lengths = tr.iter().map(|i| i.ids.len()).collect();
+                let mut obj = EncoderTagger {
+                    model: &m,
+                    base: self.base,
+                    deltas: self.deltas,
+                    params: self.dp,
+                    head: &head,
+                    tags: td.labels.clone(),
+                    order: self.order(lengths),
+                    train: tr,
+                    eval: ev,
+                    pad: cfg.pad_token_id,
+                };
+                let j = drive(&mut obj, mode, r.metric.as_deref())?;
+                if let Some(d) = &out_dir {
+                    save_head(&head, &td.labels, HEAD_TOKEN, d)?;
+                }
+                j
+            }
+            (arch, kind) => bail!(
+                "a {} model on a {kind:?} task is not supported (decoders: language modelling, \
+                 prompt->completion, classification; encoders: classification, token classification)",
+                arch.name()
+            ),
+        };
+        if needs_head {
+            result["labels"] = td.labels.len().into();
+        }
+        Ok(result)
+    }
 }

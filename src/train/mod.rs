@@ -8,7 +8,9 @@
 pub mod checkpoint;
 pub mod objectives;
 pub mod optim;
+pub mod plot;
 pub mod schedule;
+pub mod setup;
 #[cfg(test)]
 mod tests;
 pub mod trainer;
