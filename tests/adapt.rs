@@ -297,6 +297,47 @@ fn early_stopping_stops_when_the_metric_stalls() {
         err.contains("bleu") && err.contains("accuracy, macro_f1"),
         "{err}"
     );
+    // --restore-best: a learning rate that makes things worse ends with the best evaluation's
+    // parameters, so "after" is the best logged metric, not the last.
+    let best = common::temp_dir("adapt-best").join("run");
+    let (code, _, err) = adapt(&[
+        "--model",
+        &m,
+        "--task",
+        "clinc150/banking",
+        "--method",
+        "lora",
+        "--shots",
+        "2",
+        "--steps",
+        "16",
+        "--lr",
+        "3e-2",
+        "--eval-every",
+        "2",
+        "--patience",
+        "2",
+        "--restore-best",
+        "true",
+        "--eval-limit",
+        "30",
+        "--out",
+        best.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let rep = report(&best);
+    let t = &rep["result"]["train"];
+    assert_eq!(t["restored_best"], true, "{t}");
+    close(&rep["result"]["after"], &t["best_metric"], "after vs best");
+    let last: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(best.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .last()
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(last["eval_metric"].as_f64().unwrap() < t["best_metric"].as_f64().unwrap());
     // --patience alone is refused.
     let (code, _, err) = adapt(&[
         "--model",

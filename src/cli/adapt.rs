@@ -106,6 +106,10 @@ pub struct RunArgs {
     /// perplexity, accuracy or f1; also e.g. macro_f1, nll, precision, recall)
     #[arg(long)]
     pub metric: Option<String>,
+    /// End with the adapter/head of the best evaluation rather than the last step (needs
+    /// --eval-every; default false)
+    #[arg(long)]
+    pub restore_best: Option<bool>,
     /// Write a checkpoint every N steps (default 10; always at the end)
     #[arg(long)]
     pub checkpoint_every: Option<usize>,
@@ -141,6 +145,7 @@ impl RunArgs {
             eval_every,
             patience,
             metric,
+            restore_best,
             checkpoint_every,
             bucket
         )
@@ -189,6 +194,9 @@ pub fn run(a: Args) -> Result<()> {
     );
     if r.patience.is_some() && r.eval_every.is_none() {
         bail!("--patience needs --eval-every");
+    }
+    if r.restore_best == Some(true) && r.eval_every.is_none() {
+        bail!("--restore-best needs --eval-every");
     }
     if r.eval_every == Some(0) {
         bail!("--eval-every must be at least 1");
@@ -262,6 +270,7 @@ pub fn run(a: Args) -> Result<()> {
         patience: r.patience,
         higher_is_better: false, // set from the task's metric
         checkpoint_every: r.checkpoint_every.unwrap_or(10),
+        restore_best: r.restore_best.unwrap_or(false),
         halt_after: None,
     };
     let mut vars = base.vars();

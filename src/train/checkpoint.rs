@@ -29,10 +29,20 @@ fn dir_of(out: &Path, suffix: &str) -> PathBuf {
     out.join(format!("checkpoint{suffix}"))
 }
 
-pub fn save(out: &Path, opt: &Optimizer, state: &LoopState) -> Result<()> {
+/// Write a checkpoint; `best` (the parameters at the best evaluation, kept for
+/// `restore_best`) goes with it so a resumed run can still restore them.
+pub fn save(
+    out: &Path,
+    opt: &Optimizer,
+    state: &LoopState,
+    best: Option<&HashMap<String, Tensor>>,
+) -> Result<()> {
     let new = dir_of(out, ".new");
     let _ = std::fs::remove_dir_all(&new);
     std::fs::create_dir_all(&new)?;
+    if let Some(b) = best {
+        save_safetensors(b, &new.join("best.safetensors"))?;
+    }
     let mut params: HashMap<String, Tensor> = HashMap::new();
     let mut moments: HashMap<String, Tensor> = HashMap::new();
     for (name, v) in opt.vars() {
@@ -68,6 +78,15 @@ pub fn find(out: &Path) -> Option<PathBuf> {
     [dir_of(out, ""), dir_of(out, ".old")]
         .into_iter()
         .find(|d| d.join("state.json").is_file())
+}
+
+/// The best-evaluation parameters stored with a checkpoint, if any.
+pub fn load_best(dir: &Path) -> Result<Option<HashMap<String, Tensor>>> {
+    let p = dir.join("best.safetensors");
+    if !p.is_file() {
+        return Ok(None);
+    }
+    Ok(Some(load_safetensors(&p)?.into_iter().collect()))
 }
 
 /// Restore parameters and optimiser state; returns the loop state.

@@ -107,6 +107,7 @@ fn cfg(steps: usize) -> TrainConfig {
         patience: None,
         higher_is_better: false,
         checkpoint_every: 0,
+        restore_best: false,
         halt_after: None,
     }
 }
@@ -240,6 +241,38 @@ fn early_stopping_and_accumulation() -> Result<()> {
         (r.steps, r.best_metric, r.best_step),
         (5, Some(0.9), Some(2))
     );
+
+    // restore_best ends with the parameters of the best evaluation (step 2), also across a resume.
+    let mut c = cfg(20);
+    c.eval_every = Some(1);
+    c.patience = Some(3);
+    c.restore_best = true;
+    let mut two = setup(4)?;
+    let mut c2 = cfg(20);
+    c2.halt_after = Some(2);
+    assert!(train(&c2, two.params.vars(), &mut two, None, false).is_err());
+    let mut lm = setup(4)?;
+    lm.metrics = vec![1.0, 0.9, 0.95, 0.97, 0.99, 0.5];
+    let r = train(&c, lm.params.vars(), &mut lm, None, false)?;
+    assert!(r.restored_best && r.stopped_early);
+    assert_eq!(snapshot(&lm.params), snapshot(&two.params));
+    let dir = std::env::temp_dir().join(format!("metapeft-best-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut crashed = setup(4)?;
+    crashed.metrics = vec![1.0, 0.9, 0.95, 0.97];
+    let mut ch = c.clone();
+    ch.checkpoint_every = 3;
+    ch.halt_after = Some(4);
+    assert!(train(&ch, crashed.params.vars(), &mut crashed, Some(&dir), false).is_err());
+    let mut resumed = setup(4)?;
+    resumed.metrics = vec![0.97, 0.99, 0.5];
+    ch.halt_after = None;
+    let r = train(&ch, resumed.params.vars(), &mut resumed, Some(&dir), true)?;
+    assert_eq!(
+        (r.resumed_from, r.best_step, r.restored_best),
+        (Some(3), Some(2), true)
+    );
+    assert_eq!(snapshot(&resumed.params), snapshot(&two.params));
 
     // One step on a batch of 4 equals one step accumulating two micro-batches of 2.
     let mut a = setup(4)?;

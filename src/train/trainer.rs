@@ -53,6 +53,9 @@ pub struct TrainConfig {
     /// Checkpoint every N steps (and always at the end); 0: only at the end.
     #[serde(default)]
     pub checkpoint_every: usize,
+    /// End with the parameters of the best evaluation (needs `eval_every`) instead of the last.
+    #[serde(default)]
+    pub restore_best: bool,
     /// Testing aid: stop abruptly after this step without a final checkpoint, as a crash would.
     #[serde(default)]
     pub halt_after: Option<usize>,
@@ -70,6 +73,8 @@ pub struct TrainReport {
     pub best_step: Option<usize>,
     pub stopped_early: bool,
     pub resumed_from: Option<usize>,
+    /// The final parameters are those of `best_step` (`restore_best`), not of the last step.
+    pub restored_best: bool,
     pub log: Option<PathBuf>,
 }
 
@@ -101,8 +106,12 @@ pub fn train(
     if cfg.patience.is_some() && cfg.eval_every.is_none() {
         return Err(Error::invalid("early stopping (patience) needs eval_every"));
     }
+    if cfg.restore_best && cfg.eval_every.is_none() {
+        return Err(Error::invalid("restore_best needs eval_every"));
+    }
     let mut opt = Optimizer::new(cfg.optimizer.clone(), vars)?;
     let mut st = LoopState::default();
+    let mut best: Option<std::collections::HashMap<String, Tensor>> = None;
     let mut resumed_from = None;
     let log_path = out.map(|d| d.join("metrics.jsonl"));
     if let Some(d) = out {
@@ -111,6 +120,9 @@ pub fn train(
             if let Some(ck) = checkpoint::find(d) {
                 st = checkpoint::load(&ck, &mut opt)?;
                 resumed_from = Some(st.step);
+                if cfg.restore_best {
+                    best = checkpoint::load_best(&ck)?;
+                }
                 // Drop log lines written after the checkpoint: they will be replayed.
                 if let Some(lp) = &log_path {
                     truncate_log(lp, st.step)?;
@@ -197,6 +209,14 @@ pub fn train(
                     st.best_metric = Some(m);
                     st.best_step = Some(st.step);
                     st.bad_evals = 0;
+                    if cfg.restore_best {
+                        best = Some(
+                            opt.vars()
+                                .iter()
+                                .map(|(n, v)| Ok((n.clone(), v.as_tensor().detach().copy()?)))
+                                .collect::<Result<_>>()?,
+                        );
+                    }
                 } else {
                     st.bad_evals += 1;
                 }
@@ -226,7 +246,7 @@ pub fn train(
         }
         if let Some(d) = out {
             if cfg.checkpoint_every > 0 && st.step % cfg.checkpoint_every == 0 {
-                checkpoint::save(d, &opt, &st)?;
+                checkpoint::save(d, &opt, &st, best.as_ref())?;
             }
         }
         if stopped_early {
@@ -234,8 +254,20 @@ pub fn train(
         }
     }
     pb.finish_and_clear();
+    let mut restored_best = false;
+    if let (true, Some(b), Some(bs)) = (cfg.restore_best, &best, st.best_step) {
+        if bs != st.step {
+            for (name, v) in opt.vars() {
+                let t = b.get(name).ok_or_else(|| {
+                    Error::invalid(format!("no best-evaluation copy of `{name}`"))
+                })?;
+                v.set(&t.to_dtype(v.dtype())?)?;
+            }
+            restored_best = true;
+        }
+    }
     if let Some(d) = out {
-        checkpoint::save(d, &opt, &st)?;
+        checkpoint::save(d, &opt, &st, best.as_ref())?;
     }
     Ok(TrainReport {
         steps: st.step,
@@ -244,6 +276,7 @@ pub fn train(
         best_step: st.best_step,
         stopped_early,
         resumed_from,
+        restored_best,
         log: log_path,
     })
 }
