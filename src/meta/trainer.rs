@@ -508,13 +508,13 @@ pub fn meta_train(
         }
         if let Some(d) = out {
             if cfg.checkpoint_every > 0 && st.step % cfg.checkpoint_every == 0 {
-                checkpoint::save(d, &opt, &st)?;
+                checkpoint::save(d, &opt, &st, None)?;
             }
         }
     }
     pb.finish_and_clear();
     if let Some(d) = out {
-        checkpoint::save(d, &opt, &st)?;
+        checkpoint::save(d, &opt, &st, None)?;
     }
     Ok(MetaReport {
         steps: st.step,
