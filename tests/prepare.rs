@@ -120,6 +120,46 @@ fn mltd_with_tams_saves_cell_controller_and_architectures() {
         t.contains_key("tams.controller.fc2.weight") && t.contains_key("tams.layers.1.out.weight")
     );
     assert!(!t.keys().any(|k| k.starts_with("tams.layers.0.")));
+
+    // Adapting from it: the controller picks this task's cell, which trains with the delta.
+    let run = model.join("adapted");
+    let (code, stdout, stderr) = common::metapeft(&[
+        "adapt",
+        "--from",
+        &o,
+        "--task",
+        "fortunes/science",
+        "--shots",
+        "4",
+        "--steps",
+        "2",
+        "--max-len",
+        "12",
+        "--eval-limit",
+        "4",
+        "--lr",
+        "0.05",
+        "--out",
+        &run.to_string_lossy(),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains("TAMS cell for this task: node2 <- "),
+        "{stderr}"
+    );
+    let r: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert!(r["after"].as_f64().unwrap().is_finite());
+    let chosen = metapeft::meta::tams::read_architectures(&run.join("tams")).unwrap();
+    assert!(chosen.contains_key("fortunes/science"));
+    let before = &t["tams.layers.1.edges.0.linear.weight"];
+    let after =
+        candle_core::safetensors::load(run.join("tams/tams.safetensors"), &Device::Cpu).unwrap();
+    let moved = (&after["tams.layers.1.out.weight"] - &t["tams.layers.1.out.weight"]).unwrap();
+    assert!(common::l2(&moved) > 0.0, "the cell's weights did not train");
+    assert_eq!(
+        after["tams.layers.1.edges.0.linear.weight"].dims(),
+        before.dims()
+    );
 }
 
 #[test]

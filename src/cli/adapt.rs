@@ -1,12 +1,13 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use metapeft::data::{batch, TaskKind};
 use metapeft::io::{self, AdapterFormat};
+use metapeft::meta::tams::{self, Architecture, TamsConfig};
 use metapeft::model::{self, Arch, Bert, Checkpoint, Llama};
 use metapeft::params::ParamStore;
-use metapeft::peft::config::{config_from_file, default_config};
+use metapeft::peft::config::{config_from_file, default_config, ModelDims};
 use metapeft::peft::DeltaSet;
 use metapeft::train::objectives::{
     load_head, lower_is_better, new_head, rouge_eval, save_head, BatchOrder, DecoderClassifier,
@@ -220,7 +221,7 @@ pub fn run(a: Args) -> Result<()> {
     )?;
 
     // The delta (or full fine-tuning, or nothing but the head).
-    let (base, deltas, dp, adapter) = match method.as_str() {
+    let (base, mut deltas, mut dp, adapter) = match method.as_str() {
         "full" => {
             let mut b = ck.params.clone();
             b.make_trainable(|n| {
@@ -249,6 +250,10 @@ pub fn run(a: Args) -> Result<()> {
             let d = ad.attach(&ck.arch, &ck.params)?;
             (ck.params.clone(), d, ad.params.clone(), Some(ad))
         }
+    };
+    let tams = match &r.from {
+        Some(p) => attach_tams(p, &ck, &td, r.max_len.unwrap_or(256), &mut deltas, &mut dp)?,
+        None => None,
     };
     let tc = TrainConfig {
         steps,
@@ -303,6 +308,9 @@ pub fn run(a: Args) -> Result<()> {
         }
         None => {}
     }
+    if let Some((cfg, params, arch)) = &tams {
+        save_tams(&out.join("tams"), cfg, params, &dp, arch, &task)?;
+    }
     let log = out.join("metrics.jsonl");
     if log.is_file() {
         let metric = report["eval_metric"]
@@ -313,7 +321,8 @@ pub fn run(a: Args) -> Result<()> {
             eprintln!("metapeft: warning: could not draw the curves: {e}");
         }
     }
-    let full = serde_json::json!({"task": task, "method": method, "from": r.from, "shots": shots, "train_examples": td.train.len(),
+    let full = serde_json::json!({"task": task, "method": method, "from": r.from,
+                                  "tams_architecture": tams.as_ref().map(|t| t.2.to_string()), "shots": shots, "train_examples": td.train.len(),
                                   "eval_examples": td.eval.len(), "steps": steps, "seed": seed, "model": spec, "result": report});
     io::write_atomic(
         &out.join("report.json"),
@@ -624,4 +633,72 @@ impl Session<'_> {
         }
         Ok(result)
     }
+}
+
+/// A prepared model with TAMS: the controller picks this task's cell from the training examples;
+/// the cell joins the delta (its weights train, its architecture stays fixed).
+fn attach_tams(
+    from: &Path,
+    ck: &Checkpoint,
+    td: &TaskData,
+    max_len: usize,
+    deltas: &mut DeltaSet,
+    dp: &mut ParamStore,
+) -> Result<Option<(TamsConfig, ParamStore, Architecture)>> {
+    let dir = from.join("tams");
+    let cfg_path = dir.join("tams_config.json");
+    if !cfg_path.is_file() {
+        return Ok(None);
+    }
+    let cfg: TamsConfig = serde_json::from_str(&std::fs::read_to_string(&cfg_path)?)
+        .with_context(|| format!("{}: bad TAMS config", cfg_path.display()))?;
+    let mut params = ParamStore::new();
+    for (n, t) in io::load_safetensors(&dir.join("tams.safetensors"))? {
+        params.insert_trainable(n, Var::from_tensor(&t)?);
+    }
+    let dims = ModelDims::of(&ck.arch);
+    let (cell, controller) = cfg.build(dims, &params)?;
+    let (seqs, _) = metapeft::data::batch::sequences(&ck.tokenizer, &td.train, max_len)
+        .context("TAMS picks a cell from the training text: a decoder text task is needed")?;
+    let ids: Vec<u32> = seqs.iter().flat_map(|s| s.ids.iter().copied()).collect();
+    let n = ids.len();
+    let emb = tams::task_embedding(&ck.params, &Tensor::from_vec(ids, n, &Device::Cpu)?, None)?;
+    let soft = controller.arch_weights(&emb, &params, tams::ArchMode::Soft, None)?;
+    let arch = Architecture::from_weights(&soft)?;
+    eprintln!("TAMS cell for this task: {arch}");
+    for (name, p) in params.iter() {
+        if !name.starts_with("tams.controller.") {
+            dp.insert(name, p.clone());
+        }
+    }
+    dp.insert_frozen(tams::ARCH, arch.one_hot(DType::F32, &Device::Cpu)?);
+    deltas.push(cell);
+    Ok(Some((cfg, params, arch)))
+}
+
+/// The adapted cell weights (from `dp`), the controller, the config and the chosen architecture.
+fn save_tams(
+    dir: &Path,
+    cfg: &TamsConfig,
+    params: &ParamStore,
+    dp: &ParamStore,
+    arch: &Architecture,
+    task: &str,
+) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    io::write_atomic(
+        &dir.join("tams_config.json"),
+        serde_json::to_string_pretty(cfg)?.as_bytes(),
+    )?;
+    let t: std::collections::HashMap<String, Tensor> = params
+        .iter()
+        .map(|(n, p)| {
+            let v = dp.get_opt(n).unwrap_or(p.tensor());
+            (n.to_string(), v.detach())
+        })
+        .collect();
+    io::save_safetensors(&t, &dir.join("tams.safetensors"))?;
+    let archs = std::collections::BTreeMap::from([(task.to_string(), arch.clone())]);
+    tams::write_architectures(dir, &archs)?;
+    Ok(())
 }
