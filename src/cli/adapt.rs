@@ -698,7 +698,7 @@ fn save_tams(
         })
         .collect();
     io::save_safetensors(&t, &dir.join("tams.safetensors"))?;
-    let archs = std::collections::BTreeMap::from([(task.to_string(), arch.clone())]);
+    let archs = std::collections::BTreeMap::from([(task.to_string(), *arch)]);
     tams::write_architectures(dir, &archs)?;
     Ok(())
 }
