@@ -90,9 +90,10 @@ pub fn run(
     model: &Llama,
     warmup: usize,
     runs: usize,
+    seq_len: usize,
 ) -> Result<Timing> {
     let dev = Device::Cpu;
-    let (b, t) = (4, 128);
+    let (b, t) = (4, seq_len.max(2));
     let mut timing = Timing {
         workload: workload.to_string(),
         seconds: vec![],

@@ -27,6 +27,9 @@ pub struct Args {
     /// Untimed warm-up runs per workload
     #[arg(long, default_value_t = 1)]
     warmup: usize,
+    /// Tokens per sequence of the training, meta-learning (batch 4) and forward (batch 1) workloads
+    #[arg(long, default_value_t = 128)]
+    seq_len: usize,
     /// Print results as JSON lines
     #[arg(long)]
     json: bool,
@@ -44,7 +47,7 @@ pub fn run(a: Args) -> Result<()> {
         };
         let m = Llama::new(cfg.clone(), &Device::Cpu)?;
         let w = a.workload.first().context("--child needs one --workload")?;
-        let t = bench::run(w, &ck, &m, a.warmup, a.runs)?;
+        let t = bench::run(w, &ck, &m, a.warmup, a.runs, a.seq_len)?;
         println!("{}", serde_json::to_string(&t)?);
         return Ok(());
     }
@@ -82,13 +85,23 @@ pub fn run(a: Args) -> Result<()> {
                 &a.runs.to_string(),
                 "--warmup",
                 &a.warmup.to_string(),
+                "--seq-len",
+                &a.seq_len.to_string(),
             ])
             .output()?;
         if !out.status.success() {
-            bail!(
-                "workload {n} failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
+            // Report and go on: one workload running out of memory should not hide the others.
+            let why = match std::os::unix::process::ExitStatusExt::signal(&out.status) {
+                Some(9) => "killed by signal 9 (out of memory?)".to_string(),
+                Some(sig) => format!("killed by signal {sig}"),
+                None => String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            };
+            if a.json {
+                println!("{}", serde_json::json!({"workload": n, "failed": why}));
+            } else {
+                println!("{n:<10} failed: {why}");
+            }
+            continue;
         }
         let t: Timing =
             serde_json::from_slice(&out.stdout).context("reading the workload's result")?;

@@ -150,12 +150,18 @@ then adapt to {} from the base and from the prepared model.",
             prep.clone(),
             s("--resume"),
         ])?;
-        if let Some(v) = r["valid"].as_array().and_then(|v| v.last()) {
+        if let Some(v) = r["valid"].as_array() {
+            let at = |x: &serde_json::Value| {
+                format!(
+                    "{:.3} (step {})",
+                    x["loss_after"].as_f64().unwrap_or(f64::NAN),
+                    x["step"]
+                )
+            };
+            let steps: Vec<String> = v.iter().map(at).collect();
             println!(
-                "meta-valid query loss after {} inner steps: {:.3} -> {:.3} over preparation",
-                2,
-                r["valid"][0]["loss_after"].as_f64().unwrap_or(f64::NAN),
-                v["loss_after"].as_f64().unwrap_or(f64::NAN)
+                "meta-valid query loss (held-out domains, after 2 inner steps): {}",
+                steps.join(" -> ")
             );
         }
     }

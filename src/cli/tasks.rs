@@ -6,11 +6,42 @@ pub struct Args {
     /// Also load every dataset to print its split sizes (a few seconds)
     #[arg(long)]
     sizes: bool,
+    /// List the task families `prepare --family` takes, with their task-level splits
+    #[arg(long)]
+    families: bool,
 }
 
 pub fn run(a: Args) -> Result<()> {
     let dir = metapeft::assets::data_dir();
     println!("datasets directory: {}", dir.display());
+    if a.families {
+        for (name, what) in metapeft::data::family::FAMILIES {
+            println!("{name:<16} {what}");
+            let f = metapeft::data::family::load(name, &dir)?;
+            let names = |v: &[metapeft::data::family::FamilyTask]| {
+                v.iter()
+                    .map(|t| t.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            println!(
+                "  meta-train ({}): {}",
+                f.meta_train.len(),
+                names(&f.meta_train)
+            );
+            println!(
+                "  meta-valid ({}): {}",
+                f.meta_valid.len(),
+                names(&f.meta_valid)
+            );
+            println!(
+                "  meta-test  ({}): {}",
+                f.meta_test.len(),
+                names(&f.meta_test)
+            );
+        }
+        return Ok(());
+    }
     for (name, what) in TASKS {
         if !a.sizes {
             println!("{name:<22} {what}");

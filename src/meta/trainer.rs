@@ -412,15 +412,7 @@ pub fn meta_train(
             }
         }
     }
-    let mut log = match &log_path {
-        Some(p) => Some(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)?,
-        ),
-        None => None,
-    };
+    let mut log = crate::train::trainer::open_log(log_path.as_deref())?;
     let mut valid = vec![];
     let pb = crate::train::trainer::progress_bar("prepare", cfg.meta_steps, st.step);
     let started = Instant::now();

@@ -132,15 +132,7 @@ pub fn train(
             let _ = std::fs::remove_file(lp);
         }
     }
-    let mut log = match &log_path {
-        Some(p) => Some(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)?,
-        ),
-        None => None,
-    };
+    let mut log = open_log(log_path.as_deref())?;
     let pb = progress(cfg.steps, st.step);
     let started = Instant::now();
     let mut tokens = 0usize;
@@ -278,6 +270,19 @@ pub fn train(
         resumed_from,
         restored_best,
         log: log_path,
+    })
+}
+
+/// The JSONL metrics log, opened for appending.
+pub(crate) fn open_log(path: Option<&Path>) -> Result<Option<std::fs::File>> {
+    Ok(match path {
+        Some(p) => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)?,
+        ),
+        None => None,
     })
 }
 
