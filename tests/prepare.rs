@@ -7,6 +7,7 @@ mod common;
 use candle_core::{DType, Device};
 use metapeft::data::family::{FamilyTask, TaskFamily};
 use metapeft::data::{Content, Example, TaskKind};
+use metapeft::meta::trainer::Net;
 use metapeft::meta::{meta_train, Algo, MetaConfig, MetaModel};
 use metapeft::model::{self, Arch, Llama};
 use metapeft::peft::config::DeltaConfig;
@@ -162,6 +163,91 @@ fn mltd_with_tams_saves_cell_controller_and_architectures() {
     );
 }
 
+/// An encoder meta-learns N-way intent classification over CLINC150 domains; adapting to a
+/// held-out domain starts from the prepared LoRA.
+#[test]
+fn minilm_prepares_on_n_way_intent_episodes_and_adapts_from_it() {
+    let dir = common::temp_dir("prep-minilm");
+    let m = common::minilm_path().to_string_lossy().to_string();
+    let out = dir.join("prep").to_string_lossy().to_string();
+    let (code, stdout, stderr) = prepare(&[
+        "--model",
+        &m,
+        "--algo",
+        "fomaml",
+        "--n-way",
+        "3",
+        "--support",
+        "2",
+        "--query",
+        "1",
+        "--inner-steps",
+        "1",
+        "--inner-lr",
+        "0.5",
+        "--meta-steps",
+        "2",
+        "--meta-batch",
+        "2",
+        "--batch-size",
+        "6",
+        "--max-len",
+        "24",
+        "--valid-every",
+        "0",
+        "--outer-lr",
+        "0.01",
+        "--out",
+        &out,
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("family intent-clinc"), "{stderr}");
+    let r: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let v = &r["valid"][0];
+    // A 3-way episode starts near chance (ln 3 = 1.10) and the inner loop lowers the query loss.
+    assert!(v["loss_before"].as_f64().unwrap() > 0.5, "{v}");
+    assert!(
+        v["loss_after"].as_f64().unwrap() < v["loss_before"].as_f64().unwrap(),
+        "{v}"
+    );
+    let info = metapeft::io::prepared::read_info(std::path::Path::new(&out)).unwrap();
+    assert_eq!(info.family, "intent-clinc");
+    let (code, stdout, stderr) = common::metapeft(&[
+        "adapt",
+        "--from",
+        &out,
+        "--task",
+        "clinc150/work",
+        "--shots",
+        "2",
+        "--steps",
+        "2",
+        "--eval-limit",
+        "20",
+        "--max-len",
+        "24",
+        "--out",
+        &dir.join("a").to_string_lossy(),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let a: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert!(a["after"].as_f64().unwrap().is_finite());
+    // TAMS is decoder-only for now: a clear refusal.
+    let (code, _, stderr) = prepare(&[
+        "--model",
+        &m,
+        "--tams",
+        "true",
+        "--out",
+        &dir.join("t").to_string_lossy(),
+    ]);
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains("TAMS is wired for decoders only"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn adapt_generate_and_export_accept_a_prepared_directory() {
     let model = common::tiny_hf_dir("prep-use", |_, _| {});
@@ -285,7 +371,7 @@ fn bad_prepare_input_gives_clear_errors() {
         ),
         (
             &["--model", &m, "--family", "intent-clinc", "--out", &o],
-            "decoder language-modelling",
+            "encoders on classification families",
         ),
         (&["--model", &m], "--out is required"),
     ];
@@ -348,7 +434,8 @@ fn meta_training_resumes_exactly() {
         let ad = dc.init(&ck.arch, &ck.params, 1).unwrap();
         let deltas = ad.attach(&ck.arch, &ck.params).unwrap();
         let mm = MetaModel {
-            model: &llama,
+            model: Net::Decoder(&llama),
+            n_way: 5,
             tok: &ck.tokenizer,
             base: &ck.params,
             deltas: &deltas,

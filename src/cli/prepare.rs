@@ -6,8 +6,9 @@ use metapeft::data::family;
 use metapeft::io::{self, prepared, AdapterFormat};
 use metapeft::meta::tams::{self, TamsConfig};
 use metapeft::meta::trainer::task_architectures;
+use metapeft::meta::trainer::Net;
 use metapeft::meta::{meta_train, Algo, MetaConfig, MetaModel, TamsParts};
-use metapeft::model::{self, Arch, Llama};
+use metapeft::model::{self, Arch, Bert, Llama};
 use metapeft::params::ParamStore;
 use metapeft::peft::config::ModelDims;
 use metapeft::peft::config::{config_from_file, default_config};
@@ -22,7 +23,9 @@ initialisation), model/ when the base was trained, meta-metrics.jsonl and a chec
 Algorithms: fomaml, maml (exact second order), maml-hf (Hessian-free second order), reptile, anil \
 (inner loop on the last layer's delta), meta-sgd (learned inner rates), mltd (TARP delta, first order), \
 prime (inner loop trains a fresh delta, outer loop the base), multitask (no inner loop; baseline).\n\n\
-Families: `metapeft tasks --families`. Then adapt from the prepared model:\n  \
+Families: `metapeft tasks --families`. Decoders take language-modelling and prompt->completion \
+families; encoders (e.g. all-MiniLM-L6-v2) take classification families as N-way episodes (--n-way, with \
+--support/--query examples per class) with a fresh linear head per episode. Then adapt from the prepared model:\n  \
 metapeft prepare --family lm-domains --algo fomaml --meta-steps 40 --out runs/prep\n  \
 metapeft adapt --from runs/prep --task fortunes/science --shots 50 --out runs/science"
 )]
@@ -43,7 +46,7 @@ pub struct PrepareArgs {
     /// Base model (default: SmolLM2-135M-Instruct)
     #[arg(long)]
     pub model: Option<String>,
-    /// A task family (default: lm-domains)
+    /// A task family (default: lm-domains for decoders, intent-clinc for encoders)
     #[arg(long)]
     pub family: Option<String>,
     /// fomaml, maml, maml-hf, reptile, anil, meta-sgd, mltd, prime, multitask (default: fomaml)
@@ -87,11 +90,14 @@ pub struct PrepareArgs {
     /// Meta-validate every N outer steps (default 25)
     #[arg(long)]
     pub valid_every: Option<usize>,
-    /// Also train the base model in the outer loop (priming always does)
+    /// Classes per episode of a classification family (default 5)
     #[arg(long)]
+    pub n_way: Option<usize>,
+    /// Also train the base model in the outer loop (priming always does)
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub train_base: Option<bool>,
     /// TAMS: a controller picks a DARTS cell in every FFN residual per task (MLtD's model search)
-    #[arg(long)]
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub tams: Option<bool>,
     /// A JSON/TOML TAMS config (reduced_dim, controller_hidden, gumbel_temperature, layers, hard)
     #[arg(long)]
@@ -122,6 +128,7 @@ impl PrepareArgs {
             max_len,
             seed,
             valid_every,
+            n_way,
             train_base,
             tams,
             tams_config,
@@ -141,7 +148,7 @@ pub fn run(a: Args) -> Result<()> {
     let r = a.run.over(file);
     let out = r.out.clone().context("--out is required")?;
     let algo = Algo::parse(r.algo.as_deref().unwrap_or("fomaml"))?;
-    let family_name = r.family.clone().unwrap_or_else(|| "lm-domains".into());
+    let family_arg = r.family.clone();
     let method = r
         .method
         .clone()
@@ -174,12 +181,16 @@ pub fn run(a: Args) -> Result<()> {
 
     let spec = super::model_or_default(r.model.clone(), metapeft::assets::SMOLLM2)?;
     let ck = model::load(&spec, &Device::Cpu)?;
-    let Arch::Llama(lcfg) = &ck.arch else {
-        bail!(
-            "meta-training supports decoder models for now; {} is an encoder",
-            spec
-        )
-    };
+    let encoder = matches!(ck.arch, Arch::Bert(_));
+    // Encoders meta-learn N-way classification, decoders language modelling.
+    let family_name = family_arg.unwrap_or_else(|| {
+        if encoder {
+            "intent-clinc"
+        } else {
+            "lm-domains"
+        }
+        .into()
+    });
     let fam = family::load(&family_name, &metapeft::assets::data_dir())?;
     eprintln!(
         "family {family_name}: {} meta-train, {} meta-valid, {} meta-test tasks (meta-test: {})",
@@ -204,6 +215,9 @@ pub fn run(a: Args) -> Result<()> {
         (None, false) => None,
     };
     let dims = ModelDims::of(&ck.arch);
+    if encoder && tams_cfg.is_some() {
+        bail!("TAMS is wired for decoders only for now");
+    }
     let tams_state = match &tams_cfg {
         Some(tc) => {
             let params = tc.init(dims, &ck.params, cfg.seed ^ 0x7a35)?;
@@ -235,14 +249,23 @@ pub fn run(a: Args) -> Result<()> {
     } else {
         None
     };
-    let m = Llama::new(lcfg.clone(), &Device::Cpu)?;
+    let (llama, bert) = match &ck.arch {
+        Arch::Llama(c) => (Some(Llama::new(c.clone(), &Device::Cpu)?), None),
+        Arch::Bert(c) => (None, Some(Bert::new(c.clone()))),
+    };
+    let net = match (&llama, &bert) {
+        (Some(l), _) => Net::Decoder(l),
+        (_, Some(b)) => Net::Encoder(b),
+        _ => unreachable!("one of the two is built"),
+    };
     let template = metapeft::train::setup::prompt_template(match family_name.as_str() {
         "summ-domains" => "dialogsum",
         "dialogue-topics" => "dailydialog",
         other => other,
     });
     let mm = MetaModel {
-        model: &m,
+        model: net,
+        n_way: r.n_way.unwrap_or(5),
         tok: &ck.tokenizer,
         base: &base,
         deltas: &deltas,

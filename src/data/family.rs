@@ -265,6 +265,51 @@ pub fn episode(task: &FamilyTask, support: usize, query: usize, seed: u64) -> Re
     })
 }
 
+/// An N-way episode of a classification task: `n_way` classes drawn from `seed`, with `support`
+/// and `query` examples of each (fewer where a class is small, keeping one query example).
+/// Returns the episode and its classes (sorted; label `i` of the episode is `classes[i]`).
+pub fn n_way_episode(
+    task: &FamilyTask,
+    n_way: usize,
+    support: usize,
+    query: usize,
+    seed: u64,
+) -> Result<(Episode, Vec<String>)> {
+    let mut by: BTreeMap<&str, Vec<&Example>> = BTreeMap::new();
+    for e in &task.examples {
+        if let Some(l) = e.label() {
+            by.entry(l).or_default().push(e);
+        }
+    }
+    by.retain(|_, v| v.len() >= 2);
+    if by.len() < 2 {
+        return Err(Error::invalid(format!(
+            "task `{}` has fewer than 2 classes with 2 examples: no N-way episode",
+            task.name
+        )));
+    }
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut classes: Vec<&str> = by.keys().copied().collect();
+    classes.shuffle(&mut rng);
+    classes.truncate(n_way.max(2));
+    classes.sort_unstable();
+    let mut ep = Episode {
+        task: task.name.clone(),
+        support: vec![],
+        query: vec![],
+    };
+    for c in &classes {
+        let mut v = by[c].clone();
+        v.shuffle(&mut rng);
+        let q = query.min(v.len() / 2).max(1);
+        let s = support.min(v.len() - q);
+        ep.support.extend(v[..s].iter().map(|e| (*e).clone()));
+        ep.query.extend(v[s..s + q].iter().map(|e| (*e).clone()));
+    }
+    ep.support.shuffle(&mut rng);
+    Ok((ep, classes.into_iter().map(String::from).collect()))
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::HashSet;
@@ -345,6 +390,30 @@ mod tests {
         );
         assert!(f.meta_train.len() >= 25, "{}", f.meta_train.len());
         assert!(f.meta_train.iter().any(|t| t.name == "tinyshakespeare"));
+        Ok(())
+    }
+
+    #[test]
+    fn n_way_episodes_pick_classes_and_balance_them() -> Result<()> {
+        let f = load("intent-clinc", &data_dir())?;
+        let t = &f.meta_train[0];
+        let (e, classes) = n_way_episode(t, 5, 3, 2, 9)?;
+        assert_eq!(classes.len(), 5);
+        for c in &classes {
+            assert_eq!(e.support.iter().filter(|x| x.label() == Some(c)).count(), 3);
+            assert_eq!(e.query.iter().filter(|x| x.label() == Some(c)).count(), 2);
+        }
+        assert!(e.query.iter().all(|q| !e.support.contains(q)));
+        assert_eq!(n_way_episode(t, 5, 3, 2, 9)?.1, classes);
+        let one = FamilyTask {
+            name: "x".into(),
+            group: "g".into(),
+            examples: t.examples[..3].to_vec(),
+        };
+        assert!(n_way_episode(&one, 5, 3, 2, 0)
+            .unwrap_err()
+            .to_string()
+            .contains("fewer than 2 classes"));
         Ok(())
     }
 

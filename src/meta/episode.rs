@@ -1,12 +1,14 @@
-//! Episode losses for the model kinds: a decoder on language modelling or prompt -> completion.
+//! Episode losses for the model kinds: a decoder on language modelling or prompt -> completion,
+//! an encoder on N-way classification.
 
 use candle_core::Tensor;
 
 use super::maml::EpisodeLoss;
-use crate::data::batch::{collate, Sequence};
-use crate::model::Llama;
+use crate::data::batch::{collate, ClsItem, Sequence};
+use crate::model::{Bert, Llama};
 use crate::params::ParamStore;
 use crate::peft::DeltaSet;
+use crate::train::objectives::{label_tensor, pooled_logits};
 use crate::Result;
 
 /// A decoder's episode: next-token cross-entropy on support batches (inner step `k` takes the
@@ -56,5 +58,42 @@ impl EpisodeLoss for LmEpisode<'_> {
     fn query(&self, base: &ParamStore, fast: &ParamStore) -> Result<Tensor> {
         let seqs: Vec<&Sequence> = self.query.iter().collect();
         self.loss(base, fast, &seqs)
+    }
+}
+
+/// An encoder's episode: N-way classification with a linear head on mean-pooled states, the
+/// head (`classifier.*`) living in the fast store with the delta, so the inner loop adapts both.
+pub struct ClsEpisode<'a> {
+    pub model: &'a Bert,
+    pub deltas: &'a DeltaSet,
+    pub support: Vec<ClsItem>,
+    pub query: Vec<ClsItem>,
+    /// Support items per inner step.
+    pub batch: usize,
+    pub pad: u32,
+}
+
+impl ClsEpisode<'_> {
+    fn loss(&self, base: &ParamStore, fast: &ParamStore, items: &[&ClsItem]) -> Result<Tensor> {
+        let logits = pooled_logits(self.model, base, self.deltas, fast, fast, items, self.pad)?;
+        Ok(crate::ops::cross_entropy(
+            &logits,
+            &label_tensor(items)?,
+            -100,
+        )?)
+    }
+}
+
+impl EpisodeLoss for ClsEpisode<'_> {
+    fn support(&self, base: &ParamStore, fast: &ParamStore, step: usize) -> Result<Tensor> {
+        let n = self.support.len().max(1);
+        let b = self.batch.clamp(1, n);
+        let items: Vec<&ClsItem> = (0..b).map(|i| &self.support[(step * b + i) % n]).collect();
+        self.loss(base, fast, &items)
+    }
+
+    fn query(&self, base: &ParamStore, fast: &ParamStore) -> Result<Tensor> {
+        let items: Vec<&ClsItem> = self.query.iter().collect();
+        self.loss(base, fast, &items)
     }
 }

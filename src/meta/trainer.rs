@@ -10,16 +10,19 @@ use candle_core::{Tensor, Var};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use super::episode::LmEpisode;
+use super::episode::{ClsEpisode, LmEpisode};
+use super::maml::EpisodeLoss;
 use super::maml::{self, EpisodeGrads, InnerLoop};
 use super::tams::{self, ArchMode, Architecture, Controller, TamsConfig};
+use crate::data::batch::encoder_items;
 use crate::data::batch::{sequences, Sequence};
-use crate::data::family::{episode, FamilyTask, TaskFamily};
+use crate::data::family::{episode, n_way_episode, FamilyTask, TaskFamily};
 use crate::data::{Content, Example, TaskKind};
-use crate::model::{Llama, TextTokenizer};
+use crate::model::{Bert, Llama, TextTokenizer};
 use crate::params::ParamStore;
 use crate::peft::DeltaSet;
 use crate::train::checkpoint::{self, LoopState};
+use crate::train::objectives::new_head;
 use crate::train::optim::{clip_grad_norm, Optimizer, OptimizerConfig};
 use crate::{Error, Result};
 
@@ -137,9 +140,27 @@ impl Default for MetaConfig {
     }
 }
 
-/// What is being prepared: a decoder, its tokenizer, the base and delta stores.
+/// The network being prepared.
+#[derive(Clone, Copy)]
+pub enum Net<'a> {
+    /// Language-modelling and prompt -> completion families.
+    Decoder(&'a Llama),
+    /// Classification families: N-way episodes with a fresh linear head each.
+    Encoder(&'a Bert),
+}
+
+impl Net<'_> {
+    fn layers(&self) -> usize {
+        match self {
+            Net::Decoder(m) => m.cfg.num_hidden_layers,
+            Net::Encoder(m) => m.cfg.num_hidden_layers,
+        }
+    }
+}
+
+/// What is being prepared: the network, its tokenizer, the base and delta stores.
 pub struct MetaModel<'a> {
-    pub model: &'a Llama,
+    pub model: Net<'a>,
     pub tok: &'a TextTokenizer,
     /// The base; entries are `Var`s where the outer loop trains it.
     pub base: &'a ParamStore,
@@ -150,6 +171,8 @@ pub struct MetaModel<'a> {
     pub lrs: Option<&'a ParamStore>,
     /// How prompt -> completion examples are shown (`{prompt}` is replaced).
     pub template: &'a str,
+    /// Classes per episode of a classification family.
+    pub n_way: usize,
     /// TAMS: the cell must also be in `deltas`; its shared weights and the controller are here.
     pub tams: Option<TamsParts<'a>>,
 }
@@ -170,13 +193,13 @@ pub struct TamsParts<'a> {
 /// controller). Returns the architecture too.
 pub fn episode_init(
     m: &MetaModel,
-    support: &[Sequence],
+    support_ids: &[u32],
     rng: Option<&mut StdRng>,
 ) -> Result<(ParamStore, Option<Architecture>)> {
     let Some(t) = &m.tams else {
         return Ok((m.init.clone(), None));
     };
-    let ids: Vec<u32> = support.iter().flat_map(|s| s.ids.iter().copied()).collect();
+    let ids = support_ids.to_vec();
     let n = ids.len();
     let ids = Tensor::from_vec(ids, n, &candle_core::Device::Cpu)?;
     let emb = tams::task_embedding(m.base, &ids, None)?;
@@ -257,6 +280,84 @@ fn episode_seed(seed: u64, step: usize, b: usize) -> u64 {
         ^ (b as u64).wrapping_mul(0xD1B5_4A32_D192_ED03)
 }
 
+/// One episode's losses, the support token ids (for a task embedding) and, for encoders, the
+/// episode's fresh head (to be added to the fast store).
+struct Built<'a> {
+    loss: Box<dyn EpisodeLoss + 'a>,
+    ids: Vec<u32>,
+    head: ParamStore,
+}
+
+/// Draw the episode of `task` from `seed` and build its losses for the network. Without an inner
+/// loop (multitask) the support joins the query: the loss on the whole episode is an ordinary
+/// training loss.
+fn build_episode<'a>(
+    cfg: &MetaConfig,
+    m: &MetaModel<'a>,
+    task: &FamilyTask,
+    seed: u64,
+    merge_support: bool,
+) -> Result<Built<'a>> {
+    match m.model {
+        Net::Decoder(model) => {
+            let ep = episode(task, cfg.support, cfg.query, seed)?;
+            let mut support = tokenized(m, &ep.support, cfg.max_len)?;
+            let mut query = tokenized(m, &ep.query, cfg.max_len)?;
+            if merge_support {
+                query.append(&mut support);
+            }
+            let from = if support.is_empty() { &query } else { &support };
+            let ids = from.iter().flat_map(|s| s.ids.iter().copied()).collect();
+            let loss = LmEpisode {
+                model,
+                deltas: m.deltas,
+                support,
+                query,
+                batch: cfg.batch,
+                pad: pad_id(m.tok),
+            };
+            Ok(Built {
+                loss: Box::new(loss),
+                ids,
+                head: ParamStore::new(),
+            })
+        }
+        Net::Encoder(model) => {
+            let (ep, classes) = n_way_episode(task, m.n_way, cfg.support, cfg.query, seed)?;
+            let (mut support, _) = encoder_items(m.tok, &ep.support, &classes, cfg.max_len)?;
+            let (mut query, _) = encoder_items(m.tok, &ep.query, &classes, cfg.max_len)?;
+            if merge_support {
+                query.append(&mut support);
+            }
+            let ids = support.iter().flat_map(|s| s.ids.iter().copied()).collect();
+            // A fresh head per episode: its classes are this episode's.
+            let head = new_head(classes.len(), model.cfg.hidden_size, seed ^ 0x4ead)?.detached();
+            let loss = ClsEpisode {
+                model,
+                deltas: m.deltas,
+                support,
+                query,
+                batch: cfg.batch,
+                pad: model.cfg.pad_token_id,
+            };
+            Ok(Built {
+                loss: Box::new(loss),
+                ids,
+                head,
+            })
+        }
+    }
+}
+
+/// The episode's starting store: the delta init (with TAMS: cell and architecture) plus the head.
+fn start_store(m: &MetaModel, b: &Built, rng: Option<&mut StdRng>) -> Result<ParamStore> {
+    let (mut init, _) = episode_init(m, &b.ids, rng)?;
+    for (n, p) in b.head.iter() {
+        init.insert(n, p.clone());
+    }
+    Ok(init)
+}
+
 /// One episode's meta-gradient for the configured algorithm.
 fn episode_grads(
     cfg: &MetaConfig,
@@ -265,51 +366,33 @@ fn episode_grads(
     seed: u64,
     meta_vars: &[(String, Var)],
 ) -> Result<EpisodeGrads> {
-    let ep = episode(task, cfg.support, cfg.query, seed)?;
-    let mut support = tokenized(m, &ep.support, cfg.max_len)?;
-    let query = tokenized(m, &ep.query, cfg.max_len)?;
-    let mut query = query;
-    if cfg.algo == Algo::Multitask {
-        // No inner loop: the loss on the whole episode is an ordinary training loss.
-        query.append(&mut support);
-    }
-    let lm = LmEpisode {
-        model: m.model,
-        deltas: m.deltas,
-        support,
-        query,
-        batch: cfg.batch,
-        pad: pad_id(m.tok),
-    };
+    let multitask = cfg.algo == Algo::Multitask;
+    let b = build_episode(cfg, m, task, seed, multitask)?;
     let mut rng = StdRng::seed_from_u64(seed ^ 0x7a35);
     let gumbel = m
         .tams
         .is_some_and(|t| t.config.gumbel_temperature.is_some());
-    let (init, _) = episode_init(m, &lm.support_or_query(), gumbel.then_some(&mut rng))?;
-    let adapted = adapted_filter(cfg.algo, m.model.cfg.num_hidden_layers);
+    let init = start_store(m, &b, gumbel.then_some(&mut rng))?;
+    let adapted = adapted_filter(cfg.algo, m.model.layers());
     let inner = InnerLoop {
-        steps: if cfg.algo == Algo::Multitask {
-            0
-        } else {
-            cfg.inner_steps
-        },
+        steps: if multitask { 0 } else { cfg.inner_steps },
         lr: cfg.inner_lr,
         adapted: adapted.as_ref(),
         learned_lrs: m.lrs,
     };
+    let lm = b.loss.as_ref();
     match cfg.algo {
-        Algo::Maml => maml::exact(&lm, m.base, &init, &inner, meta_vars),
-        Algo::MamlHf => maml::hessian_free(&lm, m.base, &init, &inner, meta_vars, cfg.hf_eps),
-        Algo::Reptile => maml::reptile(&lm, m.base, &init, &inner, meta_vars),
-        _ => maml::first_order(&lm, m.base, &init, &inner, meta_vars),
+        Algo::Maml => maml::exact(lm, m.base, &init, &inner, meta_vars),
+        Algo::MamlHf => maml::hessian_free(lm, m.base, &init, &inner, meta_vars, cfg.hf_eps),
+        Algo::Reptile => maml::reptile(lm, m.base, &init, &inner, meta_vars),
+        _ => maml::first_order(lm, m.base, &init, &inner, meta_vars),
     }
 }
 
 /// Query loss before and after the inner loop, averaged over fixed-seed episodes of `tasks`.
 pub fn validate(cfg: &MetaConfig, m: &MetaModel, tasks: &[FamilyTask]) -> Result<(f64, f64)> {
-    use super::maml::EpisodeLoss;
     let (mut before, mut after, mut n) = (0.0, 0.0, 0usize);
-    let adapted = adapted_filter(cfg.algo, m.model.cfg.num_hidden_layers);
+    let adapted = adapted_filter(cfg.algo, m.model.layers());
     let inner = InnerLoop {
         steps: cfg.inner_steps,
         lr: cfg.inner_lr,
@@ -319,23 +402,11 @@ pub fn validate(cfg: &MetaConfig, m: &MetaModel, tasks: &[FamilyTask]) -> Result
     let base = m.base.detached();
     for (ti, task) in tasks.iter().enumerate() {
         for e in 0..cfg.valid_episodes {
-            let ep = episode(
-                task,
-                cfg.support,
-                cfg.query,
-                0x5eed_0000 + (ti * 100 + e) as u64,
-            )?;
-            let lm = LmEpisode {
-                model: m.model,
-                deltas: m.deltas,
-                support: tokenized(m, &ep.support, cfg.max_len)?,
-                query: tokenized(m, &ep.query, cfg.max_len)?,
-                batch: cfg.batch,
-                pad: pad_id(m.tok),
-            };
-            let init = episode_init(m, &lm.support, None)?.0.detached();
+            let b = build_episode(cfg, m, task, 0x5eed_0000 + (ti * 100 + e) as u64, false)?;
+            let init = start_store(m, &b, None)?.detached();
+            let lm = b.loss.as_ref();
             before += lm.query(&base, &init)?.to_scalar::<f32>()? as f64;
-            let (fast, _) = maml::adapted(&lm, &base, &init, &inner)?;
+            let (fast, _) = maml::adapted(lm, &base, &init, &inner)?;
             after += lm.query(&base, &fast)?.to_scalar::<f32>()? as f64;
             n += 1;
         }
@@ -353,13 +424,17 @@ pub fn meta_train(
     out: Option<&Path>,
     resume: bool,
 ) -> Result<MetaReport> {
-    if !matches!(
-        family.kind,
-        TaskKind::LanguageModeling | TaskKind::PromptCompletion
-    ) {
+    let fits = match m.model {
+        Net::Decoder(_) => matches!(
+            family.kind,
+            TaskKind::LanguageModeling | TaskKind::PromptCompletion
+        ),
+        Net::Encoder(_) => family.kind == TaskKind::Classification,
+    };
+    if !fits {
         return Err(Error::invalid(format!(
-            "family `{}` is a {:?} family: meta-training supports decoder language-modelling and \
-             prompt->completion families for now",
+            "family `{}` is a {:?} family: meta-training supports decoders on language-modelling and \
+             prompt->completion families, and encoders on classification families",
             family.name, family.kind
         )));
     }
@@ -528,9 +603,8 @@ pub fn task_architectures(
         return Ok(out);
     }
     for task in &family.meta_train {
-        let ep = episode(task, cfg.support, cfg.query, 0x5eed)?;
-        let support = tokenized(m, &ep.support, cfg.max_len)?;
-        if let (_, Some(a)) = episode_init(m, &support, None)? {
+        let b = build_episode(cfg, m, task, 0x5eed, false)?;
+        if let (_, Some(a)) = episode_init(m, &b.ids, None)? {
             out.insert(task.name.clone(), a);
         }
     }

@@ -207,7 +207,7 @@ fn argmax_rows(logits: &Tensor) -> Result<Vec<usize>> {
         .collect())
 }
 
-fn label_tensor(items: &[&ClsItem]) -> Result<Tensor> {
+pub fn label_tensor(items: &[&ClsItem]) -> Result<Tensor> {
     let y: Vec<u32> = items.iter().map(|i| i.label as u32).collect();
     Ok(Tensor::from_vec(y, items.len(), &Device::Cpu)?)
 }
@@ -227,6 +227,32 @@ fn predict_items(
     Ok((pred, gold))
 }
 
+/// Logits `[b, labels]` of a linear head (`classifier.*` in `head`) on an encoder's
+/// mask-averaged token states.
+pub fn pooled_logits(
+    model: &Bert,
+    base: &ParamStore,
+    deltas: &DeltaSet,
+    params: &ParamStore,
+    head: &ParamStore,
+    items: &[&ClsItem],
+    pad: u32,
+) -> Result<Tensor> {
+    let seqs: Vec<&[u32]> = items.iter().map(|i| i.ids.as_slice()).collect();
+    let (ids, mask, _) = pad_ids(&seqs, pad)?;
+    let states = model.forward(base, deltas, params, &ids, None, &mask)?;
+    let m = mask.to_dtype(states.dtype())?.unsqueeze(2)?;
+    let pooled = states
+        .broadcast_mul(&m)?
+        .sum(1)?
+        .broadcast_div(&m.sum(1)?.clamp(1.0, f64::INFINITY)?)?;
+    Ok(crate::ops::linear(
+        &pooled,
+        head.get(HEAD_W)?,
+        Some(head.get(HEAD_B)?),
+    )?)
+}
+
 /// An encoder with a linear head on mean-pooled token states.
 pub struct EncoderClassifier<'a> {
     pub model: &'a Bert,
@@ -243,21 +269,15 @@ pub struct EncoderClassifier<'a> {
 impl EncoderClassifier<'_> {
     /// Logits `[b, labels]`.
     pub fn logits(&self, items: &[&ClsItem]) -> Result<Tensor> {
-        let seqs: Vec<&[u32]> = items.iter().map(|i| i.ids.as_slice()).collect();
-        let (ids, mask, _) = pad_ids(&seqs, self.pad)?;
-        let states = self
-            .model
-            .forward(self.base, self.deltas, self.params, &ids, None, &mask)?;
-        let m = mask.to_dtype(states.dtype())?.unsqueeze(2)?;
-        let pooled = states
-            .broadcast_mul(&m)?
-            .sum(1)?
-            .broadcast_div(&m.sum(1)?.clamp(1.0, f64::INFINITY)?)?;
-        Ok(crate::ops::linear(
-            &pooled,
-            self.head.get(HEAD_W)?,
-            Some(self.head.get(HEAD_B)?),
-        )?)
+        pooled_logits(
+            self.model,
+            self.base,
+            self.deltas,
+            self.params,
+            self.head,
+            items,
+            self.pad,
+        )
     }
 
     /// Predicted and gold label indices for the evaluation items.
