@@ -56,7 +56,7 @@ enum Command {
     /// Export an adapter: Hugging Face PEFT, metapeft, GGUF LoRA (llama.cpp) or merged model
     Export(export::Args),
     /// Meta-learn over a task family so later few-shot adaptation is better (MAML family, MLtD, priming)
-    Prepare(prepare::Args),
+    Prepare(Box<prepare::Args>),
     /// Parameter-efficient methods: parameter summaries, fresh adapters
     Peft(peft::Args),
     /// Score prediction files: ROUGE, BLEU, seqeval, accuracy, macro-F1, OOD AUROC
@@ -85,7 +85,7 @@ pub fn run() -> std::process::ExitCode {
         Command::Convert(a) => convert::run(a),
         Command::Export(a) => export::run(a),
         Command::Peft(a) => peft::run(a),
-        Command::Prepare(a) => prepare::run(a),
+        Command::Prepare(a) => prepare::run(*a),
         Command::Score(a) => score::run(a),
         Command::Tasks(a) => tasks::run(a),
         Command::Bench(a) => bench::run(a),
