@@ -58,10 +58,10 @@ pub struct PrepareArgs {
     /// A JSON/TOML delta config file instead of the method's defaults
     #[arg(long)]
     pub method_config: Option<PathBuf>,
-    /// Inner-loop SGD steps per episode (default 5)
+    /// Inner-loop SGD steps per episode (default 2)
     #[arg(long)]
     pub inner_steps: Option<usize>,
-    /// Inner-loop SGD rate (default 0.05)
+    /// Inner-loop SGD rate (default 0.3)
     #[arg(long)]
     pub inner_lr: Option<f64>,
     /// Episodes per outer step (default 4)

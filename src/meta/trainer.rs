@@ -119,8 +119,9 @@ impl Default for MetaConfig {
     fn default() -> Self {
         MetaConfig {
             algo: Algo::Fomaml,
-            inner_steps: 5,
-            inner_lr: 0.05,
+            // Measured on lm-domains (SmolLM2 + LoRA): 0.05 barely moves the support loss.
+            inner_steps: 2,
+            inner_lr: 0.3,
             meta_batch: 4,
             meta_steps: 100,
             outer_lr: 1e-3,
