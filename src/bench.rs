@@ -14,7 +14,7 @@ use crate::peft::lora::{Lora, LoraConfig};
 use crate::peft::DeltaSet;
 use crate::{Error, Result};
 
-pub const WORKLOADS: [(&str, &str); 8] = [
+pub const WORKLOADS: [(&str, &str); 10] = [
     (
         "lora-qv",
         "LoRA r=8 on q,v: train step (fwd+bwd+AdamW), batch 4 x 128",
@@ -28,6 +28,14 @@ pub const WORKLOADS: [(&str, &str); 8] = [
     (
         "generate",
         "greedy generation, 32-token prompt + 64 new tokens",
+    ),
+    (
+        "tams-forward",
+        "forward 4 x 128 with a TAMS cell in every layer, one-hot architecture (unselected ops skipped)",
+    ),
+    (
+        "tams-forward-all",
+        "the same with the architecture carrying a graph (every op runs, as under straight-through)",
     ),
     (
         "fomaml",
@@ -216,6 +224,43 @@ pub fn run(
                     "maml-exact" => maml::exact(&ep, &ck.params, &dp, &inner, &meta_vars)?,
                     _ => maml::hessian_free(&ep, &ck.params, &dp, &inner, &meta_vars, 1e-3)?,
                 };
+                Ok(())
+            })?;
+        }
+        "tams-forward" | "tams-forward-all" => {
+            use crate::meta::tams::{with_arch, Architecture, Op, TamsConfig};
+            let ids = Tensor::from_vec(text_tokens(ck, b * t)?, (b, t), &dev)?;
+            let dims =
+                crate::peft::config::ModelDims::of(&crate::model::Arch::Llama(model.cfg.clone()));
+            let tc = TamsConfig::default();
+            let params = tc.init(dims, &ck.params, 3)?;
+            let (cell, _) = tc.build(dims, &params)?;
+            let mut deltas = DeltaSet::none();
+            deltas.push(cell);
+            // A fixed mix of cheap and expensive ops.
+            let arch = Architecture {
+                edges: [
+                    Op::Glu,
+                    Op::Conv3Relu,
+                    Op::LinearRelu,
+                    Op::Conv5Relu,
+                    Op::Identity,
+                    Op::Glu,
+                    Op::None,
+                    Op::Conv3Relu,
+                    Op::LinearRelu,
+                ],
+            };
+            let one_hot = arch.one_hot(candle_core::DType::F32, &dev)?;
+            let arch_t = if workload == "tams-forward" {
+                one_hot
+            } else {
+                candle_core::Var::from_tensor(&one_hot)?.as_tensor().clone()
+            };
+            let p = with_arch(&params, arch_t)?;
+            timing.flops = forward_flops(model, b * t, t);
+            timing.seconds = time(&mut || {
+                model.forward(&ck.params, &deltas, &p, &ids, None)?;
                 Ok(())
             })?;
         }

@@ -4,9 +4,8 @@
 
 mod common;
 
-use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor};
 use metapeft::generate::{generate, GenerateOptions};
 use metapeft::meta::tams::{
     task_embedding, with_arch, ArchMode, Architecture, Op, TamsConfig, NUM_EDGES,
@@ -112,54 +111,4 @@ fn fresh_tams_leaves_smollm2_unchanged() {
     )
     .unwrap();
     assert_eq!(a.generated_ids, b.generated_ids);
-}
-
-/// `cargo test --release --test tams -- --ignored --nocapture`
-#[test]
-#[ignore]
-fn smollm2_forward_cost_with_tams() {
-    let ck = common::smollm2();
-    let (model, _, params, deltas, _) = setup();
-    let v: Vec<u32> = (0..4 * 128)
-        .map(|i| (100 + i * 37 % 20000) as u32)
-        .collect();
-    let x = Tensor::from_vec(v, (4, 128), &Device::Cpu).unwrap();
-    let arch = Architecture {
-        edges: [
-            Op::Glu,
-            Op::Conv3Relu,
-            Op::LinearRelu,
-            Op::Conv5Relu,
-            Op::Identity,
-            Op::Glu,
-            Op::None,
-            Op::Conv3Relu,
-            Op::LinearRelu,
-        ],
-    };
-    let one_hot = arch.one_hot(DType::F32, &Device::Cpu).unwrap();
-    let tracked = Var::from_tensor(&one_hot).unwrap();
-    let time = |label: &str, d: &DeltaSet, p: &ParamStore| {
-        model.forward(&ck.params, d, p, &x, None).unwrap();
-        let n = 3;
-        let t0 = Instant::now();
-        for _ in 0..n {
-            model.forward(&ck.params, d, p, &x, None).unwrap();
-        }
-        println!(
-            "{label}: {:.0} ms per forward",
-            t0.elapsed().as_secs_f64() * 1e3 / n as f64
-        );
-    };
-    time("base", &DeltaSet::none(), &ParamStore::new());
-    time(
-        "tams, one-hot without graph (skips unselected ops)",
-        &deltas,
-        &with_arch(&params, one_hot).unwrap(),
-    );
-    time(
-        "tams, one-hot with graph (all ops, as under straight-through)",
-        &deltas,
-        &with_arch(&params, tracked.as_tensor().clone()).unwrap(),
-    );
 }

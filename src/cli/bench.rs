@@ -12,7 +12,9 @@ Workloads:\n  lora-qv   LoRA r=8 on q,v: train step (fwd+bwd+AdamW), 4 x 128 tok
 lora-all  LoRA r=8 on all 7 linears: train step, 4 x 128\n  full      full fine-tuning step, 4 x 128\n  \
 forward   forward pass, 1 x 128\n  generate  greedy generation, 32-token prompt + 64 new tokens\n  \
 fomaml    FOMAML episode: 5 inner steps on 4 x 128 + query 4 x 128 (LoRA q,v)\n  \
-maml-exact  exact second-order MAML episode, 1 inner step\n  maml-hf   Hessian-free MAML episode, 1 inner step"
+maml-exact  exact second-order MAML episode, 1 inner step\n  maml-hf   Hessian-free MAML episode, 1 inner step\n  \
+tams-forward      forward 4 x 128 with a TAMS cell per layer (one-hot arch, unselected ops skipped)\n  \
+tams-forward-all  the same with every op computed (as when training the controller)"
 )]
 pub struct Args {
     /// A decoder model (default: SmolLM2-135M-Instruct)

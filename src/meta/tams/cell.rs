@@ -33,11 +33,8 @@ impl TamsCell {
     ///
     /// Skipping is only sound when no gradient flows into the weights: under straight-through,
     /// `d loss / d arch[e, op] = <grad, op(x)>` is needed for every op, including the zero-weight
-    /// ones. It pays: one SmolLM2-sized cell (d 576, reduced 64, batch 4x128, f32, 2-core CPU)
-    /// took 30 ms skipping vs 156 ms computing all ops (`cell_forward_cost`); the whole 30-layer
-    /// SmolLM2-135M forward went 7.5 s (base) -> 8.0 s (skipping) vs 10.9 s (all ops)
-    /// (`tests/tams.rs`). So evaluation and adapted-model inference run at near base cost, while
-    /// controller training pays for every op.
+    /// ones. `metapeft bench --workload tams-forward --workload tams-forward-all` measures the
+    /// two paths on SmolLM2 (BENCHMARKS.md).
     fn arch(params: &ParamStore, dtype: DType) -> Result<(Tensor, Option<Vec<f64>>)> {
         let arch = params.get_opt(ARCH).ok_or_else(|| {
             Error::invalid(format!(
