@@ -23,7 +23,7 @@ use crate::params::ParamStore;
 use crate::peft::DeltaSet;
 use crate::train::checkpoint::{self, LoopState};
 use crate::train::objectives::new_head;
-use crate::train::optim::{clip_grad_norm, Optimizer, OptimizerConfig};
+use crate::train::optim::{clip_grad_norm_slice, Optimizer, OptimizerConfig};
 use crate::{Error, Result};
 
 /// The preparation algorithms.
@@ -523,12 +523,12 @@ pub fn meta_train(
             }
             episodes += 1;
         }
-        let mut grads = grad_store(&meta_vars, acc)?;
+        let mut grads = acc;
         let grad_norm = match cfg.grad_clip {
-            Some(c) => clip_grad_norm(&mut grads, &meta_vars, c)?,
+            Some(c) => clip_grad_norm_slice(&mut grads, c)?,
             None => f64::NAN,
         };
-        opt.step(&grads, cfg.outer_lr)?;
+        opt.step_with(&grads, cfg.outer_lr)?;
         st.step += 1;
         st.optimizer_steps = opt.steps;
         let nb = cfg.meta_batch as f64;
@@ -610,35 +610,4 @@ pub fn task_architectures(
         }
     }
     Ok(out)
-}
-
-/// A `GradStore` holding `grads` for `vars` (candle only builds one from a backward pass).
-fn grad_store(
-    vars: &[(String, Var)],
-    grads: Vec<Option<Tensor>>,
-) -> Result<candle_core::backprop::GradStore> {
-    // Summing each variable times zero gives a store with a slot for every variable; then the
-    // slots are overwritten with the meta-gradients.
-    let mut total: Option<Tensor> = None;
-    for (_, v) in vars {
-        let t = (v.as_tensor().sum_all()? * 0.0)?;
-        total = Some(match total {
-            Some(x) => (x + t)?,
-            None => t,
-        });
-    }
-    let mut store = total
-        .ok_or_else(|| Error::invalid("no meta-variables"))?
-        .backward()?;
-    for ((_, v), g) in vars.iter().zip(grads) {
-        match g {
-            Some(g) => {
-                store.insert(v.as_tensor(), g);
-            }
-            None => {
-                store.remove(v.as_tensor());
-            }
-        }
-    }
-    Ok(store)
 }

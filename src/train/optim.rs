@@ -84,10 +84,28 @@ impl Optimizer {
     /// One update with learning rate `lr` from `grads` (variables without a gradient are left
     /// alone, their state unchanged).
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
+        let gs: Vec<Option<Tensor>> = self
+            .vars
+            .iter()
+            .map(|(_, v)| grads.get(v.as_tensor()).cloned())
+            .collect();
+        self.step_with(&gs, lr)
+    }
+
+    /// One update from gradients aligned with [`Optimizer::vars`] (`None`: left alone). For
+    /// gradients that did not come from one backward pass (meta-gradients averaged over episodes).
+    pub fn step_with(&mut self, grads: &[Option<Tensor>], lr: f64) -> Result<()> {
+        if grads.len() != self.vars.len() {
+            return Err(Error::invalid(format!(
+                "{} gradients for {} variables",
+                grads.len(),
+                self.vars.len()
+            )));
+        }
         self.steps += 1;
         let t = self.steps as i32;
-        for (name, var) in &self.vars {
-            let Some(g) = grads.get(var.as_tensor()) else {
+        for ((name, var), g) in self.vars.iter().zip(grads) {
+            let Some(g) = g else {
                 continue;
             };
             let g = g.detach();
@@ -138,23 +156,34 @@ impl Optimizer {
 
 /// Scale `grads` in place so their global L2 norm is at most `max_norm`; returns the norm before.
 pub fn clip_grad_norm(grads: &mut GradStore, vars: &[(String, Var)], max_norm: f64) -> Result<f64> {
-    let mut total = 0f64;
-    for (_, v) in vars {
-        if let Some(g) = grads.get(v.as_tensor()) {
-            total += g
-                .sqr()?
-                .sum_all()?
-                .to_dtype(candle_core::DType::F64)?
-                .to_scalar::<f64>()?;
+    let mut gs: Vec<Option<Tensor>> = vars
+        .iter()
+        .map(|(_, v)| grads.get(v.as_tensor()).cloned())
+        .collect();
+    let norm = clip_grad_norm_slice(&mut gs, max_norm)?;
+    for ((_, v), g) in vars.iter().zip(gs) {
+        if let Some(g) = g {
+            grads.insert(v.as_tensor(), g);
         }
+    }
+    Ok(norm)
+}
+
+/// [`clip_grad_norm`] for gradients held in a slice.
+pub fn clip_grad_norm_slice(grads: &mut [Option<Tensor>], max_norm: f64) -> Result<f64> {
+    let mut total = 0.0;
+    for g in grads.iter().flatten() {
+        total += g
+            .sqr()?
+            .sum_all()?
+            .to_dtype(candle_core::DType::F64)?
+            .to_scalar::<f64>()?;
     }
     let norm = total.sqrt();
     if norm > max_norm && norm.is_finite() {
         let s = max_norm / (norm + 1e-6);
-        for (_, v) in vars {
-            if let Some(g) = grads.remove(v.as_tensor()) {
-                grads.insert(v.as_tensor(), (g * s)?);
-            }
+        for g in grads.iter_mut().flatten() {
+            *g = (&*g * s)?;
         }
     }
     Ok(norm)
