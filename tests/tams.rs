@@ -4,7 +4,6 @@
 
 mod common;
 
-
 use candle_core::{DType, Device, Tensor};
 use metapeft::generate::{generate, GenerateOptions};
 use metapeft::meta::tams::{
