@@ -324,7 +324,7 @@ fn exact_here(
     }
     let loss = task.query(base, &cur)?;
     let q = check_finite("the query loss", scalar(&loss)?)?;
-    let g = loss.backward()?;
+    let g = super::second_order::backward_detached(&loss)?;
     Ok(EpisodeGrads {
         grads: collect(&g, meta_vars),
         support_losses: losses,

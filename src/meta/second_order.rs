@@ -67,3 +67,20 @@ pub fn on_graph_thread<T: Send>(f: impl FnOnce() -> Result<T> + Send) -> Result<
             .map_err(|_| Error::invalid("the second-order thread panicked"))?
     })
 }
+
+/// `loss.backward()` on a fresh ordinary thread, where gradients are detached.
+///
+/// The last backward pass of an episode (query loss to meta-variables) needs no graph of its
+/// own; run on the graph thread it would keep every intermediate of the double backward alive
+/// until it returned (measured: 5.8 GB of an 8 GB peak at 4 x 32 tokens on SmolLM2-135M).
+pub fn backward_detached(loss: &candle_core::Tensor) -> Result<candle_core::backprop::GradStore> {
+    std::thread::scope(|s| {
+        let h = std::thread::Builder::new()
+            .name("metapeft-backward".into())
+            .stack_size(STACK)
+            .spawn_scoped(s, || Ok(loss.backward()?))
+            .map_err(|e| Error::invalid(format!("cannot start the backward thread: {e}")))?;
+        h.join()
+            .map_err(|_| Error::invalid("the backward thread panicked"))?
+    })
+}
