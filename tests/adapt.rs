@@ -8,6 +8,21 @@ fn adapt(args: &[&str]) -> (i32, String, String) {
     common::metapeft(&all)
 }
 
+/// Whitespace-separated fixed arguments, then arguments that may contain spaces (paths).
+fn argv<'a>(line: &'a str, paths: &[&'a str]) -> Vec<&'a str> {
+    line.split_whitespace()
+        .chain(paths.iter().copied())
+        .collect()
+}
+
+fn adapt_line(line: &str, paths: &[&str]) -> (i32, String, String) {
+    adapt(&argv(line, paths))
+}
+
+fn eval_line(line: &str, paths: &[&str]) -> (i32, serde_json::Value, String) {
+    eval(&argv(line, paths))
+}
+
 #[test]
 fn decoder_lm_run_writes_report_adapter_and_log() {
     let dir = common::temp_dir("adapt-lm");
@@ -144,22 +159,10 @@ fn minilm() -> String {
 fn eval_reproduces_adapt_and_rejects_a_head_for_other_labels() {
     let out = common::temp_dir("adapt-eval").join("run");
     let (m, o) = (minilm(), out.display().to_string());
-    let (code, _, err) = adapt(&[
-        "--model",
-        &m,
-        "--task",
-        "clinc150/banking",
-        "--method",
-        "lora",
-        "--shots",
-        "2",
-        "--steps",
-        "3",
-        "--eval-limit",
-        "30",
-        "--out",
-        &o,
-    ]);
+    let (code, _, err) = adapt_line(
+        "--task clinc150/banking --method lora --shots 2 --steps 3 --eval-limit 30",
+        &["--model", &m, "--out", &o],
+    );
     assert_eq!(code, 0, "{err}");
     let rep = report(&out);
     // The curves are drawn at the end of the run.
@@ -169,18 +172,10 @@ fn eval_reproduces_adapt_and_rejects_a_head_for_other_labels() {
     assert!(head.contains("encoder_mean_pooled_linear"), "{head}");
     // eval with the saved adapter and head gives adapt's "after" numbers.
     let adapter = out.join("adapter").display().to_string();
-    let (code, j, err) = eval(&[
-        "--model",
-        &m,
-        "--adapter",
-        &adapter,
-        "--head",
-        &o,
-        "--task",
-        "clinc150/banking",
-        "--eval-limit",
-        "30",
-    ]);
+    let (code, j, err) = eval_line(
+        "--task clinc150/banking --eval-limit 30",
+        &["--model", &m, "--adapter", &adapter, "--head", &o],
+    );
     assert_eq!(code, 0, "{err}");
     assert_eq!(j["result"]["metric"], "accuracy");
     for k in ["accuracy", "macro_f1"] {
@@ -191,16 +186,10 @@ fn eval_reproduces_adapt_and_rejects_a_head_for_other_labels() {
         );
     }
     // A head trained on another domain: the error names labels on both sides.
-    let (code, _, err) = eval(&[
-        "--model",
-        &m,
-        "--head",
-        &o,
-        "--task",
-        "clinc150/travel",
-        "--eval-limit",
-        "5",
-    ]);
+    let (code, _, err) = eval_line(
+        "--task clinc150/travel --eval-limit 5",
+        &["--model", &m, "--head", &o],
+    );
     assert_eq!(code, 1);
     assert!(
         err.contains("labels.json")
@@ -211,14 +200,7 @@ fn eval_reproduces_adapt_and_rejects_a_head_for_other_labels() {
         "{err}"
     );
     // An encoder on classification without a head says what it needs.
-    let (code, _, err) = eval(&[
-        "--model",
-        &m,
-        "--task",
-        "clinc150/banking",
-        "--eval-limit",
-        "5",
-    ]);
+    let (code, _, err) = eval_line("--task clinc150/banking --eval-limit 5", &["--model", &m]);
     assert_eq!(code, 1);
     assert!(err.contains("--head DIR"), "{err}");
 }
@@ -228,30 +210,11 @@ fn early_stopping_stops_when_the_metric_stalls() {
     let out = common::temp_dir("adapt-early").join("run");
     let (m, o) = (minilm(), out.display().to_string());
     // lr 0: the metric never improves after the first evaluation; patience 2 stops at step 3.
-    let (code, _, err) = adapt(&[
-        "--model",
-        &m,
-        "--task",
-        "clinc150/banking",
-        "--method",
-        "lora",
-        "--shots",
-        "1",
-        "--steps",
-        "20",
-        "--lr",
-        "0",
-        "--eval-every",
-        "1",
-        "--patience",
-        "2",
-        "--metric",
-        "macro_f1",
-        "--eval-limit",
-        "15",
-        "--out",
-        &o,
-    ]);
+    let (code, _, err) = adapt_line(
+        "--task clinc150/banking --method lora --shots 1 --steps 20 --lr 0 --eval-every 1 \
+         --patience 2 --metric macro_f1 --eval-limit 15",
+        &["--model", &m, "--out", &o],
+    );
     assert_eq!(code, 0, "{err}");
     let t = &report(&out)["result"]["train"];
     assert_eq!(t["stopped_early"], true, "{t}");
@@ -278,20 +241,10 @@ fn early_stopping_stops_when_the_metric_stalls() {
         rep["result"]["metrics_before"]["macro_f1"],
         rep["result"]["metrics_before"]["accuracy"]
     );
-    let (code, _, err) = adapt(&[
-        "--model",
-        &m,
-        "--task",
-        "clinc150/banking",
-        "--steps",
-        "1",
-        "--eval-limit",
-        "5",
-        "--metric",
-        "bleu",
-        "--out",
-        &o,
-    ]);
+    let (code, _, err) = adapt_line(
+        "--task clinc150/banking --steps 1 --eval-limit 5 --metric bleu",
+        &["--model", &m, "--out", &o],
+    );
     assert_eq!(code, 1);
     assert!(
         err.contains("bleu") && err.contains("accuracy, macro_f1"),
@@ -300,30 +253,11 @@ fn early_stopping_stops_when_the_metric_stalls() {
     // --restore-best: a learning rate that makes things worse ends with the best evaluation's
     // parameters, so "after" is the best logged metric, not the last.
     let best = common::temp_dir("adapt-best").join("run");
-    let (code, _, err) = adapt(&[
-        "--model",
-        &m,
-        "--task",
-        "clinc150/banking",
-        "--method",
-        "lora",
-        "--shots",
-        "2",
-        "--steps",
-        "16",
-        "--lr",
-        "3e-2",
-        "--eval-every",
-        "2",
-        "--patience",
-        "2",
-        "--restore-best",
-        "true",
-        "--eval-limit",
-        "30",
-        "--out",
-        best.to_str().unwrap(),
-    ]);
+    let (code, _, err) = adapt_line(
+        "--task clinc150/banking --method lora --shots 2 --steps 16 --lr 3e-2 \
+         --eval-every 2 --patience 2 --restore-best true --eval-limit 30",
+        &["--model", &m, "--out", best.to_str().unwrap()],
+    );
     assert_eq!(code, 0, "{err}");
     let rep = report(&best);
     let t = &rep["result"]["train"];
@@ -339,16 +273,10 @@ fn early_stopping_stops_when_the_metric_stalls() {
     .unwrap();
     assert!(last["eval_metric"].as_f64().unwrap() < t["best_metric"].as_f64().unwrap());
     // --patience alone is refused.
-    let (code, _, err) = adapt(&[
-        "--model",
-        &m,
-        "--task",
-        "clinc150/banking",
-        "--patience",
-        "2",
-        "--out",
-        &o,
-    ]);
+    let (code, _, err) = adapt_line(
+        "--task clinc150/banking --patience 2",
+        &["--model", &m, "--out", &o],
+    );
     assert_eq!(code, 1);
     assert!(err.contains("--eval-every"), "{err}");
 }
@@ -460,24 +388,10 @@ fn sigkill_mid_run_then_resume_ends_like_an_uninterrupted_run() {
 fn full_fine_tuning_changes_the_metric_and_writes_the_model() {
     let out = common::temp_dir("adapt-full").join("run");
     let (m, o) = (minilm(), out.display().to_string());
-    let (code, _, err) = adapt(&[
-        "--model",
-        &m,
-        "--task",
-        "clinc150/banking",
-        "--method",
-        "full",
-        "--shots",
-        "2",
-        "--steps",
-        "4",
-        "--lr",
-        "1e-3",
-        "--eval-limit",
-        "30",
-        "--out",
-        &o,
-    ]);
+    let (code, _, err) = adapt_line(
+        "--task clinc150/banking --method full --shots 2 --steps 4 --lr 1e-3 --eval-limit 30",
+        &["--model", &m, "--out", &o],
+    );
     assert_eq!(code, 0, "{err}");
     let rep = report(&out);
     assert_ne!(
@@ -487,16 +401,10 @@ fn full_fine_tuning_changes_the_metric_and_writes_the_model() {
     assert!(out.join("model/config.json").is_file() && !out.join("adapter").exists());
     // The written model with the saved head gives the run's final numbers.
     let model = out.join("model").display().to_string();
-    let (code, j, err) = eval(&[
-        "--model",
-        &model,
-        "--head",
-        &o,
-        "--task",
-        "clinc150/banking",
-        "--eval-limit",
-        "30",
-    ]);
+    let (code, j, err) = eval_line(
+        "--task clinc150/banking --eval-limit 30",
+        &["--model", &model, "--head", &o],
+    );
     assert_eq!(code, 0, "{err}");
     close(&j["result"]["value"], &rep["result"]["after"], "accuracy");
     close(
@@ -510,26 +418,11 @@ fn full_fine_tuning_changes_the_metric_and_writes_the_model() {
 fn linear_probe_trains_only_the_head() {
     let out = common::temp_dir("adapt-probe").join("run");
     let (m, o) = (minilm(), out.display().to_string());
-    let (code, _, err) = adapt(&[
-        "--model",
-        &m,
-        "--task",
-        "clinc150/banking",
-        "--method",
-        "head",
-        "--shots",
-        "4",
-        "--steps",
-        "30",
-        "--batch-size",
-        "16",
-        "--lr",
-        "2e-2",
-        "--eval-limit",
-        "60",
-        "--out",
-        &o,
-    ]);
+    let (code, _, err) = adapt_line(
+        "--task clinc150/banking --method head --shots 4 --steps 30 --batch-size 16 --lr \
+         2e-2 --eval-limit 60",
+        &["--model", &m, "--out", &o],
+    );
     assert_eq!(code, 0, "{err}");
     let rep = report(&out);
     let (b, a) = (
@@ -540,14 +433,7 @@ fn linear_probe_trains_only_the_head() {
     assert!(out.join("head.safetensors").is_file());
     assert!(!out.join("adapter").exists() && !out.join("model").exists());
     // Nothing to probe on a language-modelling task.
-    let (code, _, err) = adapt(&[
-        "--task",
-        "fortunes/science",
-        "--method",
-        "head",
-        "--out",
-        &o,
-    ]);
+    let (code, _, err) = adapt_line("--task fortunes/science --method head", &["--out", &o]);
     assert_eq!(code, 1);
     assert!(err.contains("classification head only"), "{err}");
 }
@@ -556,28 +442,11 @@ fn linear_probe_trains_only_the_head() {
 fn token_classification_on_wikiann() {
     let out = common::temp_dir("adapt-ner").join("run");
     let (m, o) = (minilm(), out.display().to_string());
-    let (code, _, err) = adapt(&[
-        "--model",
-        &m,
-        "--task",
-        "wikiann/en",
-        "--method",
-        "lora",
-        "--shots",
-        "32",
-        "--steps",
-        "8",
-        "--batch-size",
-        "8",
-        "--lr",
-        "1e-2",
-        "--max-len",
-        "48",
-        "--eval-limit",
-        "40",
-        "--out",
-        &o,
-    ]);
+    let (code, _, err) = adapt_line(
+        "--task wikiann/en --method lora --shots 32 --steps 8 --batch-size 8 --lr 1e-2 \
+         --max-len 48 --eval-limit 40",
+        &["--model", &m, "--out", &o],
+    );
     assert_eq!(code, 0, "{err}");
     let rep = report(&out);
     assert_eq!(rep["result"]["metric"], "f1");
@@ -594,20 +463,10 @@ fn token_classification_on_wikiann() {
                 .unwrap()
     );
     let adapter = out.join("adapter").display().to_string();
-    let (code, j, err) = eval(&[
-        "--model",
-        &m,
-        "--adapter",
-        &adapter,
-        "--head",
-        &o,
-        "--task",
-        "wikiann/en",
-        "--max-len",
-        "48",
-        "--eval-limit",
-        "40",
-    ]);
+    let (code, j, err) = eval_line(
+        "--task wikiann/en --max-len 48 --eval-limit 40",
+        &["--model", &m, "--adapter", &adapter, "--head", &o],
+    );
     assert_eq!(code, 0, "{err}");
     close(&j["result"]["value"], &after["f1"], "entity F1");
 }
@@ -616,26 +475,11 @@ fn token_classification_on_wikiann() {
 fn decoder_classification_with_verbalizers_and_a_last_token_head() {
     let out = common::temp_dir("adapt-dec-cls").join("run");
     let o = out.display().to_string();
-    let (code, _, err) = adapt(&[
-        "--task",
-        "sst2",
-        "--method",
-        "lora",
-        "--head",
-        "linear",
-        "--shots",
-        "2",
-        "--steps",
-        "2",
-        "--batch-size",
-        "4",
-        "--max-len",
-        "48",
-        "--eval-limit",
-        "8",
-        "--out",
-        &o,
-    ]);
+    let (code, _, err) = adapt_line(
+        "--task sst2 --method lora --head linear --shots 2 --steps 2 --batch-size 4 \
+         --max-len 48 --eval-limit 8",
+        &["--out", &o],
+    );
     assert_eq!(code, 0, "{err}");
     let rep = report(&out);
     assert_eq!(rep["result"]["head"], "linear");
@@ -644,31 +488,17 @@ fn decoder_classification_with_verbalizers_and_a_last_token_head() {
         .unwrap()
         .contains("decoder_last_token_linear"));
     let adapter = out.join("adapter").display().to_string();
-    let (code, j, err) = eval(&[
-        "--adapter",
-        &adapter,
-        "--head",
-        &o,
-        "--task",
-        "sst2",
-        "--max-len",
-        "48",
-        "--eval-limit",
-        "8",
-    ]);
+    let (code, j, err) = eval_line(
+        "--task sst2 --max-len 48 --eval-limit 8",
+        &["--adapter", &adapter, "--head", &o],
+    );
     assert_eq!(code, 0, "{err}");
     close(&j["result"]["value"], &rep["result"]["after"], "accuracy");
     // Without a head a decoder is scored zero-shot by its verbalizers.
-    let (code, j, err) = eval(&[
-        "--task",
-        "sst2",
-        "--max-len",
-        "48",
-        "--eval-limit",
-        "8",
-        "--verbalizers",
-        "0=bad,1=good",
-    ]);
+    let (code, j, err) = eval_line(
+        "--task sst2 --max-len 48 --eval-limit 8 --verbalizers 0=bad,1=good",
+        &[],
+    );
     assert_eq!(code, 0, "{err}");
     assert_eq!(j["result"]["head"], "verbalizer");
     assert_eq!(
@@ -676,50 +506,21 @@ fn decoder_classification_with_verbalizers_and_a_last_token_head() {
         serde_json::json!([" bad", " good"])
     );
     // Verbalizers must name known labels and tell the labels apart.
-    let (code, _, err) = eval(&[
-        "--task",
-        "sst2",
-        "--eval-limit",
-        "2",
-        "--verbalizers",
-        "2=meh",
-    ]);
+    let (code, _, err) = eval_line("--task sst2 --eval-limit 2 --verbalizers 2=meh", &[]);
     assert_eq!(code, 1);
     assert!(err.contains("`2`") && err.contains("0, 1"), "{err}");
-    let (code, _, err) = eval(&[
-        "--task",
-        "sst2",
-        "--eval-limit",
-        "2",
-        "--verbalizers",
-        "0=ok,1=ok",
-    ]);
+    let (code, _, err) = eval_line("--task sst2 --eval-limit 2 --verbalizers 0=ok,1=ok", &[]);
     assert_eq!(code, 1);
     assert!(err.contains("same verbalizer"), "{err}");
     // A head on a task without labels is a mistake, not ignored.
-    let (code, _, err) = eval(&[
-        "--task",
-        "fortunes/science",
-        "--head",
-        &o,
-        "--eval-limit",
-        "2",
-    ]);
+    let (code, _, err) = eval_line("--task fortunes/science --eval-limit 2", &["--head", &o]);
     assert_eq!(code, 1);
     assert!(err.contains("classification tasks"), "{err}");
     // A bad --head value is an error.
-    let (code, _, err) = adapt(&[
-        "--task",
-        "sst2",
-        "--head",
-        "pooled",
-        "--steps",
-        "1",
-        "--eval-limit",
-        "2",
-        "--out",
-        &o,
-    ]);
+    let (code, _, err) = adapt_line(
+        "--task sst2 --head pooled --steps 1 --eval-limit 2",
+        &["--out", &o],
+    );
     assert_eq!(code, 1);
     assert!(
         err.contains("linear") && err.contains("verbalizer"),
