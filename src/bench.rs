@@ -14,7 +14,7 @@ use crate::peft::lora::{Lora, LoraConfig};
 use crate::peft::DeltaSet;
 use crate::{Error, Result};
 
-pub const WORKLOADS: [(&str, &str); 10] = [
+pub const WORKLOADS: [(&str, &str); 11] = [
     (
         "lora-qv",
         "LoRA r=8 on q,v: train step (fwd+bwd+AdamW), batch 4 x 128",
@@ -28,6 +28,10 @@ pub const WORKLOADS: [(&str, &str); 10] = [
     (
         "generate",
         "greedy generation, 32-token prompt + 64 new tokens",
+    ),
+    (
+        "lora-qv-bf16",
+        "lora-qv with the frozen base stored in bf16 (weights widened to f32 per product)",
     ),
     (
         "tams-forward",
@@ -122,7 +126,7 @@ pub fn run(
             .collect()
     };
     match workload {
-        "lora-qv" | "lora-all" | "full" => {
+        "lora-qv" | "lora-qv-bf16" | "lora-all" | "full" => {
             let ids = text_tokens(ck, b * (t + 1))?;
             let ids = Tensor::from_vec(ids, (b, t + 1), &dev)?;
             let input = ids.narrow(1, 0, t)?;
@@ -134,7 +138,7 @@ pub fn run(
                     (base, DeltaSet::none(), ParamStore::new())
                 }
                 w => {
-                    let targets: &[&str] = if w == "lora-qv" {
+                    let targets: &[&str] = if w.starts_with("lora-qv") {
                         &["q_proj", "v_proj"]
                     } else {
                         &[

@@ -144,6 +144,21 @@ impl ParamStore {
         out
     }
 
+    /// A copy with every frozen matrix (2-D: linear weights, embeddings) stored in `dtype`, for a
+    /// half-precision frozen base. Vectors (norms, biases) and trainable entries are unchanged.
+    pub fn frozen_matrices_to(&self, dtype: DType) -> Result<Self> {
+        let mut out = ParamStore::new();
+        for (k, p) in &self.entries {
+            match p {
+                Param::Frozen(t) if t.rank() == 2 => {
+                    out.insert_frozen(k.clone(), t.to_dtype(dtype)?)
+                }
+                p => out.insert(k.clone(), p.clone()),
+            }
+        }
+        Ok(out)
+    }
+
     /// A copy of the store with every tensor converted to `dtype` (trainable entries stay trainable).
     pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
         let mut out = ParamStore::new();

@@ -117,6 +117,10 @@ pub struct RunArgs {
     /// Length bucketing of training batches (default true)
     #[arg(long)]
     pub bucket: Option<bool>,
+    /// Store the frozen base's matrices in f32 (default), bf16 or f16: half the weight memory;
+    /// compute stays f32 (weights are widened per product). Not with `--method full`
+    #[arg(long)]
+    pub base_dtype: Option<String>,
 }
 
 impl RunArgs {
@@ -148,7 +152,8 @@ impl RunArgs {
             metric,
             restore_best,
             checkpoint_every,
-            bucket
+            bucket,
+            base_dtype
         )
     }
 }
@@ -211,7 +216,14 @@ pub fn run(a: Args) -> Result<()> {
         (None, Some(p)) => io::prepared::model_spec(p)?,
         _ => super::model_or_default(r.model.clone(), metapeft::assets::SMOLLM2)?,
     };
-    let ck = model::load(&spec, &Device::Cpu)?;
+    let mut ck = model::load(&spec, &Device::Cpu)?;
+    let base_dtype = base_dtype(r.base_dtype.as_deref())?;
+    if base_dtype != DType::F32 {
+        if method == "full" {
+            bail!("--base-dtype {base_dtype:?} stores a frozen base; --method full trains it: use f32");
+        }
+        ck.params = ck.params.frozen_matrices_to(base_dtype)?;
+    }
     let td = setup::task_data(
         &task,
         &metapeft::assets::data_dir(),
@@ -701,4 +713,14 @@ fn save_tams(
     let archs = std::collections::BTreeMap::from([(task.to_string(), *arch)]);
     tams::write_architectures(dir, &archs)?;
     Ok(())
+}
+
+/// `--base-dtype`: how the frozen base's matrices are stored.
+pub fn base_dtype(v: Option<&str>) -> Result<DType> {
+    match v.unwrap_or("f32") {
+        "f32" => Ok(DType::F32),
+        "bf16" => Ok(DType::BF16),
+        "f16" => Ok(DType::F16),
+        o => bail!("--base-dtype `{o}`: expected f32, bf16 or f16"),
+    }
 }

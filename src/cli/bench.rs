@@ -9,7 +9,7 @@ use metapeft::model::{self, Arch, Llama};
 Examples:\n  metapeft bench                       # every workload, 5 timed runs each\n  \
 metapeft bench --workload lora-qv --workload full --runs 7\n\n\
 Workloads:\n  lora-qv   LoRA r=8 on q,v: train step (fwd+bwd+AdamW), 4 x 128 tokens\n  \
-lora-all  LoRA r=8 on all 7 linears: train step, 4 x 128\n  full      full fine-tuning step, 4 x 128\n  \
+lora-all  LoRA r=8 on all 7 linears: train step, 4 x 128\n  lora-qv-bf16  lora-qv with the frozen base stored in bf16\n  full      full fine-tuning step, 4 x 128\n  \
 forward   forward pass, 1 x 128\n  generate  greedy generation, 32-token prompt + 64 new tokens\n  \
 fomaml    FOMAML episode: 5 inner steps on 4 x 128 + query 4 x 128 (LoRA q,v)\n  \
 maml-exact  exact second-order MAML episode, 1 inner step\n  maml-hf   Hessian-free MAML episode, 1 inner step\n  \
@@ -43,12 +43,15 @@ pub struct Args {
 pub fn run(a: Args) -> Result<()> {
     let spec = super::model_or_default(a.model.clone(), metapeft::assets::SMOLLM2)?;
     if a.child {
-        let ck = model::load(&spec, &Device::Cpu)?;
+        let mut ck = model::load(&spec, &Device::Cpu)?;
+        let w = a.workload.first().context("--child needs one --workload")?;
+        if w.ends_with("-bf16") {
+            ck.params = ck.params.frozen_matrices_to(candle_core::DType::BF16)?;
+        }
         let Arch::Llama(cfg) = &ck.arch else {
             bail!("bench needs a decoder model")
         };
         let m = Llama::new(cfg.clone(), &Device::Cpu)?;
-        let w = a.workload.first().context("--child needs one --workload")?;
         let t = bench::run(w, &ck, &m, a.warmup, a.runs, a.seq_len)?;
         println!("{}", serde_json::to_string(&t)?);
         return Ok(());
@@ -75,7 +78,7 @@ pub fn run(a: Args) -> Result<()> {
             rayon::current_num_threads()
         );
         println!(
-            "{:<10} {:>9} {:>9} {:>9} {:>10} {:>9}  notes",
+            "{:<16} {:>9} {:>9} {:>9} {:>10} {:>9}  notes",
             "workload", "median s", "min s", "max s", "peak MiB", "GFLOP/s"
         );
     }
@@ -120,7 +123,7 @@ pub fn run(a: Args) -> Result<()> {
             String::new()
         };
         println!(
-            "{:<10} {:>9.3} {:>9.3} {:>9.3} {:>10.0} {:>9.1}  {}",
+            "{:<16} {:>9.3} {:>9.3} {:>9.3} {:>10.0} {:>9.1}  {}",
             n,
             med,
             min,

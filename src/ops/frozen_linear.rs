@@ -5,7 +5,7 @@
 //! orientation flipped, so it is itself differentiable (second-order MAML) and still skips `dW`.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CudaStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CudaStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
 /// lhs layout, rhs layout, (batch, m, n, k), output shape.
 type MatmulPlan = (Layout, Layout, (usize, usize, usize, usize), Shape);
@@ -58,7 +58,15 @@ impl CustomOp2 for FrozenMatmul {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (lhs, rhs, bmnk, shape) = self.plan(l1, l2)?;
-        Ok((s1.matmul(s2, bmnk, &lhs, &rhs)?, shape))
+        match (s1, s2) {
+            (CpuStorage::F32(_), CpuStorage::BF16(_) | CpuStorage::F16(_)) => {
+                // A half-precision frozen weight is widened into a temporary that lives only for
+                // this product: the graph keeps the half-size weight, the matmul runs in f32.
+                let (w, rhs) = widen_weight(s2, l2, &rhs)?;
+                Ok((s1.matmul(&w, bmnk, &lhs, &rhs)?, shape))
+            }
+            _ => Ok((s1.matmul(s2, bmnk, &lhs, &rhs)?, shape)),
+        }
     }
 
     fn cuda_fwd(
@@ -86,9 +94,39 @@ impl CustomOp2 for FrozenMatmul {
     }
 }
 
+/// The contiguous bf16/f16 weight of layout `l` as f32, with `rhs` (a view of `l`) re-based onto
+/// the copy.
+fn widen_weight(s: &CpuStorage, l: &Layout, rhs: &Layout) -> Result<(CpuStorage, Layout)> {
+    use rayon::prelude::*;
+    let (a, b) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("frozen_linear: weight not contiguous".into()))?;
+    let mut out = vec![0f32; b - a];
+    const CHUNK: usize = 1 << 16;
+    match s {
+        CpuStorage::BF16(v) => out
+            .par_chunks_mut(CHUNK)
+            .zip(v[a..b].par_chunks(CHUNK))
+            .for_each(|(o, i)| o.iter_mut().zip(i).for_each(|(o, i)| *o = i.to_f32())),
+        CpuStorage::F16(v) => out
+            .par_chunks_mut(CHUNK)
+            .zip(v[a..b].par_chunks(CHUNK))
+            .for_each(|(o, i)| o.iter_mut().zip(i).for_each(|(o, i)| *o = i.to_f32())),
+        _ => candle_core::bail!("frozen_linear: cannot widen a {:?} weight", s.dtype()),
+    }
+    let rebased = Layout::new(rhs.shape().clone(), rhs.stride().to_vec(), 0);
+    Ok((CpuStorage::F32(out), rebased))
+}
+
+/// Whether the op takes `w` as stored: half-precision weights with f32 activations on the CPU are
+/// widened inside the op, so a bf16 base keeps half the weight memory.
+fn widened_in_op(x: &Tensor, w: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == DType::F32 && matches!(w.dtype(), DType::BF16 | DType::F16)
+}
+
 /// `x W^T` for a frozen `W: [out, in]` and `x: [..., in]`; no gradient flows to `W`.
 pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let w = if w.dtype() != x.dtype() {
+    let w = if w.dtype() != x.dtype() && !widened_in_op(x, w) {
         w.to_dtype(x.dtype())?
     } else {
         w.clone()
@@ -161,6 +199,37 @@ mod tests {
         let b = randn_f64(&[4], 57, 1.0)?;
         let err = check(|t| linear(&t[0], &t[1], Some(&t[2])), &[x, w, b], 1e-6)?;
         assert!(err < 1e-8, "rel error {err}");
+        Ok(())
+    }
+
+    #[test]
+    fn half_precision_weights_are_widened_inside_the_op() -> Result<()> {
+        use candle_core::{Device, Var};
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, 64), &dev)?)?;
+        let w32 = Tensor::randn(0f32, 1.0, (48, 64), &dev)?;
+        for dt in [DType::BF16, DType::F16] {
+            let wh = w32.to_dtype(dt)?;
+            // The reference: the same rounded weight, in f32.
+            let wr = wh.to_dtype(DType::F32)?;
+            let y = frozen_linear(x.as_tensor(), &wh)?;
+            assert_eq!(y.dtype(), DType::F32);
+            let want = frozen_linear(x.as_tensor(), &wr)?;
+            let diff = (&y - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-5, "{dt:?}: forward differs by {diff}");
+            let g = (y.sqr()?.sum_all()?).backward()?;
+            let gw = (want.sqr()?.sum_all()?).backward()?;
+            let (a, b) = (
+                g.get(x.as_tensor()).unwrap(),
+                gw.get(x.as_tensor()).unwrap(),
+            );
+            let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-4, "{dt:?}: input gradient differs by {diff}");
+            // A non-contiguous half-precision weight is made contiguous, still in half precision.
+            let strided = wh.t()?.contiguous()?.t()?;
+            let y2 = frozen_linear(x.as_tensor(), &strided)?;
+            assert!((&y2 - &y)?.abs()?.max_all()?.to_scalar::<f32>()? < 1e-5);
+        }
         Ok(())
     }
 

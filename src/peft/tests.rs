@@ -338,3 +338,39 @@ fn adapters_for_another_model_are_rejected_whole() -> Result<()> {
     assert!(err.contains("c_attn"), "{err}");
     Ok(())
 }
+
+#[test]
+fn every_method_trains_on_a_bf16_frozen_base() -> Result<()> {
+    // A bf16 base must give what the f32 model with the same rounded weights gives: logits and
+    // delta gradients, for every method (the frozen matmuls widen bf16 weights internally).
+    let (m, base32, arch) = setup(DType::F32)?;
+    let half = base32.frozen_matrices_to(DType::BF16)?;
+    let rounded = half.to_dtype(DType::F32)?;
+    let ids = token_ids(2, 5, 32, 7)?;
+    for cfg in all_configs() {
+        let a = perturbed(&cfg.init(&arch, &rounded, 5)?, 200)?;
+        let d_half = a.attach(&arch, &half)?;
+        let d_ref = a.attach(&arch, &rounded)?;
+        let y = logits(&m, &half, &d_half, &a.params, &ids)?;
+        let want = logits(&m, &rounded, &d_ref, &a.params, &ids)?;
+        let diff = max_diff(&y, &want)?;
+        assert!(
+            diff < 1e-4,
+            "{}: bf16 base logits differ by {diff}",
+            cfg.method()
+        );
+        let g = y.sqr()?.mean_all()?.backward()?;
+        let gw = want.sqr()?.mean_all()?.backward()?;
+        for (name, v) in a.params.vars() {
+            let (x, r) = (g.get(v.as_tensor()), gw.get(v.as_tensor()));
+            let (Some(x), Some(r)) = (x, r) else {
+                assert!(x.is_none() && r.is_none(), "{}: {name}", cfg.method());
+                continue;
+            };
+            let scale = r.abs()?.max_all()?.to_scalar::<f32>()? as f64 + 1e-6;
+            let e = max_diff(x, r)? / scale;
+            assert!(e < 1e-3, "{}: gradient of {name} off by {e}", cfg.method());
+        }
+    }
+    Ok(())
+}
