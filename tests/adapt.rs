@@ -527,3 +527,36 @@ fn decoder_classification_with_verbalizers_and_a_last_token_head() {
         "{err}"
     );
 }
+
+#[test]
+fn bf16_base_trains_and_scores_like_f32() {
+    let dir = common::temp_dir("adapt-bf16");
+    let line = "--task fortunes/science --method lora --shots 4 --steps 1 --batch-size 2 \
+                --max-len 32 --eval-limit 4";
+    let mut before = vec![];
+    for dt in ["f32", "bf16"] {
+        let out = dir.join(dt);
+        let (code, _, err) =
+            adapt_line(line, &["--base-dtype", dt, "--out", out.to_str().unwrap()]);
+        assert_eq!(code, 0, "{err}");
+        before.push(report(&out)["result"]["before"].as_f64().unwrap());
+    }
+    // bf16 keeps 8 bits of mantissa: the perplexity moves a little, not a lot.
+    let rel = (before[1] - before[0]).abs() / before[0];
+    assert!(
+        rel < 0.03,
+        "perplexity f32 {} vs bf16 {}",
+        before[0],
+        before[1]
+    );
+    let o = dir.join("bad").display().to_string();
+    let (code, _, err) = adapt_line("--task fortunes/science --base-dtype fp8", &["--out", &o]);
+    assert_eq!(code, 1);
+    assert!(err.contains("expected f32, bf16 or f16"), "{err}");
+    let (code, _, err) = adapt_line(
+        "--task fortunes/science --method full --base-dtype bf16",
+        &["--out", &o],
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("--method full"), "{err}");
+}
