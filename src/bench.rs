@@ -14,7 +14,7 @@ use crate::peft::lora::{Lora, LoraConfig};
 use crate::peft::DeltaSet;
 use crate::{Error, Result};
 
-pub const WORKLOADS: [(&str, &str); 11] = [
+pub const WORKLOADS: [(&str, &str); 12] = [
     (
         "lora-qv",
         "LoRA r=8 on q,v: train step (fwd+bwd+AdamW), batch 4 x 128",
@@ -28,6 +28,10 @@ pub const WORKLOADS: [(&str, &str); 11] = [
     (
         "generate",
         "greedy generation, 32-token prompt + 64 new tokens",
+    ),
+    (
+        "startup",
+        "load + dequantize the checkpoint, tokenizer, model, fresh LoRA: all before the first step",
     ),
     (
         "lora-qv-bf16",
@@ -265,6 +269,23 @@ pub fn run(
             timing.flops = forward_flops(model, b * t, t);
             timing.seconds = time(&mut || {
                 model.forward(&ck.params, &deltas, &p, &ids, None)?;
+                Ok(())
+            })?;
+        }
+        "startup" => {
+            // What a training run does before its first step: read and dequantize the checkpoint,
+            // build the tokenizer and the model, attach a fresh LoRA (the file is in the page
+            // cache, as for PyTorch's warm `from_pretrained`).
+            let path = ck.path.display().to_string();
+            timing.seconds = time(&mut || {
+                let ck = crate::model::load(&path, &dev)?;
+                let crate::model::Arch::Llama(cfg) = &ck.arch else {
+                    return Err(crate::Error::invalid("startup: a decoder model is needed"));
+                };
+                let _m = Llama::new(cfg.clone(), &dev)?;
+                let (lora, _dp) = Lora::init(&lora_cfg(&["q_proj", "v_proj"]), &ck.params, 0)?;
+                let mut d = DeltaSet::none();
+                d.push(lora);
                 Ok(())
             })?;
         }

@@ -9,7 +9,7 @@ use metapeft::model::{self, Arch, Llama};
 Examples:\n  metapeft bench                       # every workload, 5 timed runs each\n  \
 metapeft bench --workload lora-qv --workload full --runs 7\n\n\
 Workloads:\n  lora-qv   LoRA r=8 on q,v: train step (fwd+bwd+AdamW), 4 x 128 tokens\n  \
-lora-all  LoRA r=8 on all 7 linears: train step, 4 x 128\n  lora-qv-bf16  lora-qv with the frozen base stored in bf16\n  full      full fine-tuning step, 4 x 128\n  \
+lora-all  LoRA r=8 on all 7 linears: train step, 4 x 128\n  lora-qv-bf16  lora-qv with the frozen base stored in bf16\n  startup   load checkpoint + tokenizer + model + LoRA (everything before the first step)\n  full      full fine-tuning step, 4 x 128\n  \
 forward   forward pass, 1 x 128\n  generate  greedy generation, 32-token prompt + 64 new tokens\n  \
 fomaml    FOMAML episode: 5 inner steps on 4 x 128 + query 4 x 128 (LoRA q,v)\n  \
 maml-exact  exact second-order MAML episode, 1 inner step\n  maml-hf   Hessian-free MAML episode, 1 inner step\n  \
