@@ -14,7 +14,7 @@ use crate::peft::lora::{Lora, LoraConfig};
 use crate::peft::DeltaSet;
 use crate::{Error, Result};
 
-pub const WORKLOADS: [(&str, &str); 12] = [
+pub const WORKLOADS: [(&str, &str); 13] = [
     (
         "lora-qv",
         "LoRA r=8 on q,v: train step (fwd+bwd+AdamW), batch 4 x 128",
@@ -28,6 +28,10 @@ pub const WORKLOADS: [(&str, &str); 12] = [
     (
         "generate",
         "greedy generation, 32-token prompt + 64 new tokens",
+    ),
+    (
+        "minilm-lora",
+        "all-MiniLM-L6-v2 + LoRA r=8 (query, value) classifier step, 16 x 64 (always MiniLM)",
     ),
     (
         "startup",
@@ -328,6 +332,82 @@ pub fn run(
                 WORKLOADS.map(|w| w.0).join(", ")
             )))
         }
+    }
+    timing.peak_rss_mib = peak_rss_mib();
+    Ok(timing)
+}
+
+/// The MiniLM workload: all-MiniLM-L6-v2 + LoRA r=8 on query,value + a linear head on the
+/// mean-pooled states, one AdamW classifier step on 16 x 64 tokens (16 classes).
+pub fn run_encoder(
+    workload: &str,
+    ck: &Checkpoint,
+    model: &crate::model::Bert,
+    warmup: usize,
+    runs: usize,
+) -> Result<Timing> {
+    if workload != "minilm-lora" {
+        return Err(Error::invalid(format!(
+            "unknown encoder workload `{workload}`"
+        )));
+    }
+    let dev = Device::Cpu;
+    let (b, t, labels) = (16, 64, 16);
+    let ids = Tensor::from_vec(text_tokens(ck, b * t)?, (b, t), &dev)?;
+    let mask = Tensor::ones((b, t), candle_core::DType::U32, &dev)?;
+    let target = Tensor::from_vec(
+        (0..b as u32).map(|i| i % labels).collect::<Vec<_>>(),
+        b,
+        &dev,
+    )?;
+    let (lora, dp) = Lora::init(&lora_cfg(&["query", "value"]), &ck.params, 0)?;
+    let mut deltas = DeltaSet::none();
+    deltas.push(lora);
+    let d = model.cfg.hidden_size;
+    let hw = candle_core::Var::from_tensor(
+        &(Tensor::randn(0f32, 1.0, (labels as usize, d), &dev)? * 0.02)?,
+    )?;
+    let hb = candle_core::Var::zeros(labels as usize, candle_core::DType::F32, &dev)?;
+    let vars: Vec<candle_core::Var> = dp
+        .vars()
+        .into_iter()
+        .map(|(_, v)| v)
+        .chain([hw.clone(), hb.clone()])
+        .collect();
+    let mut opt = AdamW::new(
+        vars,
+        ParamsAdamW {
+            lr: 1e-5,
+            ..Default::default()
+        },
+    )?;
+    let mut timing = Timing {
+        workload: workload.to_string(),
+        seconds: vec![],
+        flops: 0.0,
+        tokens: 0,
+        peak_rss_mib: 0.0,
+    };
+    // Forward + input gradients, no frozen weight gradients: ~2 x 2 x params x tokens.
+    let c = &model.cfg;
+    let per_token = c.num_hidden_layers as f64
+        * (4.0 * (d * d) as f64 + 2.0 * (d * c.intermediate_size) as f64);
+    timing.flops = 2.0 * 2.0 * per_token * (b * t) as f64;
+    let mut step = || -> Result<()> {
+        let states = model.forward(&ck.params, &deltas, &dp, &ids, None, &mask)?;
+        let pooled = states.mean(1)?;
+        let logits = ops::linear(&pooled, hw.as_tensor(), Some(hb.as_tensor()))?;
+        let loss = ops::cross_entropy(&logits, &target.to_dtype(candle_core::DType::I64)?, -100)?;
+        opt.step(&loss.backward()?)?;
+        Ok(())
+    };
+    for _ in 0..warmup {
+        step()?;
+    }
+    for _ in 0..runs {
+        let s = Instant::now();
+        step()?;
+        timing.seconds.push(s.elapsed().as_secs_f64());
     }
     timing.peak_rss_mib = peak_rss_mib();
     Ok(timing)

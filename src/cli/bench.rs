@@ -1,7 +1,7 @@
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use metapeft::bench::{self, median, Timing, WORKLOADS};
-use metapeft::model::{self, Arch, Llama};
+use metapeft::model::{self, Arch, Bert, Llama};
 
 #[derive(clap::Args)]
 #[command(
@@ -9,7 +9,7 @@ use metapeft::model::{self, Arch, Llama};
 Examples:\n  metapeft bench                       # every workload, 5 timed runs each\n  \
 metapeft bench --workload lora-qv --workload full --runs 7\n\n\
 Workloads:\n  lora-qv   LoRA r=8 on q,v: train step (fwd+bwd+AdamW), 4 x 128 tokens\n  \
-lora-all  LoRA r=8 on all 7 linears: train step, 4 x 128\n  lora-qv-bf16  lora-qv with the frozen base stored in bf16\n  startup   load checkpoint + tokenizer + model + LoRA (everything before the first step)\n  full      full fine-tuning step, 4 x 128\n  \
+lora-all  LoRA r=8 on all 7 linears: train step, 4 x 128\n  lora-qv-bf16  lora-qv with the frozen base stored in bf16\n  minilm-lora  all-MiniLM-L6-v2 + LoRA r=8 (query, value) classifier step, 16 x 64 (always MiniLM)\n  startup   load checkpoint + tokenizer + model + LoRA (everything before the first step)\n  full      full fine-tuning step, 4 x 128\n  \
 forward   forward pass, 1 x 128\n  generate  greedy generation, 32-token prompt + 64 new tokens\n  \
 fomaml    FOMAML episode: 5 inner steps on 4 x 128 + query 4 x 128 (LoRA q,v)\n  \
 maml-exact  exact second-order MAML episode, 1 inner step\n  maml-hf   Hessian-free MAML episode, 1 inner step\n  \
@@ -43,8 +43,19 @@ pub struct Args {
 pub fn run(a: Args) -> Result<()> {
     let spec = super::model_or_default(a.model.clone(), metapeft::assets::SMOLLM2)?;
     if a.child {
-        let mut ck = model::load(&spec, &Device::Cpu)?;
         let w = a.workload.first().context("--child needs one --workload")?;
+        if w.starts_with("minilm") {
+            let spec = super::model_or_default(None, metapeft::assets::MINILM)?;
+            let ck = model::load(&spec, &Device::Cpu)?;
+            let Arch::Bert(cfg) = &ck.arch else {
+                bail!("{spec} is not an encoder")
+            };
+            let m = Bert::new(cfg.clone());
+            let t = bench::run_encoder(w, &ck, &m, a.warmup, a.runs)?;
+            println!("{}", serde_json::to_string(&t)?);
+            return Ok(());
+        }
+        let mut ck = model::load(&spec, &Device::Cpu)?;
         if w.ends_with("-bf16") {
             ck.params = ck.params.frozen_matrices_to(candle_core::DType::BF16)?;
         }
