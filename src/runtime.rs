@@ -11,3 +11,19 @@ pub fn configure_threads() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
 }
+
+/// glibc serves every block above its mmap threshold (128 KiB at first) with a fresh `mmap` and
+/// unmaps it on free, so each activation or gradient tensor of a training step costs page faults
+/// and kernel zeroing of new pages (about 15% of a MiniLM LoRA step in `perf`). Keeping blocks up
+/// to 32 MiB (glibc's ceiling) in the heap, and not trimming it, lets the next step reuse them.
+/// Measured in BENCHMARKS.md; `METAPEFT_MALLOC=default` turns it off for comparison.
+pub fn configure_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var("METAPEFT_MALLOC").as_deref() != Ok("default") {
+        // SAFETY: mallopt only changes allocator parameters; called before other threads exist.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+        }
+    }
+}
