@@ -1,0 +1,426 @@
+//! A linear map by a frozen *quantized* weight (GGUF blocks), with a backward: QLoRA-style training
+//! on a base that stays at its file size in memory.
+//!
+//! The weight lives inside the op, not in the graph, as the GGUF's raw blocks. Each product walks
+//! the weight in tiles of rows: a tile is dequantized into a small f32 buffer and multiplied with
+//! `gemm`, so the matmul runs at f32 speed on exactly the dequantized weight (gradients equal the
+//! dequantized f32 model's up to summation order), and memory holds the blocks plus one tile.
+//! The backward is the same op in the other orientation (`g W`), itself differentiable, so
+//! second-order MAML works on a quantized base too.
+
+use std::sync::Arc;
+
+use candle_core::quantized::k_quants::{
+    BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K,
+    BlockQ8_0, GgmlType,
+};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// A frozen weight `[out, in]` kept as GGUF blocks, row-major (each row is whole blocks).
+#[derive(Clone)]
+pub struct QuantizedWeight {
+    bytes: Arc<Vec<u8>>,
+    dtype: GgmlDType,
+    rows: usize,
+    cols: usize,
+}
+
+impl std::fmt::Debug for QuantizedWeight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "QuantizedWeight({:?}, [{}, {}])",
+            self.dtype, self.rows, self.cols
+        )
+    }
+}
+
+fn err(msg: impl Into<String>) -> candle_core::Error {
+    candle_core::Error::Msg(msg.into())
+}
+
+/// Whether rows of this block type can be dequantized here.
+fn supported(dtype: GgmlDType) -> bool {
+    use GgmlDType as G;
+    matches!(
+        dtype,
+        G::F32
+            | G::F16
+            | G::Q4_0
+            | G::Q4_1
+            | G::Q5_0
+            | G::Q5_1
+            | G::Q8_0
+            | G::Q2K
+            | G::Q3K
+            | G::Q4K
+            | G::Q5K
+            | G::Q6K
+    )
+}
+
+/// Dequantize whole blocks `src` (raw bytes of blocks of type `B`) into `dst`.
+fn blocks_to_f32<B: GgmlType>(src: &[u8], dst: &mut [f32]) -> Result<()> {
+    let size = std::mem::size_of::<B>();
+    if src.len() % size != 0 || (src.as_ptr() as usize) % std::mem::align_of::<B>() != 0 {
+        return Err(err("quantized_linear: misaligned block data"));
+    }
+    // SAFETY: `B` is a `repr(C)` block of plain integers and f16s, valid for any bit pattern;
+    // length and alignment were checked above.
+    let blocks = unsafe { std::slice::from_raw_parts(src.as_ptr() as *const B, src.len() / size) };
+    B::to_float(blocks, dst);
+    Ok(())
+}
+
+impl QuantizedWeight {
+    /// Take a 2-D `QTensor` `[out, in]` (as read from a GGUF file).
+    pub fn from_qtensor(qt: &QTensor) -> Result<Self> {
+        let (rows, cols) = qt.shape().dims2()?;
+        let dtype = qt.dtype();
+        if !supported(dtype) {
+            return Err(err(format!(
+                "quantized_linear: {dtype:?} weights are not supported (supported: F32, F16, \
+                 Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K)"
+            )));
+        }
+        if cols % dtype.block_size() != 0 {
+            return Err(err(format!(
+                "quantized_linear: rows of {cols} values are not whole {dtype:?} blocks of {}",
+                dtype.block_size()
+            )));
+        }
+        let bytes = qt.data()?.into_owned();
+        let w = Self {
+            bytes: Arc::new(bytes),
+            dtype,
+            rows,
+            cols,
+        };
+        if w.bytes.len() != rows * w.row_bytes() {
+            return Err(err(format!(
+                "quantized_linear: {} bytes for a {dtype:?} [{rows}, {cols}] weight, expected {}",
+                w.bytes.len(),
+                rows * w.row_bytes()
+            )));
+        }
+        Ok(w)
+    }
+
+    /// Quantize a dense `[out, in]` weight (a user converting an f32 base, and tests).
+    pub fn quantize(w: &Tensor, dtype: GgmlDType) -> Result<Self> {
+        Self::from_qtensor(&QTensor::quantize(&w.to_dtype(DType::F32)?, dtype)?)
+    }
+
+    /// The same weight with its rows reordered: row `i` of the result is row `perm[i]` here
+    /// (GGUF stores Llama's Q/K rows permuted for its RoPE layout; whole rows move as blocks).
+    pub fn permute_rows(&self, perm: &[usize]) -> Result<Self> {
+        if perm.len() != self.rows || perm.iter().any(|&p| p >= self.rows) {
+            return Err(err("quantized_linear: bad row permutation"));
+        }
+        let rb = self.row_bytes();
+        let mut out = Vec::with_capacity(self.bytes.len());
+        for &p in perm {
+            out.extend_from_slice(&self.bytes[p * rb..(p + 1) * rb]);
+        }
+        Ok(Self {
+            bytes: Arc::new(out),
+            ..self.clone()
+        })
+    }
+
+    pub fn dtype(&self) -> GgmlDType {
+        self.dtype
+    }
+
+    pub fn dims(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+
+    /// Bytes held: the blocks only.
+    pub fn size_in_bytes(&self) -> usize {
+        self.bytes.len()
+    }
+
+    fn row_bytes(&self) -> usize {
+        self.cols / self.dtype.block_size() * self.dtype.type_size()
+    }
+
+    /// Rows `[r0, r0 + n)` as f32, row-major, into `dst` (`n * cols` values).
+    fn dequantize_rows(&self, r0: usize, n: usize, dst: &mut [f32]) -> Result<()> {
+        let rb = self.row_bytes();
+        let cols = self.cols;
+        let src = &self.bytes[r0 * rb..(r0 + n) * rb];
+        // Rows are independent: dequantize them in parallel.
+        src.par_chunks(rb)
+            .zip(dst.par_chunks_mut(cols))
+            .try_for_each(|(s, d)| self.row_to_f32(s, d))
+    }
+
+    fn row_to_f32(&self, s: &[u8], d: &mut [f32]) -> Result<()> {
+        use GgmlDType as G;
+        match self.dtype {
+            G::F32 => {
+                for (o, c) in d.iter_mut().zip(s.chunks_exact(4)) {
+                    *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                }
+                Ok(())
+            }
+            G::F16 => {
+                for (o, c) in d.iter_mut().zip(s.chunks_exact(2)) {
+                    *o = half::f16::from_le_bytes([c[0], c[1]]).to_f32();
+                }
+                Ok(())
+            }
+            G::Q4_0 => blocks_to_f32::<BlockQ4_0>(s, d),
+            G::Q4_1 => blocks_to_f32::<BlockQ4_1>(s, d),
+            G::Q5_0 => blocks_to_f32::<BlockQ5_0>(s, d),
+            G::Q5_1 => blocks_to_f32::<BlockQ5_1>(s, d),
+            G::Q8_0 => blocks_to_f32::<BlockQ8_0>(s, d),
+            G::Q2K => blocks_to_f32::<BlockQ2K>(s, d),
+            G::Q3K => blocks_to_f32::<BlockQ3K>(s, d),
+            G::Q4K => blocks_to_f32::<BlockQ4K>(s, d),
+            G::Q5K => blocks_to_f32::<BlockQ5K>(s, d),
+            G::Q6K => blocks_to_f32::<BlockQ6K>(s, d),
+            other => Err(err(format!("quantized_linear: {other:?} is not supported"))),
+        }
+    }
+
+    /// The whole weight as a dense f32 tensor (reference checks, merging).
+    pub fn dequantize(&self) -> Result<Tensor> {
+        let mut out = vec![0f32; self.rows * self.cols];
+        self.dequantize_rows(0, self.rows, &mut out)?;
+        Tensor::from_vec(out, (self.rows, self.cols), &candle_core::Device::Cpu)
+    }
+}
+
+/// Rows of the weight dequantized per tile: small enough to stay in cache, big enough for gemm.
+const TILE_ROWS: usize = 128;
+
+struct QuantizedMatmul {
+    w: QuantizedWeight,
+    /// false: `y = x W^T` (`x: [m, in]`); true: `y = x W` (`x: [m, out]`), the input gradient.
+    transposed: bool,
+}
+
+impl QuantizedMatmul {
+    fn product(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
+        let (n_rows, k) = (self.w.rows, self.w.cols);
+        let out_cols = if self.transposed { k } else { n_rows };
+        let in_cols = if self.transposed { n_rows } else { k };
+        let mut y = vec![0f32; m * out_cols];
+        let mut tile = vec![0f32; TILE_ROWS * k];
+        let par = match rayon::current_num_threads() {
+            0 | 1 => gemm::Parallelism::None,
+            t => gemm::Parallelism::Rayon(t),
+        };
+        let mut r0 = 0;
+        while r0 < n_rows {
+            let r = TILE_ROWS.min(n_rows - r0);
+            let t = &mut tile[..r * k];
+            self.w.dequantize_rows(r0, r, t)?;
+            // SAFETY: every pointer/stride pair below addresses inside `y`, `x` or `t`, with
+            // the shapes stated; the buffers outlive the call and `y` is not aliased.
+            unsafe {
+                if self.transposed {
+                    // y[m, k] += x[:, r0..r0+r] · t[r, k]
+                    gemm::gemm(
+                        m,
+                        k,
+                        r,
+                        y.as_mut_ptr(),
+                        1,
+                        k as isize,
+                        r0 > 0,
+                        x.as_ptr().add(r0),
+                        1,
+                        in_cols as isize,
+                        t.as_ptr(),
+                        1,
+                        k as isize,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        par,
+                    );
+                } else {
+                    // y[:, r0..r0+r] = x[m, k] · t[r, k]^T
+                    gemm::gemm(
+                        m,
+                        r,
+                        k,
+                        y.as_mut_ptr().add(r0),
+                        1,
+                        out_cols as isize,
+                        false,
+                        x.as_ptr(),
+                        1,
+                        in_cols as isize,
+                        t.as_ptr(),
+                        k as isize,
+                        1,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        par,
+                    );
+                }
+            }
+            r0 += r;
+        }
+        Ok(y)
+    }
+}
+
+impl CustomOp1 for QuantizedMatmul {
+    fn name(&self) -> &'static str {
+        "metapeft-quantized-linear"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dims = l.dims();
+        let in_cols = if self.transposed {
+            self.w.rows
+        } else {
+            self.w.cols
+        };
+        let last = *dims.last().unwrap_or(&0);
+        if last != in_cols {
+            candle_core::bail!(
+                "quantized_linear: input has {last} features but the weight is {:?} [{}, {}]{}",
+                self.w.dtype,
+                self.w.rows,
+                self.w.cols,
+                if self.transposed { " (transposed)" } else { "" }
+            );
+        }
+        let x = match s {
+            CpuStorage::F32(v) => match l.contiguous_offsets() {
+                Some((a, b)) => &v[a..b],
+                None => candle_core::bail!("quantized_linear: input must be contiguous"),
+            },
+            _ => candle_core::bail!("quantized_linear: f32 activations only"),
+        };
+        let m = x.len() / in_cols.max(1);
+        let y = self.product(x, m)?;
+        let mut out = dims.to_vec();
+        if let Some(o) = out.last_mut() {
+            *o = if self.transposed {
+                self.w.cols
+            } else {
+                self.w.rows
+            };
+        }
+        Ok((CpuStorage::F32(y), Shape::from(out)))
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let flipped = QuantizedMatmul {
+            w: self.w.clone(),
+            transposed: !self.transposed,
+        };
+        Ok(Some(g.contiguous()?.apply_op1(flipped)?))
+    }
+}
+
+/// `x W^T` for a frozen quantized `W: [out, in]` and f32 `x: [..., in]` on the CPU; the input
+/// gets a gradient, the weight none.
+pub fn quantized_linear(x: &Tensor, w: &QuantizedWeight) -> Result<Tensor> {
+    if !x.device().is_cpu() || x.dtype() != DType::F32 {
+        // Elsewhere, the dense weight: correct, without the memory saving.
+        return super::frozen_linear(
+            x,
+            &w.dequantize()?.to_device(x.device())?.to_dtype(x.dtype())?,
+        );
+    }
+    x.contiguous()?.apply_op1(QuantizedMatmul {
+        w: w.clone(),
+        transposed: false,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn max_rel(a: &Tensor, b: &Tensor) -> Result<f32> {
+        let scale = b.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-6);
+        Ok((a - b)?.abs()?.max_all()?.to_scalar::<f32>()? / scale)
+    }
+
+    #[test]
+    fn matches_the_dequantized_weight_forward_and_backward() -> Result<()> {
+        let dev = Device::Cpu;
+        for (dtype, out, inp) in [
+            (GgmlDType::Q8_0, 200, 96),
+            (GgmlDType::Q4_1, 130, 64),
+            (GgmlDType::Q4_0, 64, 32),
+            (GgmlDType::Q4K, 40, 256),
+            (GgmlDType::Q6K, 300, 256),
+            (GgmlDType::F16, 70, 48),
+        ] {
+            let w = (Tensor::randn(0f32, 1.0, (out, inp), &dev)? * 0.1)?;
+            let q = QuantizedWeight::quantize(&w, dtype)?;
+            let dense = q.dequantize()?;
+            // Quantization error is there (the point of the reference is the dequantized weight).
+            assert!(max_rel(&dense, &w)? > 0.0 || dtype == GgmlDType::F16);
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, inp), &dev)?)?;
+            let y = quantized_linear(x.as_tensor(), &q)?;
+            let want = super::super::frozen_linear(x.as_tensor(), &dense)?;
+            assert_eq!(y.dims(), &[2, 3, out]);
+            let e = max_rel(&y, &want)?;
+            assert!(e < 1e-5, "{dtype:?}: forward off by {e}");
+            let g = y.sqr()?.sum_all()?.backward()?;
+            let gw = want.sqr()?.sum_all()?.backward()?;
+            let e = max_rel(
+                g.get(x.as_tensor()).unwrap(),
+                gw.get(x.as_tensor()).unwrap(),
+            )?;
+            assert!(e < 1e-5, "{dtype:?}: input gradient off by {e}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn permuted_rows_move_whole_blocks() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (6, 64), &dev)?;
+        let q = QuantizedWeight::quantize(&w, GgmlDType::Q8_0)?;
+        let perm = [5, 0, 3, 1, 4, 2];
+        let p = q.permute_rows(&perm)?.dequantize()?;
+        let d = q.dequantize()?;
+        for (i, &src) in perm.iter().enumerate() {
+            let e = max_rel(&p.get(i)?, &d.get(src)?)?;
+            assert!(e == 0.0, "row {i}");
+        }
+        assert!(q.permute_rows(&[0, 1]).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn bad_inputs_are_errors() -> Result<()> {
+        let dev = Device::Cpu;
+        let q =
+            QuantizedWeight::quantize(&Tensor::randn(0f32, 1.0, (8, 64), &dev)?, GgmlDType::Q8_0)?;
+        let x = Tensor::randn(0f32, 1.0, (2, 63), &dev)?;
+        let e = quantized_linear(&x, &q).unwrap_err().to_string();
+        assert!(e.contains("63 features"), "{e}");
+        // Rows that are not whole blocks.
+        let e =
+            QuantizedWeight::quantize(&Tensor::randn(0f32, 1.0, (8, 48), &dev)?, GgmlDType::Q4K);
+        assert!(e.is_err());
+        let e =
+            QuantizedWeight::quantize(&Tensor::randn(0f32, 1.0, (8, 64), &dev)?, GgmlDType::Q8_1)
+                .map(|_| ())
+                .unwrap_err()
+                .to_string();
+        assert!(e.contains("not supported"), "{e}");
+        Ok(())
+    }
+}
