@@ -64,7 +64,9 @@ fn supported(dtype: GgmlDType) -> bool {
 /// Dequantize whole blocks `src` (raw bytes of blocks of type `B`) into `dst`.
 fn blocks_to_f32<B: GgmlType>(src: &[u8], dst: &mut [f32]) -> Result<()> {
     let size = std::mem::size_of::<B>();
-    if src.len() % size != 0 || (src.as_ptr() as usize) % std::mem::align_of::<B>() != 0 {
+    if !src.len().is_multiple_of(size)
+        || !(src.as_ptr() as usize).is_multiple_of(std::mem::align_of::<B>())
+    {
         return Err(err("quantized_linear: misaligned block data"));
     }
     // SAFETY: `B` is a `repr(C)` block of plain integers and f16s, valid for any bit pattern;
@@ -85,7 +87,7 @@ impl QuantizedWeight {
                  Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K)"
             )));
         }
-        if cols % dtype.block_size() != 0 {
+        if !cols.is_multiple_of(dtype.block_size()) {
             return Err(err(format!(
                 "quantized_linear: rows of {cols} values are not whole {dtype:?} blocks of {}",
                 dtype.block_size()
