@@ -14,7 +14,7 @@ use crate::peft::lora::{Lora, LoraConfig};
 use crate::peft::DeltaSet;
 use crate::{Error, Result};
 
-pub const WORKLOADS: [(&str, &str); 13] = [
+pub const WORKLOADS: [(&str, &str); 15] = [
     (
         "lora-qv",
         "LoRA r=8 on q,v: train step (fwd+bwd+AdamW), batch 4 x 128",
@@ -40,6 +40,14 @@ pub const WORKLOADS: [(&str, &str); 13] = [
     (
         "lora-qv-bf16",
         "lora-qv with the frozen base stored in bf16 (weights widened to f32 per product)",
+    ),
+    (
+        "lora-qv-gguf",
+        "lora-qv on the GGUF's own quantized blocks (Q4_1 linears, Q8_0 embedding): QLoRA-style",
+    ),
+    (
+        "lora-qv-q8_0",
+        "lora-qv on the base requantized to Q8_0",
     ),
     (
         "tams-forward",
@@ -134,7 +142,7 @@ pub fn run(
             .collect()
     };
     match workload {
-        "lora-qv" | "lora-qv-bf16" | "lora-all" | "full" => {
+        "lora-qv" | "lora-qv-bf16" | "lora-qv-gguf" | "lora-qv-q8_0" | "lora-all" | "full" => {
             let ids = text_tokens(ck, b * (t + 1))?;
             let ids = Tensor::from_vec(ids, (b, t + 1), &dev)?;
             let input = ids.narrow(1, 0, t)?;

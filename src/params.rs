@@ -6,6 +6,7 @@ use candle_core::{DType, Tensor, Var};
 use indexmap::IndexMap;
 
 use crate::error::{Error, Result};
+use crate::ops::QuantizedWeight;
 
 #[derive(Clone, Debug)]
 pub enum Param {
@@ -25,6 +26,9 @@ impl Param {
 #[derive(Clone, Debug, Default)]
 pub struct ParamStore {
     entries: IndexMap<String, Param>,
+    /// Frozen weights kept as GGUF blocks (a quantized base): read only by the ops that take them
+    /// (`ops::quantized_linear`, embedding rows); `get` refuses them with a clear error.
+    quantized: IndexMap<String, QuantizedWeight>,
 }
 
 impl ParamStore {
@@ -41,10 +45,43 @@ impl ParamStore {
     }
 
     pub fn get(&self, name: &str) -> Result<&Tensor> {
+        if let Some(q) = self.quantized.get(name) {
+            return Err(Error::invalid(format!(
+                "parameter `{name}` is stored quantized ({:?}) and this step needs it dense: \
+                 load the base in f32 or bf16 (`--base-dtype`)",
+                q.dtype()
+            )));
+        }
         self.entries
             .get(name)
             .map(Param::tensor)
             .ok_or_else(|| Error::invalid(format!("parameter `{name}` is not in the store")))
+    }
+
+    /// Keep a frozen weight as GGUF blocks (replaces a dense entry of the same name).
+    pub fn insert_quantized(&mut self, name: impl Into<String>, w: QuantizedWeight) {
+        let name = name.into();
+        self.entries.shift_remove(&name);
+        self.quantized.insert(name, w);
+    }
+
+    /// The quantized weight stored under `name`, if it is one.
+    pub fn quantized(&self, name: &str) -> Option<&QuantizedWeight> {
+        self.quantized.get(name)
+    }
+
+    /// Names and weights of the quantized entries.
+    pub fn quantized_entries(&self) -> impl Iterator<Item = (&str, &QuantizedWeight)> {
+        self.quantized.iter().map(|(k, v)| (k.as_str(), v))
+    }
+
+    /// A store whose quantized entries are dense f32 tensors again (exports, merges).
+    pub fn dequantized(&self) -> Result<Self> {
+        let mut out = self.clone();
+        for (k, q) in std::mem::take(&mut out.quantized) {
+            out.insert_frozen(k, q.dequantize()?);
+        }
+        Ok(out)
     }
 
     /// The entry itself (frozen tensor or trainable `Var`).
@@ -63,6 +100,7 @@ impl ParamStore {
         for (k, p) in &self.entries {
             out.insert_frozen(k.clone(), p.tensor().detach());
         }
+        out.quantized = self.quantized.clone();
         out
     }
 
@@ -71,7 +109,7 @@ impl ParamStore {
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.entries.contains_key(name)
+        self.entries.contains_key(name) || self.quantized.contains_key(name)
     }
 
     pub fn is_trainable(&self, name: &str) -> bool {
@@ -120,7 +158,16 @@ impl ParamStore {
     }
 
     pub fn num_params(&self) -> usize {
-        self.entries.values().map(|p| p.tensor().elem_count()).sum()
+        let q: usize = self
+            .quantized
+            .values()
+            .map(|q| q.dims().0 * q.dims().1)
+            .sum();
+        self.entries
+            .values()
+            .map(|p| p.tensor().elem_count())
+            .sum::<usize>()
+            + q
     }
 
     pub fn num_trainable(&self) -> usize {
@@ -156,6 +203,27 @@ impl ParamStore {
                 p => out.insert(k.clone(), p.clone()),
             }
         }
+        out.quantized = self.quantized.clone();
+        Ok(out)
+    }
+
+    /// A copy with every frozen matrix whose rows are whole blocks of `dtype` kept quantized
+    /// (requantizing a dense base, e.g. to Q8_0); other entries are unchanged.
+    pub fn quantize_matrices(&self, dtype: candle_core::quantized::GgmlDType) -> Result<Self> {
+        let mut out = ParamStore::new();
+        for (k, p) in &self.entries {
+            match p {
+                Param::Frozen(t)
+                    if t.rank() == 2 && t.dim(1)?.is_multiple_of(dtype.block_size()) =>
+                {
+                    out.insert_quantized(k.clone(), QuantizedWeight::quantize(t, dtype)?)
+                }
+                p => out.insert(k.clone(), p.clone()),
+            }
+        }
+        for (k, q) in &self.quantized {
+            out.quantized.insert(k.clone(), q.clone());
+        }
         Ok(out)
     }
 
@@ -170,6 +238,7 @@ impl ParamStore {
                 }
             }
         }
+        out.quantized = self.quantized.clone();
         Ok(out)
     }
 }

@@ -529,30 +529,43 @@ fn decoder_classification_with_verbalizers_and_a_last_token_head() {
 }
 
 #[test]
-fn bf16_base_trains_and_scores_like_f32() {
+fn half_and_quantized_bases_train_and_score_like_f32() {
     let dir = common::temp_dir("adapt-bf16");
     let line = "--task fortunes/science --method lora --shots 4 --steps 1 --batch-size 2 \
                 --max-len 32 --eval-limit 4";
     let mut before = vec![];
-    for dt in ["f32", "bf16"] {
+    for dt in ["f32", "bf16", "gguf", "q8_0"] {
         let out = dir.join(dt);
         let (code, _, err) =
             adapt_line(line, &["--base-dtype", dt, "--out", out.to_str().unwrap()]);
         assert_eq!(code, 0, "{err}");
         before.push(report(&out)["result"]["before"].as_f64().unwrap());
     }
-    // bf16 keeps 8 bits of mantissa: the perplexity moves a little, not a lot.
-    let rel = (before[1] - before[0]).abs() / before[0];
+    // bf16 keeps 8 bits of mantissa and Q8_0 8-bit blocks: the perplexity moves a little. The
+    // GGUF's own blocks are the very weights f32 was dequantized from: the same perplexity.
+    let rel = |i: usize| (before[i] - before[0]).abs() / before[0];
     assert!(
-        rel < 0.03,
+        rel(1) < 0.03,
         "perplexity f32 {} vs bf16 {}",
         before[0],
         before[1]
     );
+    assert!(
+        rel(2) < 1e-4,
+        "perplexity f32 {} vs gguf {}",
+        before[0],
+        before[2]
+    );
+    assert!(
+        rel(3) < 0.03,
+        "perplexity f32 {} vs q8_0 {}",
+        before[0],
+        before[3]
+    );
     let o = dir.join("bad").display().to_string();
     let (code, _, err) = adapt_line("--task fortunes/science --base-dtype fp8", &["--out", &o]);
     assert_eq!(code, 1);
-    assert!(err.contains("expected f32, bf16 or f16"), "{err}");
+    assert!(err.contains("expected f32, bf16, f16, gguf"), "{err}");
     let (code, _, err) = adapt_line(
         "--task fortunes/science --method full --base-dtype bf16",
         &["--out", &o],

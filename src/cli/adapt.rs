@@ -117,8 +117,10 @@ pub struct RunArgs {
     /// Length bucketing of training batches (default true)
     #[arg(long)]
     pub bucket: Option<bool>,
-    /// Store the frozen base's matrices in f32 (default), bf16 or f16: half the weight memory;
-    /// compute stays f32 (weights are widened per product). Not with `--method full`
+    /// How the frozen base's matrices are stored: f32 (default); bf16 or f16 (half the memory,
+    /// widened to f32 per product); gguf (the GGUF file's own quantized blocks, QLoRA-style:
+    /// about the file's size); q8_0, q4_1 or q4_0 (requantize). Compute is f32 throughout. Not
+    /// with `--method full`
     #[arg(long)]
     pub base_dtype: Option<String>,
 }
@@ -216,14 +218,14 @@ pub fn run(a: Args) -> Result<()> {
         (None, Some(p)) => io::prepared::model_spec(p)?,
         _ => super::model_or_default(r.model.clone(), metapeft::assets::SMOLLM2)?,
     };
-    let mut ck = model::load(&spec, &Device::Cpu)?;
-    let base_dtype = base_dtype(r.base_dtype.as_deref())?;
-    if base_dtype != DType::F32 {
-        if method == "full" {
-            bail!("--base-dtype {base_dtype:?} stores a frozen base; --method full trains it: use f32");
-        }
-        ck.params = ck.params.frozen_matrices_to(base_dtype)?;
+    let storage = BaseStorage::parse(r.base_dtype.as_deref())?;
+    if storage != BaseStorage::Dense(DType::F32) && method == "full" {
+        bail!(
+            "--base-dtype {} stores a frozen base; --method full trains it: use f32",
+            r.base_dtype.as_deref().unwrap_or("f32")
+        );
     }
+    let ck = storage.load(&spec)?;
     let td = setup::task_data(
         &task,
         &metapeft::assets::data_dir(),
@@ -716,11 +718,44 @@ fn save_tams(
 }
 
 /// `--base-dtype`: how the frozen base's matrices are stored.
-pub fn base_dtype(v: Option<&str>) -> Result<DType> {
-    match v.unwrap_or("f32") {
-        "f32" => Ok(DType::F32),
-        "bf16" => Ok(DType::BF16),
-        "f16" => Ok(DType::F16),
-        o => bail!("--base-dtype `{o}`: expected f32, bf16 or f16"),
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum BaseStorage {
+    Dense(DType),
+    /// The GGUF's own quantized blocks.
+    Gguf,
+    Requantized(candle_core::quantized::GgmlDType),
+}
+
+impl BaseStorage {
+    pub fn parse(v: Option<&str>) -> Result<Self> {
+        use candle_core::quantized::GgmlDType as G;
+        Ok(match v.unwrap_or("f32") {
+            "f32" => Self::Dense(DType::F32),
+            "bf16" => Self::Dense(DType::BF16),
+            "f16" => Self::Dense(DType::F16),
+            "gguf" => Self::Gguf,
+            "q8_0" => Self::Requantized(G::Q8_0),
+            "q4_1" => Self::Requantized(G::Q4_1),
+            "q4_0" => Self::Requantized(G::Q4_0),
+            o => bail!("--base-dtype `{o}`: expected f32, bf16, f16, gguf, q8_0, q4_1 or q4_0"),
+        })
+    }
+
+    /// Load `spec` with its frozen matrices stored this way.
+    pub fn load(self, spec: &str) -> Result<Checkpoint> {
+        Ok(match self {
+            Self::Gguf => model::load_quantized(spec, &Device::Cpu)?,
+            Self::Dense(DType::F32) => model::load(spec, &Device::Cpu)?,
+            Self::Dense(dt) => {
+                let mut ck = model::load(spec, &Device::Cpu)?;
+                ck.params = ck.params.frozen_matrices_to(dt)?;
+                ck
+            }
+            Self::Requantized(q) => {
+                let mut ck = model::load(spec, &Device::Cpu)?;
+                ck.params = ck.params.quantize_matrices(q)?;
+                ck
+            }
+        })
     }
 }

@@ -9,7 +9,7 @@ use metapeft::model::{self, Arch, Bert, Llama};
 Examples:\n  metapeft bench                       # every workload, 5 timed runs each\n  \
 metapeft bench --workload lora-qv --workload full --runs 7\n\n\
 Workloads:\n  lora-qv   LoRA r=8 on q,v: train step (fwd+bwd+AdamW), 4 x 128 tokens\n  \
-lora-all  LoRA r=8 on all 7 linears: train step, 4 x 128\n  lora-qv-bf16  lora-qv with the frozen base stored in bf16\n  minilm-lora  all-MiniLM-L6-v2 + LoRA r=8 (query, value) classifier step, 16 x 64 (always MiniLM)\n  startup   load checkpoint + tokenizer + model + LoRA (everything before the first step)\n  full      full fine-tuning step, 4 x 128\n  \
+lora-all  LoRA r=8 on all 7 linears: train step, 4 x 128\n  lora-qv-bf16  lora-qv with the frozen base stored in bf16\n  lora-qv-gguf  lora-qv on the GGUF's own quantized blocks (QLoRA-style)\n  lora-qv-q8_0  lora-qv on the base requantized to Q8_0\n  minilm-lora  all-MiniLM-L6-v2 + LoRA r=8 (query, value) classifier step, 16 x 64 (always MiniLM)\n  startup   load checkpoint + tokenizer + model + LoRA (everything before the first step)\n  full      full fine-tuning step, 4 x 128\n  \
 forward   forward pass, 1 x 128\n  generate  greedy generation, 32-token prompt + 64 new tokens\n  \
 fomaml    FOMAML episode: 5 inner steps on 4 x 128 + query 4 x 128 (LoRA q,v)\n  \
 maml-exact  exact second-order MAML episode, 1 inner step\n  maml-hf   Hessian-free MAML episode, 1 inner step\n  \
@@ -55,9 +55,17 @@ pub fn run(a: Args) -> Result<()> {
             println!("{}", serde_json::to_string(&t)?);
             return Ok(());
         }
-        let mut ck = model::load(&spec, &Device::Cpu)?;
+        let mut ck = if w.ends_with("-gguf") {
+            model::load_quantized(&spec, &Device::Cpu)?
+        } else {
+            model::load(&spec, &Device::Cpu)?
+        };
         if w.ends_with("-bf16") {
             ck.params = ck.params.frozen_matrices_to(candle_core::DType::BF16)?;
+        } else if w.ends_with("-q8_0") {
+            ck.params = ck
+                .params
+                .quantize_matrices(candle_core::quantized::GgmlDType::Q8_0)?;
         }
         let Arch::Llama(cfg) = &ck.arch else {
             bail!("bench needs a decoder model")

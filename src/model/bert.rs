@@ -73,7 +73,7 @@ impl Bert {
         }
         let x = deltas.linear_input(module, x.clone(), dp)?;
         let y = ops::linear(&x, w, Some(&b))?;
-        deltas.linear(module, &x, w, y, dp)
+        deltas.linear(module, &x, Some(w), y, dp)
     }
 
     fn norm(

@@ -140,14 +140,27 @@ impl Llama {
         module: &str,
         x: &Tensor,
     ) -> Result<Tensor> {
-        let w = p.get(&format!("{module}.weight"))?;
-        if deltas.is_empty() {
-            return Ok(ops::linear(x, w, p.get_opt(&format!("{module}.bias")))?);
-        }
+        let weight_name = format!("{module}.weight");
         let bias_name = format!("{module}.bias");
         let b = deltas.weight(&bias_name, p.get_opt(&bias_name), dp)?;
         let x = deltas.linear_input(module, x.clone(), dp)?;
-        let y = ops::linear(&x, w, b.as_ref())?;
+        let (y, w) = match p.quantized(&weight_name) {
+            Some(q) => {
+                let y = ops::quantized_linear(&x, q)?;
+                let y = match &b {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                };
+                (y, None)
+            }
+            None => {
+                let w = p.get(&weight_name)?;
+                (ops::linear(&x, w, b.as_ref())?, Some(w))
+            }
+        };
+        if deltas.is_empty() {
+            return Ok(y);
+        }
         deltas.linear(module, &x, w, y, dp)
     }
 
@@ -182,18 +195,23 @@ impl Llama {
         }
         let first = past == 0;
         let prefix = if first { deltas.prefix_len() } else { 0 };
-        let embed = p.get("model.embed_tokens.weight")?;
+        const EMBED: &str = "model.embed_tokens.weight";
+        let ids = input_ids.flatten_all()?;
         // Compute in f32 (bf16/f16/quantized storage is for memory only); f64 weights, used by
         // gradient checks, compute in f64.
-        let dtype = if embed.dtype() == DType::F64 {
-            DType::F64
-        } else {
-            DType::F32
+        let (rows, dtype) = match p.quantized(EMBED) {
+            Some(q) => (q.rows(&ids)?, DType::F32),
+            None => {
+                let embed = p.get(EMBED)?;
+                let dtype = if embed.dtype() == DType::F64 {
+                    DType::F64
+                } else {
+                    DType::F32
+                };
+                (embed.index_select(&ids, 0)?, dtype)
+            }
         };
-        let mut x = embed
-            .index_select(&input_ids.flatten_all()?, 0)?
-            .reshape((b, t, cfg.hidden_size))?
-            .to_dtype(dtype)?;
+        let mut x = rows.reshape((b, t, cfg.hidden_size))?.to_dtype(dtype)?;
         let virtual_tokens = if first { deltas.virtual_tokens() } else { 0 };
         if virtual_tokens > 0 {
             x = deltas.input_embeddings(x, dp)?;
@@ -286,12 +304,15 @@ impl Llama {
 
     /// Logits `[..., vocab]` from hidden states.
     pub fn lm_head(&self, p: &ParamStore, hidden: &Tensor) -> Result<Tensor> {
-        let w = if self.cfg.tie_word_embeddings {
-            p.get("model.embed_tokens.weight")?
+        let name = if self.cfg.tie_word_embeddings {
+            "model.embed_tokens.weight"
         } else {
-            p.get("lm_head.weight")?
+            "lm_head.weight"
         };
-        Ok(ops::linear(hidden, w, None)?)
+        match p.quantized(name) {
+            Some(q) => Ok(ops::quantized_linear(hidden, q)?),
+            None => Ok(ops::linear(hidden, p.get(name)?, None)?),
+        }
     }
 
     /// Logits `[b, t, vocab]` for every position.

@@ -189,6 +189,24 @@ impl QuantizedWeight {
         }
     }
 
+    /// The rows `ids` (u32, any shape, flattened) as an f32 tensor `[ids, cols]`: an embedding
+    /// lookup that dequantizes only the rows it reads.
+    pub fn rows(&self, ids: &Tensor) -> Result<Tensor> {
+        let ids: Vec<u32> = ids.flatten_all()?.to_dtype(DType::U32)?.to_vec1()?;
+        if let Some(bad) = ids.iter().find(|&&i| i as usize >= self.rows) {
+            candle_core::bail!("token id {bad} is outside the {} embedding rows", self.rows);
+        }
+        let mut out = vec![0f32; ids.len() * self.cols];
+        let rb = self.row_bytes();
+        out.par_chunks_mut(self.cols)
+            .zip(ids.par_iter())
+            .try_for_each(|(d, &i)| {
+                let i = i as usize;
+                self.row_to_f32(&self.bytes[i * rb..(i + 1) * rb], d)
+            })?;
+        Tensor::from_vec(out, (ids.len(), self.cols), &candle_core::Device::Cpu)
+    }
+
     /// The whole weight as a dense f32 tensor (reference checks, merging).
     pub fn dequantize(&self) -> Result<Tensor> {
         let mut out = vec![0f32; self.rows * self.cols];

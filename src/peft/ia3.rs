@@ -130,7 +130,7 @@ impl Delta for Ia3 {
         &self,
         module: &str,
         _x: &Tensor,
-        _w: &Tensor,
+        _w: Option<&Tensor>,
         y: Tensor,
         params: &ParamStore,
     ) -> Result<Tensor> {

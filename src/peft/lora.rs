@@ -301,7 +301,7 @@ impl Delta for Lora {
         &self,
         module: &str,
         x: &Tensor,
-        _w: &Tensor,
+        _w: Option<&Tensor>,
         y: Tensor,
         params: &ParamStore,
     ) -> Result<Tensor> {

@@ -53,12 +53,13 @@ pub trait Delta: Send + Sync + std::fmt::Debug {
         Ok(x)
     }
 
-    /// Adjust the output `y = x W^T (+ b)` of the linear layer `module` (`w` is its base weight).
+    /// Adjust the output `y = x W^T (+ b)` of the linear layer `module` (`w` is its base weight;
+    /// `None` when the base keeps it quantized).
     fn linear(
         &self,
         _module: &str,
         _x: &Tensor,
-        _w: &Tensor,
+        _w: Option<&Tensor>,
         y: Tensor,
         _params: &ParamStore,
     ) -> Result<Tensor> {
@@ -208,7 +209,7 @@ impl DeltaSet {
         &self,
         module: &str,
         x: &Tensor,
-        w: &Tensor,
+        w: Option<&Tensor>,
         y: Tensor,
         params: &ParamStore,
     ) -> Result<Tensor> {
@@ -306,10 +307,17 @@ impl DeltaSet {
 /// The linear modules of a base store: `(module name, out features, in features)` for every 2-d
 /// `*.weight` tensor except embeddings and the LM head.
 pub fn linear_modules(base: &ParamStore) -> Vec<(String, usize, usize)> {
+    // Dense entries, then quantized ones (each in the store's canonical order; a base is usually
+    // all one or the other, so the modules keep the canonical order that seeded inits rely on).
+    let quantized: Vec<(&str, [usize; 2])> = base
+        .quantized_entries()
+        .map(|(n, q)| (n, [q.dims().0, q.dims().1]))
+        .collect();
     base.iter()
-        .filter_map(|(name, p)| {
+        .map(|(name, p)| (name, p.tensor().dims()))
+        .chain(quantized.iter().map(|(n, d)| (*n, d.as_slice())))
+        .filter_map(|(name, dims)| {
             let module = name.strip_suffix(".weight")?;
-            let dims = p.tensor().dims();
             let excluded = module.ends_with("embed_tokens")
                 || module.ends_with("lm_head")
                 || module.contains("embeddings")

@@ -233,12 +233,21 @@ impl Delta for Tarp {
         &self,
         module: &str,
         x: &Tensor,
-        w0: &Tensor,
+        w0: Option<&Tensor>,
         y: Tensor,
         params: &ParamStore,
     ) -> Result<Tensor> {
         let Some(&(out, inp)) = self.modules.get(module) else {
             return Ok(y);
+        };
+        let dense_w0 = || {
+            w0.ok_or_else(|| {
+                Error::invalid(format!(
+                    "TARP's multiplicative term reads the base weight of `{module}`, which is \
+                     stored quantized: load the base with --base-dtype f32 or bf16, or use an \
+                     additive TARP (multiplicative = false)"
+                ))
+            })
         };
         let dims = x.dims().to_vec();
         let x2 = x.reshape(((), inp))?;
@@ -250,7 +259,7 @@ impl Delta for Tarp {
                 if self.cfg.multiplicative {
                     let phi1 = Self::softplus(&(self.phi(module, "1", params)? + C)?)?;
                     // (Phi1 ⊙ W0) x = W0 x + ((Phi1 - 1) ⊙ W0) x; y already holds W0 x (+ b).
-                    let extra = ((phi1 - 1.0)? * w0.to_dtype(x.dtype())?)?;
+                    let extra = ((phi1 - 1.0)? * dense_w0()?.to_dtype(x.dtype())?)?;
                     y2 = (y2 + linear(&x2, &extra, None)?)?;
                 }
             }
@@ -278,7 +287,7 @@ impl Delta for Tarp {
                     )?; // [N, r, in]
                     for i in 0..self.cfg.r {
                         let xi = (&x2 * m.narrow(1, i, 1)?.squeeze(1)?)?;
-                        let wi = frozen_linear(&xi, &w0.to_dtype(x.dtype())?)?;
+                        let wi = frozen_linear(&xi, dense_w0()?)?;
                         y2 = (y2 + wi.broadcast_mul(&u1.narrow(1, i, 1)?.t()?)?)?;
                     }
                 }

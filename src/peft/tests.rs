@@ -374,3 +374,72 @@ fn every_method_trains_on_a_bf16_frozen_base() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn lora_trains_on_a_quantized_base_like_on_its_dequantized_weights() -> Result<()> {
+    use candle_core::quantized::GgmlDType;
+    // Rows of 32 or 64 values: whole Q8_0 / Q4_1 blocks.
+    let mut cfg = crate::model::testing::tiny_llama_config();
+    cfg.hidden_size = 32;
+    cfg.intermediate_size = 64;
+    cfg.head_dim = 8;
+    let m = Llama::new(cfg.clone(), &Device::Cpu)?;
+    let dense = crate::model::testing::random_params(&Llama::expected_params(&cfg), 5, DType::F32)?;
+    let arch = Arch::Llama(cfg);
+    let ids = token_ids(2, 6, 32, 9)?;
+    for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_1] {
+        let q = dense.quantize_matrices(dtype)?;
+        assert!(q.quantized("model.layers.0.mlp.down_proj.weight").is_some());
+        assert!(q.quantized("model.embed_tokens.weight").is_some());
+        let reference = q.dequantized()?;
+        let cfg = DeltaConfig::Lora(LoraConfig::new(
+            2,
+            4.0,
+            &[
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj",
+            ],
+        ));
+        let a = perturbed(&cfg.init(&arch, &reference, 1)?, 300)?;
+        let (dq, dr) = (a.attach(&arch, &q)?, a.attach(&arch, &reference)?);
+        let y = logits(&m, &q, &dq, &a.params, &ids)?;
+        let want = logits(&m, &reference, &dr, &a.params, &ids)?;
+        let diff = max_diff(&y, &want)?;
+        assert!(diff < 1e-4, "{dtype:?}: logits differ by {diff}");
+        let g = y.sqr()?.mean_all()?.backward()?;
+        let gw = want.sqr()?.mean_all()?.backward()?;
+        for (name, v) in a.params.vars() {
+            let (x, r) = (
+                g.get(v.as_tensor()).unwrap(),
+                gw.get(v.as_tensor()).unwrap(),
+            );
+            let scale = r.abs()?.max_all()?.to_scalar::<f32>()? as f64;
+            let e = max_diff(x, r)? / scale;
+            assert!(e < 1e-3, "{dtype:?}: gradient of {name} off by {e}");
+        }
+        // A delta that reads the dense base weight says why it cannot.
+        let tarp_mul = tarp(TarpVariant::Bilinear, true);
+        let t = tarp_mul.init(&arch, &reference, 2)?;
+        let err = logits(&m, &q, &t.attach(&arch, &q)?, &t.params, &ids)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("stored quantized"), "{err}");
+        let tarp_add = tarp(TarpVariant::Bilinear, false);
+        let t = perturbed(&tarp_add.init(&arch, &reference, 2)?, 400)?;
+        let y = logits(&m, &q, &t.attach(&arch, &q)?, &t.params, &ids)?;
+        let want = logits(
+            &m,
+            &reference,
+            &t.attach(&arch, &reference)?,
+            &t.params,
+            &ids,
+        )?;
+        assert!(max_diff(&y, &want)? < 1e-4);
+    }
+    Ok(())
+}

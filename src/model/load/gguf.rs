@@ -8,7 +8,7 @@ use std::path::Path;
 use candle_core::quantized::gguf_file::{self, Content};
 use candle_core::{Device, Tensor};
 
-use super::{canonical_params, progress, Checkpoint};
+use super::{progress, Checkpoint};
 use crate::model::config::LlamaConfig;
 use crate::model::tokenizer::TextTokenizer;
 use crate::model::Arch;
@@ -206,11 +206,33 @@ pub fn permute_rows(w: &Tensor, n_head: usize) -> Result<Tensor> {
         .reshape(dims)?)
 }
 
+/// Row `r` of `unpermute_rows(w, n_head)` is row `perm[r]` of `w` (for quantized rows, which move
+/// as whole blocks).
+fn unpermute_order(rows: usize, n_head: usize) -> Vec<usize> {
+    let hd = rows / n_head;
+    (0..rows)
+        .map(|r| {
+            let (h, within) = (r / hd, r % hd);
+            let (half, j) = (within / (hd / 2), within % (hd / 2));
+            h * hd + 2 * j + half
+        })
+        .collect()
+}
+
 pub fn load(path: &Path, device: &Device) -> Result<Checkpoint> {
+    load_with(path, device, false)
+}
+
+/// `keep_quantized`: matrices stored in a quantized GGUF type stay as blocks
+/// ([`crate::ops::QuantizedWeight`]) instead of being dequantized to f32, so the frozen base
+/// takes about the file's size in memory (QLoRA-style training, quantized inference).
+pub fn load_with(path: &Path, device: &Device, keep_quantized: bool) -> Result<Checkpoint> {
+    use candle_core::quantized::GgmlDType;
     let (ct, mut file) = read_content(path)?;
     let cfg = config_from_gguf(&ct, path)?;
     let permuted = cfg.model_type != "qwen2";
     let mut loaded = std::collections::HashMap::new();
+    let mut quantized = std::collections::HashMap::new();
     let mut kinds: BTreeMap<String, usize> = BTreeMap::new();
     let names: Vec<String> = ct.tensor_infos.keys().cloned().collect();
     let pb = progress(names.len(), "loading GGUF");
@@ -223,6 +245,23 @@ pub fn load(path: &Path, device: &Device) -> Result<Checkpoint> {
         let q = ct
             .tensor(&mut file, name, device)
             .map_err(|e| Error::tensor(path, name, format!("cannot read: {e}")))?;
+        let dense = matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
+        if keep_quantized && !dense && q.shape().rank() == 2 && device.is_cpu() {
+            let mut w = crate::ops::QuantizedWeight::from_qtensor(&q)
+                .map_err(|e| Error::tensor(path, name, e))?;
+            if permuted && (hf.contains("q_proj") || hf.contains("k_proj")) {
+                let heads = if hf.contains("q_proj") {
+                    cfg.num_attention_heads
+                } else {
+                    cfg.num_key_value_heads
+                };
+                w = w
+                    .permute_rows(&unpermute_order(w.dims().0, heads))
+                    .map_err(|e| Error::tensor(path, name, e))?;
+            }
+            quantized.insert(hf, w);
+            continue;
+        }
         let mut t = q
             .dequantize(device)
             .map_err(|e| Error::tensor(path, name, format!("cannot dequantize: {e}")))?;
@@ -237,7 +276,7 @@ pub fn load(path: &Path, device: &Device) -> Result<Checkpoint> {
     }
     pb.finish_and_clear();
     let arch = Arch::Llama(cfg);
-    let params = canonical_params(&arch, loaded, path)?;
+    let params = super::canonical_params_with(&arch, loaded, quantized, path)?;
     let tokenizer = TextTokenizer::from_gguf(&ct, path)?;
     let storage = kinds
         .iter()
@@ -279,6 +318,17 @@ mod tests {
         ] {
             assert_eq!(hf_name(&gguf_name(n).unwrap()).unwrap(), n);
         }
+    }
+
+    #[test]
+    fn row_order_matches_unpermute_rows() -> Result<()> {
+        let w = Tensor::arange(0f32, 96.0, &Device::Cpu)?.reshape((24, 4))?;
+        let want = unpermute_rows(&w, 3)?.to_vec2::<f32>()?;
+        let rows = w.to_vec2::<f32>()?;
+        for (r, &src) in unpermute_order(24, 3).iter().enumerate() {
+            assert_eq!(want[r], rows[src], "row {r}");
+        }
+        Ok(())
     }
 
     #[test]

@@ -66,6 +66,17 @@ impl ModelSource {
 }
 
 /// Load a checkpoint from a GGUF file, a Hugging Face directory or a hub id.
+/// Load a checkpoint keeping a GGUF's quantized matrices as blocks (see [`gguf::load_with`]).
+pub fn load_quantized(spec: &str, device: &Device) -> Result<Checkpoint> {
+    match ModelSource::resolve(spec)? {
+        ModelSource::Gguf(p) => gguf::load_with(&p, device, true),
+        _ => Err(Error::invalid(format!(
+            "{spec}: only a GGUF file holds quantized weights to train on; use --base-dtype f32 \
+             or bf16 for a Hugging Face model"
+        ))),
+    }
+}
+
 pub fn load(spec: &str, device: &Device) -> Result<Checkpoint> {
     match ModelSource::resolve(spec)? {
         ModelSource::Gguf(p) => gguf::load(&p, device),
@@ -82,11 +93,33 @@ pub fn load(spec: &str, device: &Device) -> Result<Checkpoint> {
 /// everything that walks the store (seeded initialisation, summaries, files) reproducible.
 pub(crate) fn canonical_params(
     arch: &Arch,
+    loaded: std::collections::HashMap<String, candle_core::Tensor>,
+    path: &Path,
+) -> Result<ParamStore> {
+    canonical_params_with(arch, loaded, Default::default(), path)
+}
+
+/// [`canonical_params`] where some matrices stay quantized.
+pub(crate) fn canonical_params_with(
+    arch: &Arch,
     mut loaded: std::collections::HashMap<String, candle_core::Tensor>,
+    mut quantized: std::collections::HashMap<String, crate::ops::QuantizedWeight>,
     path: &Path,
 ) -> Result<ParamStore> {
     let mut params = ParamStore::new();
     for (name, shape) in arch.expected_params() {
+        if let Some(q) = quantized.remove(&name) {
+            let (r, c) = q.dims();
+            if shape != [r, c] {
+                return Err(Error::tensor(
+                    path,
+                    &name,
+                    format!("has shape [{r}, {c}], the config implies {shape:?}"),
+                ));
+            }
+            params.insert_quantized(name, q);
+            continue;
+        }
         let t = loaded
             .remove(&name)
             .ok_or_else(|| Error::tensor(path, &name, "missing from the checkpoint"))?;
