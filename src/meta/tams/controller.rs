@@ -94,7 +94,32 @@ pub fn task_embedding(
     token_ids: &Tensor,
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
-    let emb = base.get(embedding_name(base)?)?;
+    let name = embedding_name(base)?;
+    if let Some(q) = base.quantized(name) {
+        // A quantized base: dequantize only the support set's rows.
+        let ids = token_ids.flatten_all()?.to_dtype(DType::U32)?;
+        let ids = match mask {
+            Some(m) => {
+                let keep: Vec<u32> = ids
+                    .to_vec1::<u32>()?
+                    .into_iter()
+                    .zip(m.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?)
+                    .filter(|(_, k)| *k != 0)
+                    .map(|(i, _)| i)
+                    .collect();
+                let n = keep.len();
+                Tensor::from_vec(keep, n, ids.device())?
+            }
+            None => ids,
+        };
+        if ids.elem_count() == 0 {
+            return Err(Error::invalid(
+                "tams task embedding: the support set has no (non-pad) tokens",
+            ));
+        }
+        return Ok(q.rows(&ids)?.mean(0)?);
+    }
+    let emb = base.get(name)?;
     let ids: Vec<u32> = token_ids.flatten_all()?.to_dtype(DType::U32)?.to_vec1()?;
     let keep: Vec<u32> = match mask {
         Some(m) => {
@@ -137,4 +162,33 @@ pub fn task_embedding(
         .index_select(&idx, 0)?
         .to_dtype(dtype)?
         .mean(0)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::GgmlDType;
+
+    #[test]
+    fn task_embedding_reads_a_quantized_embedding_like_its_dequantized_rows() -> Result<()> {
+        let dev = candle_core::Device::Cpu;
+        let mut dense = ParamStore::new();
+        dense.insert_frozen(
+            "model.embed_tokens.weight",
+            Tensor::randn(0f32, 1.0, (40, 64), &dev)?,
+        );
+        let q = dense.quantize_matrices(GgmlDType::Q8_0)?;
+        let reference = q.dequantized()?;
+        let ids = Tensor::new(&[[3u32, 7, 7, 0], [39, 1, 0, 0]], &dev)?;
+        let mask = Tensor::new(&[[1u32, 1, 1, 0], [1, 1, 0, 0]], &dev)?;
+        for m in [None, Some(&mask)] {
+            let a = task_embedding(&q, &ids, m)?;
+            let b = task_embedding(&reference, &ids, m)?;
+            let d = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(d < 1e-6, "{d}");
+        }
+        let none = Tensor::zeros((1, 4), DType::U32, &dev)?;
+        assert!(task_embedding(&q, &ids, Some(&none.broadcast_as((2, 4))?.contiguous()?)).is_err());
+        Ok(())
+    }
 }
