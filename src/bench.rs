@@ -14,7 +14,11 @@ use crate::peft::lora::{Lora, LoraConfig};
 use crate::peft::DeltaSet;
 use crate::{Error, Result};
 
-pub const WORKLOADS: [(&str, &str); 15] = [
+pub const WORKLOADS: [(&str, &str); 16] = [
+    (
+        "matmul",
+        "f32 1024 x 1024 x 1024 matmul: the machine's matmul peak, for the % column",
+    ),
     (
         "lora-qv",
         "LoRA r=8 on q,v: train step (fwd+bwd+AdamW), batch 4 x 128",
@@ -281,6 +285,16 @@ pub fn run(
             timing.flops = forward_flops(model, b * t, t);
             timing.seconds = time(&mut || {
                 model.forward(&ck.params, &deltas, &p, &ids, None)?;
+                Ok(())
+            })?;
+        }
+        "matmul" => {
+            let n = 1024;
+            let a = Tensor::randn(0f32, 1.0, (n, n), &dev)?;
+            let bm = Tensor::randn(0f32, 1.0, (n, n), &dev)?;
+            timing.flops = 2.0 * (n * n * n) as f64;
+            timing.seconds = time(&mut || {
+                a.matmul(&bm)?;
                 Ok(())
             })?;
         }

@@ -8,7 +8,7 @@ use metapeft::model::{self, Arch, Bert, Llama};
     after_help = "Each workload runs in its own process so that its peak RSS is its own.\n\
 Examples:\n  metapeft bench                       # every workload, 5 timed runs each\n  \
 metapeft bench --workload lora-qv --workload full --runs 7\n\n\
-Workloads:\n  lora-qv   LoRA r=8 on q,v: train step (fwd+bwd+AdamW), 4 x 128 tokens\n  \
+Workloads:\n  matmul    f32 1024^3 matmul: the machine's peak (the % column of the others)\n  lora-qv   LoRA r=8 on q,v: train step (fwd+bwd+AdamW), 4 x 128 tokens\n  \
 lora-all  LoRA r=8 on all 7 linears: train step, 4 x 128\n  lora-qv-bf16  lora-qv with the frozen base stored in bf16\n  lora-qv-gguf  lora-qv on the GGUF's own quantized blocks (QLoRA-style)\n  lora-qv-q8_0  lora-qv on the base requantized to Q8_0\n  minilm-lora  all-MiniLM-L6-v2 + LoRA r=8 (query, value) classifier step, 16 x 64 (always MiniLM)\n  startup   load checkpoint + tokenizer + model + LoRA (everything before the first step)\n  full      full fine-tuning step, 4 x 128\n  \
 forward   forward pass, 1 x 128\n  generate  greedy generation, 32-token prompt + 64 new tokens\n  \
 fomaml    FOMAML episode: 5 inner steps on 4 x 128 + query 4 x 128 (LoRA q,v)\n  \
@@ -101,6 +101,7 @@ pub fn run(a: Args) -> Result<()> {
             "workload", "median s", "min s", "max s", "peak MiB", "GFLOP/s"
         );
     }
+    let mut peak_gflops: Option<f64> = None;
     for n in &names {
         let out = std::process::Command::new(&exe)
             .args(["bench", "--child", "--model", &spec, "--workload", n])
@@ -136,20 +137,25 @@ pub fn run(a: Args) -> Result<()> {
         let med = median(&t.seconds);
         let min = t.seconds.iter().cloned().fold(f64::INFINITY, f64::min);
         let max = t.seconds.iter().cloned().fold(0.0, f64::max);
-        let note = if t.tokens > 0 {
+        let gflops = t.flops / med / 1e9;
+        if n == "matmul" {
+            peak_gflops = Some(gflops);
+        }
+        let mut note = if t.tokens > 0 {
             format!("{:.1} new tokens/s", t.tokens as f64 / med)
         } else {
             String::new()
         };
+        if let (Some(p), true) = (peak_gflops, t.flops > 0.0 && n != "matmul") {
+            note = format!(
+                "{note}{}{:.0}% of matmul peak",
+                if note.is_empty() { "" } else { "; " },
+                100.0 * gflops / p
+            );
+        }
         println!(
             "{:<16} {:>9.3} {:>9.3} {:>9.3} {:>10.0} {:>9.1}  {}",
-            n,
-            med,
-            min,
-            max,
-            t.peak_rss_mib,
-            t.flops / med / 1e9,
-            note
+            n, med, min, max, t.peak_rss_mib, gflops, note
         );
     }
     Ok(())
