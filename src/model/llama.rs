@@ -294,6 +294,28 @@ impl Llama {
         Ok(ops::linear(hidden, w, None)?)
     }
 
+    /// Mean cross-entropy of the logits of `hidden` against `targets` (skipping `ignore_index`),
+    /// with the head and the loss fused: the `[tokens, vocab]` logits are never materialised.
+    pub fn lm_head_loss(
+        &self,
+        p: &ParamStore,
+        hidden: &Tensor,
+        targets: &Tensor,
+        ignore_index: i64,
+    ) -> Result<Tensor> {
+        let w = if self.cfg.tie_word_embeddings {
+            p.get("model.embed_tokens.weight")?
+        } else {
+            p.get("lm_head.weight")?
+        };
+        Ok(ops::lm_head_cross_entropy(
+            hidden,
+            w,
+            targets,
+            ignore_index,
+        )?)
+    }
+
     /// Logits `[b, t, vocab]` for every position.
     pub fn forward(
         &self,
