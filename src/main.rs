@@ -2,5 +2,6 @@ mod cli;
 
 fn main() -> std::process::ExitCode {
     metapeft::runtime::configure_threads();
+    metapeft::runtime::configure_allocator();
     cli::run()
 }
