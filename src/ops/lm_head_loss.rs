@@ -33,7 +33,9 @@ struct LmHeadCe {
 }
 
 /// Owned data of a CPU storage of a known dtype.
-trait Owned: WithDType + Float + Send + Sync {
+trait Owned:
+    WithDType + Float + std::ops::AddAssign + std::ops::MulAssign + std::ops::SubAssign + Send + Sync
+{
     fn take(s: CpuStorage) -> Result<Vec<Self>>;
 }
 
@@ -113,18 +115,18 @@ impl LmHeadCe {
                     if want {
                         for v in row.iter_mut() {
                             *v = (*v - max).exp();
-                            sum = sum + *v;
+                            sum += *v;
                         }
                     } else {
                         for &v in row.iter() {
-                            sum = sum + (v - max).exp();
+                            sum += (v - max).exp();
                         }
                     }
                     let lse = WithDType::to_f64(max) + WithDType::to_f64(sum).ln();
                     if want {
                         let k = T::from(scale).unwrap_or_else(T::nan) / sum;
-                        row.iter_mut().for_each(|v| *v = *v * k);
-                        row[t] = row[t] - T::from(scale).unwrap_or_else(T::nan);
+                        row.iter_mut().for_each(|v| *v *= k);
+                        row[t] -= T::from(scale).unwrap_or_else(T::nan);
                     }
                     lse - picked
                 })
@@ -283,7 +285,7 @@ mod tests {
         for precompute in [true, false] {
             let err = check(
                 |t| with_mode(&t[0], &w, &TARGETS, precompute),
-                &[h.clone()],
+                std::slice::from_ref(&h),
                 1e-6,
             )?;
             assert!(err < 1e-7, "precompute {precompute}: rel error {err}");
