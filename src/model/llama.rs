@@ -264,7 +264,7 @@ impl Llama {
             let xn = ops::rms_norm(&x, &w, cfg.rms_norm_eps)?;
             let g = self.proj(p, deltas, dp, &format!("{pre}.mlp.gate_proj"), &xn)?;
             let u = self.proj(p, deltas, dp, &format!("{pre}.mlp.up_proj"), &xn)?;
-            let m = (ops::silu(&g)? * u)?;
+            let m = ops::swiglu(&g, &u)?;
             let dn = self.proj(p, deltas, dp, &format!("{pre}.mlp.down_proj"), &m)?;
             let dn = if deltas.is_empty() {
                 dn

@@ -18,7 +18,7 @@ pub mod rms_norm;
 pub mod rope;
 pub mod softmax;
 
-pub use activation::{gelu, silu};
+pub use activation::{gelu, silu, swiglu};
 pub use attention::{attention, causal_mask, padding_mask};
 pub use cross_entropy::cross_entropy;
 pub use frozen_linear::{frozen_linear, linear};
