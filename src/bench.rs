@@ -8,7 +8,6 @@ use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
 
 use crate::generate::{generate, GenerateOptions};
 use crate::model::{Checkpoint, Llama};
-use crate::ops;
 use crate::params::ParamStore;
 use crate::peft::lora::{Lora, LoraConfig};
 use crate::peft::DeltaSet;
@@ -193,8 +192,8 @@ pub fn run(
             let mult = if workload == "full" { 3.0 } else { 2.0 };
             timing.flops = mult * forward_flops(model, b * t, t);
             timing.seconds = time(&mut || {
-                let logits = model.forward(&base, &deltas, &dp, &input, None)?;
-                let loss = ops::cross_entropy(&logits, &target, -100)?;
+                let h = model.forward_hidden(&base, &deltas, &dp, &input, None, None)?;
+                let loss = model.lm_head_loss(&base, &h, &target, -100)?;
                 let grads = loss.backward()?;
                 opt.step(&grads)?;
                 Ok(())
@@ -418,8 +417,9 @@ pub fn run_encoder(
     let mut step = || -> Result<()> {
         let states = model.forward(&ck.params, &deltas, &dp, &ids, None, &mask)?;
         let pooled = states.mean(1)?;
-        let logits = ops::linear(&pooled, hw.as_tensor(), Some(hb.as_tensor()))?;
-        let loss = ops::cross_entropy(&logits, &target.to_dtype(candle_core::DType::I64)?, -100)?;
+        let logits = crate::ops::linear(&pooled, hw.as_tensor(), Some(hb.as_tensor()))?;
+        let loss =
+            crate::ops::cross_entropy(&logits, &target.to_dtype(candle_core::DType::I64)?, -100)?;
         opt.step(&loss.backward()?)?;
         Ok(())
     };

@@ -12,18 +12,27 @@ pub fn configure_threads() {
     }
 }
 
-/// glibc serves every block above its mmap threshold (128 KiB at first) with a fresh `mmap` and
-/// unmaps it on free, so each activation or gradient tensor of a training step costs page faults
-/// and kernel zeroing of new pages (about 15% of a MiniLM LoRA step in `perf`). Keeping blocks up
-/// to 32 MiB (glibc's ceiling) in the heap, and not trimming it, lets the next step reuse them.
-/// Measured in BENCHMARKS.md; `METAPEFT_MALLOC=default` turns it off for comparison.
+/// glibc returns every freed block above its (dynamic) mmap threshold to the kernel and trims the
+/// heap top eagerly, so each training step faults its activations and gradients in again, page by
+/// page, zeroed by the kernel (`perf`: ~15% of a LoRA step, more of a MiniLM step, in page-fault
+/// handling). Keeping blocks up to 32 MiB (glibc's ceiling) on the heap and never trimming lets
+/// the next step reuse them. An explicit `MALLOC_*` setting from the user wins;
+/// `METAPEFT_MALLOC=default` leaves glibc alone (for A/B timing). Call at the start of `main`.
 pub fn configure_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     if std::env::var("METAPEFT_MALLOC").as_deref() != Ok("default") {
+        let user = |k: &str| std::env::var_os(k).is_some();
         // SAFETY: mallopt only changes allocator parameters; called before other threads exist.
         unsafe {
-            libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-            libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+            if !user("MALLOC_MMAP_THRESHOLD_") {
+                libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+            }
+            if !user("MALLOC_TRIM_THRESHOLD_") {
+                libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+            }
+            if !user("MALLOC_TOP_PAD_") {
+                libc::mallopt(libc::M_TOP_PAD, 256 << 20);
+            }
         }
     }
 }

@@ -36,14 +36,15 @@ impl LmEpisode<'_> {
 
     fn loss(&self, base: &ParamStore, fast: &ParamStore, seqs: &[&Sequence]) -> Result<Tensor> {
         let b = collate(seqs, self.pad)?;
-        let logits = self.model.forward(
+        let h = self.model.forward_hidden(
             base,
             self.deltas,
             fast,
             &b.input_ids,
             Some(&b.attention_mask),
+            None,
         )?;
-        Ok(crate::ops::cross_entropy(&logits, &b.targets, -100)?)
+        self.model.lm_head_loss(base, &h, &b.targets, -100)
     }
 }
 

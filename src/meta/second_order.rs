@@ -14,6 +14,18 @@ use crate::{Error, Result};
 
 const VAR: &str = "CANDLE_GRAD_DO_NOT_DETACH";
 
+thread_local! {
+    /// Whether this thread keeps the graph of gradients (it runs `on_graph_thread`'s closure).
+    static GRAPH_THREAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether gradients computed on this thread keep their graph (second-order MAML): fused ops
+/// that would otherwise hand back a precomputed, constant gradient must then build it from
+/// differentiable tensor ops.
+pub fn keeps_grad_graph() -> bool {
+    GRAPH_THREAD.with(|g| g.get())
+}
+
 /// Serialises the set-latch-restore window of the environment variable.
 static LATCH: Mutex<()> = Mutex::new(());
 
@@ -60,6 +72,7 @@ pub fn on_graph_thread<T: Send>(f: impl FnOnce() -> Result<T> + Send) -> Result<
             .stack_size(STACK)
             .spawn_scoped(s, || {
                 latch()?;
+                GRAPH_THREAD.with(|g| g.set(true));
                 f()
             })
             .map_err(|e| Error::invalid(format!("cannot start the second-order thread: {e}")))?;

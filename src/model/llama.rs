@@ -282,7 +282,7 @@ impl Llama {
             let xn = ops::rms_norm(&x, &w, cfg.rms_norm_eps)?;
             let g = self.proj(p, deltas, dp, &format!("{pre}.mlp.gate_proj"), &xn)?;
             let u = self.proj(p, deltas, dp, &format!("{pre}.mlp.up_proj"), &xn)?;
-            let m = (ops::silu(&g)? * u)?;
+            let m = ops::swiglu(&g, &u)?;
             let dn = self.proj(p, deltas, dp, &format!("{pre}.mlp.down_proj"), &m)?;
             let dn = if deltas.is_empty() {
                 dn
@@ -313,6 +313,28 @@ impl Llama {
             Some(q) => Ok(ops::quantized_linear(hidden, q)?),
             None => Ok(ops::linear(hidden, p.get(name)?, None)?),
         }
+    }
+
+    /// Mean cross-entropy of the logits of `hidden` against `targets` (skipping `ignore_index`),
+    /// with the head and the loss fused: the `[tokens, vocab]` logits are never materialised.
+    pub fn lm_head_loss(
+        &self,
+        p: &ParamStore,
+        hidden: &Tensor,
+        targets: &Tensor,
+        ignore_index: i64,
+    ) -> Result<Tensor> {
+        let w = if self.cfg.tie_word_embeddings {
+            p.get("model.embed_tokens.weight")?
+        } else {
+            p.get("lm_head.weight")?
+        };
+        Ok(ops::lm_head_cross_entropy(
+            hidden,
+            w,
+            targets,
+            ignore_index,
+        )?)
     }
 
     /// Logits `[b, t, vocab]` for every position.

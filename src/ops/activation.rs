@@ -1,6 +1,6 @@
 //! Element-wise activations: SiLU (Llama FFN) and exact (erf) GELU (BERT).
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
 use num_traits::Float;
 use rayon::prelude::*;
 
@@ -37,10 +37,117 @@ impl CustomOp1 for Silu {
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        // silu'(x) = s (1 + x (1 - s)), s = sigmoid(x)
+        Ok(Some((g * silu_prime(x)?)?))
+    }
+}
+
+/// `silu'(x) = s (1 + x (1 - s))`, `s = sigmoid(x)`, as one kernel; its own backward is composed
+/// (`silu''(x) = s (1 - s) (2 + x (1 - 2 s))`), so higher-order gradients stay right.
+struct SiluPrime;
+
+fn silu_prime_of<T: Float>(v: T) -> T {
+    let s = T::one() / (T::one() + (-v).exp());
+    s * (T::one() + v * (T::one() - s))
+}
+
+impl CustomOp1 for SiluPrime {
+    fn name(&self) -> &'static str {
+        "metapeft-silu-prime"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let out = match s {
+            CpuStorage::F32(_) => {
+                f32::to_cpu_storage_owned(map(cpu_slice::<f32>(s, l)?, silu_prime_of))
+            }
+            CpuStorage::F64(_) => {
+                f64::to_cpu_storage_owned(map(cpu_slice::<f64>(s, l)?, silu_prime_of))
+            }
+            _ => candle_core::bail!("silu: unsupported dtype"),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         let s = (x.neg()?.exp()? + 1.0)?.recip()?;
-        let d = ((x * (1.0 - &s)?)? + 1.0)?.mul(&s)?;
+        let one_minus = (1.0 - &s)?;
+        let d = ((&s * &one_minus)? * ((x * (1.0 - (&s * 2.0)?)?)? + 2.0)?)?;
         Ok(Some((g * d)?))
+    }
+}
+
+/// `silu'(x)`, differentiable.
+fn silu_prime(x: &Tensor) -> Result<Tensor> {
+    if fused_ok(x) {
+        x.contiguous()?.apply_op1(SiluPrime)
+    } else {
+        let s = (x.neg()?.exp()? + 1.0)?.recip()?;
+        ((x * (1.0 - &s)?)? + 1.0)?.mul(&s)
+    }
+}
+
+/// The SwiGLU gate `silu(gate) * up` of a Llama FFN as one op: one pass and one output instead of
+/// the activation, the product and the activation's gradient being accumulated separately. The
+/// backward is `d gate = g * up * silu'(gate)`, `d up = g * silu(gate)`, from differentiable ops.
+struct SwiGlu;
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "metapeft-swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn go<T: WithDType + Float>(g: &[T], u: &[T]) -> Vec<T> {
+            let mut out = vec![T::zero(); g.len()];
+            out.par_chunks_mut(CHUNK)
+                .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
+                .for_each(|(o, (gs, us))| {
+                    for ((o, &a), &b) in o.iter_mut().zip(gs).zip(us) {
+                        *o = a / (T::one() + (-a).exp()) * b;
+                    }
+                });
+            out
+        }
+        if l1.shape() != l2.shape() {
+            candle_core::bail!("swiglu: shapes {:?} and {:?} differ", l1.dims(), l2.dims());
+        }
+        let out = match (s1, s2) {
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => {
+                f32::to_cpu_storage_owned(go(cpu_slice::<f32>(s1, l1)?, cpu_slice::<f32>(s2, l2)?))
+            }
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => {
+                f64::to_cpu_storage_owned(go(cpu_slice::<f64>(s1, l1)?, cpu_slice::<f64>(s2, l2)?))
+            }
+            _ => candle_core::bail!("swiglu: unsupported dtypes"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dgate = ((g * up)? * silu_prime(gate)?)?;
+        let dup = (g * silu(gate)?)?;
+        Ok((Some(dgate), Some(dup)))
+    }
+}
+
+/// `silu(gate) * up` (Llama's gated FFN), with a backward.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if fused_ok(gate) && gate.dtype() == up.dtype() && gate.shape() == up.shape() {
+        gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
+    } else {
+        silu(gate)? * up
     }
 }
 
@@ -156,6 +263,30 @@ mod tests {
         let x = randn_f64(&[4, 6], 41, 4.0)?;
         let err = check(|t| silu(&t[0]), &[x], 1e-6)?;
         assert!(err < 1e-7, "rel error {err}");
+        Ok(())
+    }
+
+    #[test]
+    fn silu_second_derivative_matches_finite_differences() -> Result<()> {
+        // The gradient of silu'(x): what a double backward through silu (MAML) differentiates.
+        let x = randn_f64(&[4, 6], 43, 4.0)?;
+        let err = check(|t| silu_prime(&t[0]), &[x], 1e-6)?;
+        assert!(err < 1e-7, "rel error {err}");
+        Ok(())
+    }
+
+    #[test]
+    fn swiglu_gradient_matches_finite_differences_and_composition() -> Result<()> {
+        let g = randn_f64(&[3, 2, 5], 44, 3.0)?;
+        let u = randn_f64(&[3, 2, 5], 45, 1.0)?;
+        let err = check(|t| swiglu(&t[0], &t[1]), &[g.clone(), u.clone()], 1e-6)?;
+        assert!(err < 1e-7, "rel error {err}");
+        let want = (silu(&g)? * &u)?;
+        let diff = (swiglu(&g, &u)? - want)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f64>()?;
+        assert!(diff < 1e-14, "{diff}");
         Ok(())
     }
 

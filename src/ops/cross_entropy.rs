@@ -70,11 +70,11 @@ impl CustomOp1 for CrossEntropy {
             return Ok(Some(x.zeros_like()?));
         }
         let mut onehot = vec![0f32; n * vocab];
-        let mut keep = vec![0f32; n];
+        let mut keep = vec![0f64; n]; // f64: 1/count exact for f64 gradients
         for (i, &t) in self.targets.iter().enumerate() {
             if t != self.ignore_index {
                 onehot[i * vocab + t as usize] = 1.0;
-                keep[i] = 1.0 / count as f32;
+                keep[i] = 1.0 / count as f64;
             }
         }
         let onehot = Tensor::from_vec(onehot, (n, vocab), x.device())?.to_dtype(x.dtype())?;

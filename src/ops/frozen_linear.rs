@@ -144,6 +144,15 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     )
 }
 
+/// `x W` for a frozen `W: [in, out]` (the orientation of a linear's input gradient); no gradient
+/// flows to `W`.
+pub(crate) fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op2(
+        &w.contiguous()?.detach(),
+        FrozenMatmul { weight_is_kn: true },
+    )
+}
+
 /// `x W^T + b`, choosing the frozen op when `W` is not being trained.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let y = if w.track_op() {

@@ -40,15 +40,16 @@ pub struct DecoderLm<'a> {
 impl DecoderLm<'_> {
     fn loss_of(&self, seqs: &[&Sequence]) -> Result<(Tensor, usize)> {
         let b = collate(seqs, self.pad)?;
-        let logits = self.model.forward(
+        let h = self.model.forward_hidden(
             self.base,
             self.deltas,
             self.params,
             &b.input_ids,
             Some(&b.attention_mask),
+            None,
         )?;
         Ok((
-            crate::ops::cross_entropy(&logits, &b.targets, -100)?,
+            self.model.lm_head_loss(self.base, &h, &b.targets, -100)?,
             b.target_tokens,
         ))
     }

@@ -1,0 +1,353 @@
+//! The language-model head and the mean cross-entropy as one op: `loss = CE(h W^T, targets)` for a
+//! frozen `W: [vocab, d]`, computed a block of rows at a time so the `[tokens, vocab]` logits
+//! (100 MB for 4 x 128 tokens over SmolLM2's 49152 classes) are never materialised, nor their
+//! gradient, softmax, one-hot and the other full-size temporaries of the unfused backward.
+//!
+//! First-order: the forward already holds each block's softmax, so it also computes the hidden
+//! state gradient `(softmax - onehot) W / count` there (the same matmul the backward would do) and
+//! the backward only scales it by the incoming gradient. On a thread that keeps the graph of
+//! gradients (second-order MAML), or if the op is differentiated twice, the backward is instead
+//! built from differentiable ops (frozen matmuls and our softmax), so gradients of gradients stay
+//! exact. A trainable `W` (full fine-tuning of a tied head) takes the unfused path.
+
+use std::sync::Mutex;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, Tensor, WithDType};
+use num_traits::Float;
+use rayon::prelude::*;
+
+use super::{cross_entropy, fused_ok, linear, softmax_last_dim};
+use crate::ops::frozen_linear::{frozen_linear, frozen_matmul};
+
+/// Logit elements per block: ~16 MB of f32, reused from block to block.
+const BLOCK_ELEMS: usize = 1 << 22;
+
+struct LmHeadCe {
+    targets: Vec<i64>,
+    ignore_index: i64,
+    count: usize,
+    /// Compute the hidden-state gradient in the forward (first-order training).
+    want_grad: bool,
+    grad: Mutex<Option<Tensor>>,
+}
+
+/// Owned data of a CPU storage of a known dtype.
+trait Owned:
+    WithDType + Float + std::ops::AddAssign + std::ops::MulAssign + std::ops::SubAssign + Send + Sync
+{
+    fn take(s: CpuStorage) -> Result<Vec<Self>>;
+}
+
+impl Owned for f32 {
+    fn take(s: CpuStorage) -> Result<Vec<Self>> {
+        match s {
+            CpuStorage::F32(v) => Ok(v),
+            _ => candle_core::bail!("lm_head_cross_entropy: expected f32"),
+        }
+    }
+}
+
+impl Owned for f64 {
+    fn take(s: CpuStorage) -> Result<Vec<Self>> {
+        match s {
+            CpuStorage::F64(v) => Ok(v),
+            _ => candle_core::bail!("lm_head_cross_entropy: expected f64"),
+        }
+    }
+}
+
+impl LmHeadCe {
+    /// Loss (mean over counted rows) and, when wanted, the `[n, d]` hidden-state gradient.
+    fn run<T: Owned>(
+        &self,
+        h: &CpuStorage,
+        lh: &Layout,
+        w: &CpuStorage,
+        lw: &Layout,
+    ) -> Result<(T, Option<Vec<T>>)> {
+        let (n, d) = lh.shape().dims2()?;
+        let (vocab, wd) = lw.shape().dims2()?;
+        if wd != d {
+            candle_core::bail!("lm_head_cross_entropy: hidden size {d} but weight {vocab}x{wd}");
+        }
+        let (h0, w0) = (lh.start_offset(), lw.start_offset());
+        let w_t = Layout::contiguous_with_offset((vocab, d), w0).transpose(0, 1)?;
+        let w_kn = Layout::contiguous_with_offset((vocab, d), w0);
+        let rows = (BLOCK_ELEMS / vocab.max(1)).clamp(1, n.max(1));
+        let scale = 1.0 / self.count.max(1) as f64;
+        let mut total = 0f64;
+        let mut dh = if self.want_grad {
+            Some(vec![T::zero(); n * d])
+        } else {
+            None
+        };
+        let mut r0 = 0;
+        while r0 < n {
+            let m = rows.min(n - r0);
+            let lhs = Layout::contiguous_with_offset((m, d), h0 + r0 * d);
+            let logits = h.matmul(w, (1, m, vocab, d), &lhs, &w_t)?;
+            let mut logits = T::take(logits)?;
+            let targets = &self.targets[r0..r0 + m];
+            for &t in targets {
+                if t != self.ignore_index && (t < 0 || t as usize >= vocab) {
+                    candle_core::bail!(
+                        "lm_head_cross_entropy: target {t} outside the {vocab} classes"
+                    );
+                }
+            }
+            let want = self.want_grad;
+            let ignore = self.ignore_index;
+            total += logits
+                .par_chunks_mut(vocab)
+                .zip(targets.par_iter())
+                .map(|(row, &t)| {
+                    if t == ignore {
+                        if want {
+                            row.iter_mut().for_each(|v| *v = T::zero());
+                        }
+                        return 0f64;
+                    }
+                    let t = t as usize;
+                    let picked = WithDType::to_f64(row[t]);
+                    let max = row.iter().fold(T::neg_infinity(), |a, &v| Float::max(a, v));
+                    let mut sum = T::zero();
+                    if want {
+                        for v in row.iter_mut() {
+                            *v = (*v - max).exp();
+                            sum += *v;
+                        }
+                    } else {
+                        for &v in row.iter() {
+                            sum += (v - max).exp();
+                        }
+                    }
+                    let lse = WithDType::to_f64(max) + WithDType::to_f64(sum).ln();
+                    if want {
+                        let k = T::from(scale).unwrap_or_else(T::nan) / sum;
+                        row.iter_mut().for_each(|v| *v *= k);
+                        row[t] -= T::from(scale).unwrap_or_else(T::nan);
+                    }
+                    lse - picked
+                })
+                .sum::<f64>();
+            if let Some(dh) = dh.as_mut() {
+                let dl = T::to_cpu_storage_owned(logits);
+                let lay = Layout::contiguous((m, vocab));
+                let g = T::take(dl.matmul(w, (1, m, d, vocab), &lay, &w_kn)?)?;
+                dh[r0 * d..(r0 + m) * d].copy_from_slice(&g);
+            }
+            r0 += m;
+        }
+        let loss = T::from(total * scale).unwrap_or_else(T::nan);
+        Ok((loss, dh))
+    }
+
+    fn fwd_t<T: Owned>(
+        &self,
+        h: &CpuStorage,
+        lh: &Layout,
+        w: &CpuStorage,
+        lw: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, d) = lh.shape().dims2()?;
+        let (loss, dh) = self.run::<T>(h, lh, w, lw)?;
+        if let Some(dh) = dh {
+            let t = Tensor::from_vec(dh, (n, d), &Device::Cpu)?;
+            *self.grad.lock().unwrap_or_else(|e| e.into_inner()) = Some(t);
+        }
+        Ok((T::to_cpu_storage_owned(vec![loss]), Shape::from(())))
+    }
+}
+
+impl CustomOp2 for LmHeadCe {
+    fn name(&self) -> &'static str {
+        "metapeft-lm-head-cross-entropy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        match (s1, s2) {
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => self.fwd_t::<f32>(s1, l1, s2, l2),
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => self.fwd_t::<f64>(s1, l1, s2, l2),
+            _ => candle_core::bail!("lm_head_cross_entropy: unsupported dtypes"),
+        }
+    }
+
+    fn bwd(
+        &self,
+        h: &Tensor,
+        w: &Tensor,
+        _loss: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        if self.count == 0 {
+            return Ok((Some(h.zeros_like()?), None));
+        }
+        let cached = self.grad.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(dh) = cached {
+            return Ok((Some(dh.broadcast_mul(g)?), None));
+        }
+        // Differentiable form (second order): (softmax(h W^T) - onehot) * keep W.
+        let (n, _) = h.dims2()?;
+        let vocab = w.dim(0)?;
+        let mut onehot = vec![0f32; n * vocab];
+        let mut keep = vec![0f64; n]; // f64: 1/count exact for f64 gradients
+        for (i, &t) in self.targets.iter().enumerate() {
+            if t != self.ignore_index {
+                onehot[i * vocab + t as usize] = 1.0;
+                keep[i] = 1.0 / self.count as f64;
+            }
+        }
+        let onehot = Tensor::from_vec(onehot, (n, vocab), h.device())?.to_dtype(h.dtype())?;
+        let keep = Tensor::from_vec(keep, (n, 1), h.device())?.to_dtype(h.dtype())?;
+        let p = softmax_last_dim(&frozen_linear(h, w)?)?;
+        let dl = (p - onehot)?.broadcast_mul(&keep)?.broadcast_mul(g)?;
+        Ok((Some(frozen_matmul(&dl, w)?), None))
+    }
+}
+
+/// Mean cross-entropy of the logits `hidden W^T` (`hidden: [..., d]`, `W: [vocab, d]`) against
+/// `targets: [...]`, skipping `ignore_index`; the same value and gradients as
+/// `cross_entropy(&linear(hidden, w, None), targets, ignore_index)` without materialising the
+/// logits when `W` is frozen and the tensors are on the CPU in f32/f64.
+pub fn lm_head_cross_entropy(
+    hidden: &Tensor,
+    w: &Tensor,
+    targets: &Tensor,
+    ignore_index: i64,
+) -> Result<Tensor> {
+    let d = hidden.dim(candle_core::D::Minus1)?;
+    let h = hidden.reshape(((), d))?;
+    if !fused_ok(&h) || w.track_op() {
+        return cross_entropy(&linear(&h, w, None)?, targets, ignore_index);
+    }
+    let targets: Vec<i64> = targets.flatten_all()?.to_dtype(DType::I64)?.to_vec1()?;
+    if targets.len() != h.dim(0)? {
+        candle_core::bail!(
+            "lm_head_cross_entropy: {} targets for {} rows",
+            targets.len(),
+            h.dim(0)?
+        );
+    }
+    let w = if w.dtype() != h.dtype() {
+        w.to_dtype(h.dtype())?
+    } else {
+        w.clone()
+    };
+    let count = targets.iter().filter(|&&t| t != ignore_index).count();
+    let want_grad = h.track_op() && !crate::meta::second_order::keeps_grad_graph();
+    h.contiguous()?.apply_op2(
+        &w.contiguous()?.detach(),
+        LmHeadCe {
+            targets,
+            ignore_index,
+            count,
+            want_grad,
+            grad: Mutex::new(None),
+        },
+    )
+}
+
+/// The same op, forcing the precomputed (`true`) or the differentiable (`false`) backward.
+#[cfg(test)]
+fn with_mode(hidden: &Tensor, w: &Tensor, targets: &[i64], precompute: bool) -> Result<Tensor> {
+    let count = targets.iter().filter(|&&t| t != -100).count();
+    hidden.contiguous()?.apply_op2(
+        &w.detach(),
+        LmHeadCe {
+            targets: targets.to_vec(),
+            ignore_index: -100,
+            count,
+            want_grad: precompute,
+            grad: Mutex::new(None),
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::gradcheck::{check, randn_f64};
+    use candle_core::Var;
+
+    const TARGETS: [i64; 6] = [1, -100, 6, 0, 3, 6];
+
+    #[test]
+    fn both_backwards_match_finite_differences() -> Result<()> {
+        let h = randn_f64(&[6, 5], 81, 1.0)?;
+        let w = randn_f64(&[7, 5], 82, 1.0)?;
+        for precompute in [true, false] {
+            let err = check(
+                |t| with_mode(&t[0], &w, &TARGETS, precompute),
+                std::slice::from_ref(&h),
+                1e-6,
+            )?;
+            assert!(err < 1e-7, "precompute {precompute}: rel error {err}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn matches_unfused_value_and_gradient() -> Result<()> {
+        let h = Var::from_tensor(&randn_f64(&[2, 3, 5], 83, 1.0)?)?;
+        let w = randn_f64(&[7, 5], 84, 1.0)?;
+        let t = Tensor::new(&[[1i64, -100, 6], [0, 3, 6]], &Device::Cpu)?;
+        let fused = lm_head_cross_entropy(h.as_tensor(), &w, &t, -100)?;
+        let plain = cross_entropy(&linear(h.as_tensor(), &w, None)?, &t, -100)?;
+        let (a, b) = (fused.to_scalar::<f64>()?, plain.to_scalar::<f64>()?);
+        assert!((a - b).abs() < 1e-12, "{a} vs {b}");
+        let ga = fused.backward()?.get(h.as_tensor()).cloned().unwrap();
+        let gb = plain.backward()?.get(h.as_tensor()).cloned().unwrap();
+        let diff = (ga - gb)?.abs()?.max_all()?.to_scalar::<f64>()?;
+        assert!(diff < 1e-12, "gradient differs by {diff}");
+        // f32 with several blocks agrees too.
+        let h32 = h.as_tensor().to_dtype(DType::F32)?;
+        let w32 = w.to_dtype(DType::F32)?;
+        let a32 = lm_head_cross_entropy(&h32, &w32, &t, -100)?.to_scalar::<f32>()?;
+        assert!((a32 as f64 - b).abs() < 1e-5);
+        Ok(())
+    }
+
+    #[test]
+    fn second_derivative_of_differentiable_backward() -> Result<()> {
+        // Hessian-vector product through the op's backward, against finite differences of its
+        // gradient: the path second-order MAML takes.
+        let h = randn_f64(&[6, 5], 85, 1.0)?;
+        let w = randn_f64(&[7, 5], 86, 1.0)?;
+        let v = randn_f64(&[6, 5], 87, 1.0)?;
+        let grad_at = |x: &Tensor| -> Result<Tensor> {
+            let x = Var::from_tensor(x)?;
+            let l = with_mode(x.as_tensor(), &w, &TARGETS, false)?;
+            Ok(l.backward()?.get(x.as_tensor()).cloned().unwrap())
+        };
+        let eps = 1e-5;
+        let numeric =
+            ((grad_at(&(&h + (&v * eps)?)?)? - grad_at(&(&h - (&v * eps)?)?)?)? / (2.0 * eps))?;
+        let err = crate::meta::second_order::on_graph_thread(|| {
+            let x = Var::from_tensor(&h)?;
+            let l = lm_head_cross_entropy(
+                x.as_tensor(),
+                &w,
+                &Tensor::new(&TARGETS, &Device::Cpu)?,
+                -100,
+            )?;
+            let g = l.backward()?.get(x.as_tensor()).cloned().unwrap();
+            let hv = (g * &v)?
+                .sum_all()?
+                .backward()?
+                .get(x.as_tensor())
+                .cloned()
+                .unwrap();
+            Ok((hv - &numeric)?.abs()?.max_all()?.to_scalar::<f64>()?)
+        })
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        assert!(err < 1e-6, "Hessian-vector product off by {err}");
+        Ok(())
+    }
+}
