@@ -13,6 +13,7 @@ pub mod cross_entropy;
 pub mod frozen_linear;
 pub mod gradcheck;
 pub mod layer_norm;
+pub(crate) mod matvec;
 pub mod rms_norm;
 pub mod rope;
 pub mod softmax;
