@@ -14,7 +14,7 @@ use crate::peft::lora::{Lora, LoraConfig};
 use crate::peft::DeltaSet;
 use crate::{Error, Result};
 
-pub const WORKLOADS: [(&str, &str); 10] = [
+pub const WORKLOADS: [(&str, &str); 15] = [
     (
         "lora-qv",
         "LoRA r=8 on q,v: train step (fwd+bwd+AdamW), batch 4 x 128",
@@ -29,6 +29,17 @@ pub const WORKLOADS: [(&str, &str); 10] = [
         "generate",
         "greedy generation, 32-token prompt + 64 new tokens",
     ),
+    (
+        "generate-q8_0",
+        "greedy generation from Q8_0 weights, 32-token prompt + 64 new tokens",
+    ),
+    (
+        "generate-q4_1",
+        "greedy generation from Q4_1 weights, 32-token prompt + 64 new tokens",
+    ),
+    ("prefill", "prefill: 128-token prompt into a KV cache, last logits"),
+    ("prefill-q8_0", "prefill from Q8_0 weights, 128-token prompt"),
+    ("prefill-q4_1", "prefill from Q4_1 weights, 128-token prompt"),
     (
         "tams-forward",
         "forward 4 x 128 with a TAMS cell in every layer, one-hot architecture (unselected ops skipped)",
@@ -60,6 +71,17 @@ pub struct Timing {
     /// For generation: new tokens per run.
     pub tokens: usize,
     pub peak_rss_mib: f64,
+}
+
+/// The quantized format a workload loads its weights in (`None`: f32).
+pub fn weights_of(workload: &str) -> Option<crate::quant::QKind> {
+    if workload.ends_with("-q8_0") {
+        Some(crate::quant::QKind::Q8_0)
+    } else if workload.ends_with("-q4_1") {
+        Some(crate::quant::QKind::Q4_1)
+    } else {
+        None
+    }
 }
 
 /// `n` token ids from real text (tiny-shakespeare when available), cycled as needed.
@@ -273,7 +295,19 @@ pub fn run(
                 Ok(())
             })?;
         }
-        "generate" => {
+        "prefill" | "prefill-q8_0" | "prefill-q4_1" => {
+            let n = 128;
+            let ids = Tensor::from_vec(text_tokens(ck, n)?, (1, n), &dev)?;
+            timing.tokens = n;
+            timing.flops = forward_flops(model, n, n);
+            let e = ParamStore::new();
+            timing.seconds = time(&mut || {
+                let mut cache = crate::model::KvCache::new(model.cfg.num_hidden_layers);
+                model.forward_last(&ck.params, &DeltaSet::none(), &e, &ids, &mut cache)?;
+                Ok(())
+            })?;
+        }
+        "generate" | "generate-q8_0" | "generate-q4_1" => {
             let prompt = text_tokens(ck, 32)?;
             let opts = GenerateOptions {
                 max_new_tokens: 64,

@@ -25,6 +25,8 @@ impl Param {
 #[derive(Clone, Debug, Default)]
 pub struct ParamStore {
     entries: IndexMap<String, Param>,
+    /// Weights kept in a GGUF block format for inference (no gradient, no PEFT deltas).
+    quantized: IndexMap<String, std::sync::Arc<crate::quant::QWeight>>,
 }
 
 impl ParamStore {
@@ -41,10 +43,31 @@ impl ParamStore {
     }
 
     pub fn get(&self, name: &str) -> Result<&Tensor> {
-        self.entries
-            .get(name)
-            .map(Param::tensor)
-            .ok_or_else(|| Error::invalid(format!("parameter `{name}` is not in the store")))
+        self.entries.get(name).map(Param::tensor).ok_or_else(|| {
+            if self.quantized.contains_key(name) {
+                Error::invalid(format!(
+                    "parameter `{name}` is stored quantized (inference only): load the model \
+                     in f32 to train or adapt it"
+                ))
+            } else {
+                Error::invalid(format!("parameter `{name}` is not in the store"))
+            }
+        })
+    }
+
+    /// Store a quantized weight (inference only).
+    pub fn insert_quantized(&mut self, name: impl Into<String>, w: crate::quant::QWeight) {
+        self.quantized.insert(name.into(), std::sync::Arc::new(w));
+    }
+
+    /// A quantized weight, when `name` is stored that way.
+    pub fn quantized(&self, name: &str) -> Option<&crate::quant::QWeight> {
+        self.quantized.get(name).map(|w| w.as_ref())
+    }
+
+    /// Whether any weight is stored quantized.
+    pub fn has_quantized(&self) -> bool {
+        !self.quantized.is_empty()
     }
 
     /// The entry itself (frozen tensor or trainable `Var`).
@@ -63,6 +86,7 @@ impl ParamStore {
         for (k, p) in &self.entries {
             out.insert_frozen(k.clone(), p.tensor().detach());
         }
+        out.quantized = self.quantized.clone();
         out
     }
 
@@ -155,6 +179,7 @@ impl ParamStore {
                 }
             }
         }
+        out.quantized = self.quantized.clone();
         Ok(out)
     }
 }

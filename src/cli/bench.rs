@@ -11,6 +11,8 @@ metapeft bench --workload lora-qv --workload full --runs 7\n\n\
 Workloads:\n  lora-qv   LoRA r=8 on q,v: train step (fwd+bwd+AdamW), 4 x 128 tokens\n  \
 lora-all  LoRA r=8 on all 7 linears: train step, 4 x 128\n  full      full fine-tuning step, 4 x 128\n  \
 forward   forward pass, 1 x 128\n  generate  greedy generation, 32-token prompt + 64 new tokens\n  \
+generate-q8_0, generate-q4_1  the same from quantized weights (requantized from the file as needed)\n  \
+prefill, prefill-q8_0, prefill-q4_1  a 128-token prompt into an empty KV cache, last logits\n  \
 fomaml    FOMAML episode: 5 inner steps on 4 x 128 + query 4 x 128 (LoRA q,v)\n  \
 maml-exact  exact second-order MAML episode, 1 inner step\n  maml-hf   Hessian-free MAML episode, 1 inner step\n  \
 tams-forward      forward 4 x 128 with a TAMS cell per layer (one-hot arch, unselected ops skipped)\n  \
@@ -43,12 +45,15 @@ pub struct Args {
 pub fn run(a: Args) -> Result<()> {
     let spec = super::model_or_default(a.model.clone(), metapeft::assets::SMOLLM2)?;
     if a.child {
-        let ck = model::load(&spec, &Device::Cpu)?;
+        let w = a.workload.first().context("--child needs one --workload")?;
+        let ck = match bench::weights_of(w) {
+            Some(kind) => model::load_quantized(&spec, Some(kind))?,
+            None => model::load(&spec, &Device::Cpu)?,
+        };
         let Arch::Llama(cfg) = &ck.arch else {
             bail!("bench needs a decoder model")
         };
         let m = Llama::new(cfg.clone(), &Device::Cpu)?;
-        let w = a.workload.first().context("--child needs one --workload")?;
         let t = bench::run(w, &ck, &m, a.warmup, a.runs, a.seq_len)?;
         println!("{}", serde_json::to_string(&t)?);
         return Ok(());
@@ -115,7 +120,12 @@ pub fn run(a: Args) -> Result<()> {
         let min = t.seconds.iter().cloned().fold(f64::INFINITY, f64::min);
         let max = t.seconds.iter().cloned().fold(0.0, f64::max);
         let note = if t.tokens > 0 {
-            format!("{:.1} new tokens/s", t.tokens as f64 / med)
+            let what = if n.starts_with("prefill") {
+                "prompt"
+            } else {
+                "new"
+            };
+            format!("{:.1} {what} tokens/s", t.tokens as f64 / med)
         } else {
             String::new()
         };

@@ -140,7 +140,20 @@ impl Llama {
         module: &str,
         x: &Tensor,
     ) -> Result<Tensor> {
-        let w = p.get(&format!("{module}.weight"))?;
+        let wname = format!("{module}.weight");
+        if let Some(q) = p.quantized(&wname) {
+            if !deltas.is_empty() {
+                return Err(crate::Error::invalid(format!(
+                    "`{wname}` is stored quantized: PEFT deltas need the model loaded in f32"
+                )));
+            }
+            let y = q.linear(x)?;
+            return Ok(match p.get_opt(&format!("{module}.bias")) {
+                Some(b) => y.broadcast_add(b)?,
+                None => y,
+            });
+        }
+        let w = p.get(&wname)?;
         if deltas.is_empty() {
             return Ok(ops::linear(x, w, p.get_opt(&format!("{module}.bias")))?);
         }
@@ -182,18 +195,30 @@ impl Llama {
         }
         let first = past == 0;
         let prefix = if first { deltas.prefix_len() } else { 0 };
-        let embed = p.get("model.embed_tokens.weight")?;
         // Compute in f32 (bf16/f16/quantized storage is for memory only); f64 weights, used by
         // gradient checks, compute in f64.
-        let dtype = if embed.dtype() == DType::F64 {
-            DType::F64
-        } else {
-            DType::F32
+        let (mut x, dtype) = match p.quantized("model.embed_tokens.weight") {
+            Some(q) => {
+                let ids = input_ids
+                    .flatten_all()?
+                    .to_dtype(DType::U32)?
+                    .to_vec1::<u32>()?;
+                (q.embed(&ids)?.reshape((b, t, cfg.hidden_size))?, DType::F32)
+            }
+            None => {
+                let embed = p.get("model.embed_tokens.weight")?;
+                let dtype = if embed.dtype() == DType::F64 {
+                    DType::F64
+                } else {
+                    DType::F32
+                };
+                let x = embed
+                    .index_select(&input_ids.flatten_all()?, 0)?
+                    .reshape((b, t, cfg.hidden_size))?
+                    .to_dtype(dtype)?;
+                (x, dtype)
+            }
         };
-        let mut x = embed
-            .index_select(&input_ids.flatten_all()?, 0)?
-            .reshape((b, t, cfg.hidden_size))?
-            .to_dtype(dtype)?;
         let virtual_tokens = if first { deltas.virtual_tokens() } else { 0 };
         if virtual_tokens > 0 {
             x = deltas.input_embeddings(x, dp)?;
@@ -286,12 +311,15 @@ impl Llama {
 
     /// Logits `[..., vocab]` from hidden states.
     pub fn lm_head(&self, p: &ParamStore, hidden: &Tensor) -> Result<Tensor> {
-        let w = if self.cfg.tie_word_embeddings {
-            p.get("model.embed_tokens.weight")?
+        let name = if self.cfg.tie_word_embeddings {
+            "model.embed_tokens.weight"
         } else {
-            p.get("lm_head.weight")?
+            "lm_head.weight"
         };
-        Ok(ops::linear(hidden, w, None)?)
+        if let Some(q) = p.quantized(name) {
+            return q.linear(hidden);
+        }
+        Ok(ops::linear(hidden, p.get(name)?, None)?)
     }
 
     /// Logits `[b, t, vocab]` for every position.

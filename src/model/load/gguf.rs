@@ -13,6 +13,7 @@ use crate::model::config::LlamaConfig;
 use crate::model::tokenizer::TextTokenizer;
 use crate::model::Arch;
 use crate::ops::rope::RopeScaling;
+use crate::quant::{QKind, QWeight};
 use crate::{Error, Result};
 
 pub const ARCHITECTURES: [&str; 3] = ["llama", "mistral", "qwen2"];
@@ -253,6 +254,132 @@ pub fn load(path: &Path, device: &Device) -> Result<Checkpoint> {
     })
 }
 
+/// Row order that undoes llama.cpp's Q/K permutation on whole rows: row `r` of the result is row
+/// `src[r]` of the GGUF tensor (the same map as [`unpermute_rows`]).
+pub fn unpermute_index(rows: usize, n_head: usize) -> Vec<usize> {
+    let hd = rows / n_head;
+    (0..rows)
+        .map(|r| {
+            let (h, rem) = (r / hd, r % hd);
+            let (a, b) = (rem / (hd / 2), rem % (hd / 2));
+            h * hd + 2 * b + a
+        })
+        .collect()
+}
+
+/// Whether a Hugging Face weight name is a matrix that quantized inference keeps quantized.
+fn quantizable(hf: &str) -> bool {
+    hf.ends_with("_proj.weight") || hf == "model.embed_tokens.weight" || hf == "lm_head.weight"
+}
+
+/// Load a GGUF for inference with its matrices kept quantized: `target: None` keeps the file's
+/// block format (Q8_0 or Q4_1; others are an error), `Some(kind)` converts every matrix to `kind`
+/// (blocks of that kind are kept as they are, others are dequantized and requantized; Q8_0
+/// matrices are kept under a Q4_1 target). Norms stay
+/// f32. The store cannot be trained (PEFT needs f32 weights).
+pub fn load_quantized(path: &Path, target: Option<QKind>) -> Result<Checkpoint> {
+    let device = &Device::Cpu;
+    let (ct, mut file) = read_content(path)?;
+    let cfg = config_from_gguf(&ct, path)?;
+    let permuted = cfg.model_type != "qwen2";
+    let mut dense = std::collections::HashMap::new();
+    let mut quant = std::collections::HashMap::new();
+    let mut kinds: BTreeMap<String, usize> = BTreeMap::new();
+    let names: Vec<String> = ct.tensor_infos.keys().cloned().collect();
+    let pb = progress(names.len(), "loading GGUF (quantized)");
+    for name in &names {
+        pb.inc(1);
+        let Some(hf) = hf_name(name) else { continue };
+        let heads = if !permuted {
+            None
+        } else if hf.contains("q_proj.weight") {
+            Some(cfg.num_attention_heads)
+        } else if hf.contains("k_proj.weight") {
+            Some(cfg.num_key_value_heads)
+        } else {
+            None
+        };
+        let q = ct
+            .tensor(&mut file, name, device)
+            .map_err(|e| Error::tensor(path, name, format!("cannot read: {e}")))?;
+        if quantizable(&hf) {
+            let file_kind = QKind::from_ggml(q.dtype());
+            let w = match (target, file_kind) {
+                (None, Err(e)) => return Err(Error::tensor(path, name, e.to_string())),
+                (None, Ok(_)) => QWeight::from_qtensor(&q)?,
+                (Some(t), Ok(k)) if t == k => QWeight::from_qtensor(&q)?,
+                // Q8_0 matrices in a Q4_1 model (llama.cpp keeps the token embedding in Q8_0)
+                // stay as they are: requantizing them to 4 bits would only lose precision.
+                (Some(QKind::Q4_1), Ok(QKind::Q8_0)) => QWeight::from_qtensor(&q)?,
+                (Some(t), _) => {
+                    let mut f = q.dequantize(device).map_err(|e| {
+                        Error::tensor(path, name, format!("cannot dequantize: {e}"))
+                    })?;
+                    if let Some(h) = heads {
+                        f = unpermute_rows(&f, h)?;
+                    }
+                    let w = QWeight::quantize(&f, t)?;
+                    *kinds.entry(format!("{:?}", w.kind)).or_default() += 1;
+                    quant.insert(hf, w);
+                    continue;
+                }
+            };
+            let w = match heads {
+                Some(h) => w.gather_rows(&unpermute_index(w.n, h)),
+                None => w,
+            };
+            *kinds.entry(format!("{:?}", w.kind)).or_default() += 1;
+            quant.insert(hf, w);
+        } else {
+            *kinds.entry(format!("{:?}", q.dtype())).or_default() += 1;
+            let t = q
+                .dequantize(device)
+                .map_err(|e| Error::tensor(path, name, format!("cannot dequantize: {e}")))?;
+            dense.insert(hf, t);
+        }
+    }
+    pb.finish_and_clear();
+    let arch = Arch::Llama(cfg);
+    let mut params = crate::params::ParamStore::new();
+    for (name, shape) in arch.expected_params() {
+        if let Some(w) = quant.remove(&name) {
+            if [w.n, w.k] != shape.as_slice() {
+                return Err(Error::tensor(
+                    path,
+                    &name,
+                    format!("has shape [{}, {}], the config implies {shape:?}", w.n, w.k),
+                ));
+            }
+            params.insert_quantized(name, w);
+        } else {
+            let t = dense
+                .remove(&name)
+                .ok_or_else(|| Error::tensor(path, &name, "missing from the checkpoint"))?;
+            if t.dims() != shape.as_slice() {
+                return Err(Error::tensor(
+                    path,
+                    &name,
+                    format!("has shape {:?}, the config implies {shape:?}", t.dims()),
+                ));
+            }
+            params.insert_frozen(name, t);
+        }
+    }
+    let tokenizer = TextTokenizer::from_gguf(&ct, path)?;
+    let storage = kinds
+        .iter()
+        .map(|(k, n)| format!("{k} x {n}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    Ok(Checkpoint {
+        arch,
+        params,
+        tokenizer,
+        path: path.to_path_buf(),
+        storage: format!("GGUF, kept quantized ({storage})"),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -279,6 +406,15 @@ mod tests {
         ] {
             assert_eq!(hf_name(&gguf_name(n).unwrap()).unwrap(), n);
         }
+    }
+
+    #[test]
+    fn row_index_matches_unpermute_rows() -> Result<()> {
+        let w = Tensor::arange(0f32, 12.0, &Device::Cpu)?.reshape((12, 1))?;
+        let want = unpermute_rows(&w, 2)?.flatten_all()?.to_vec1::<f32>()?;
+        let got: Vec<f32> = unpermute_index(12, 2).iter().map(|&i| i as f32).collect();
+        assert_eq!(got, want);
+        Ok(())
     }
 
     #[test]

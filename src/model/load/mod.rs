@@ -77,6 +77,17 @@ pub fn load(spec: &str, device: &Device) -> Result<Checkpoint> {
     }
 }
 
+/// Load a GGUF checkpoint for inference with its matrices kept quantized (see
+/// [`gguf::load_quantized`]); other sources are an error.
+pub fn load_quantized(spec: &str, target: Option<crate::quant::QKind>) -> Result<Checkpoint> {
+    match ModelSource::resolve(spec)? {
+        ModelSource::Gguf(p) => gguf::load_quantized(&p, target),
+        _ => Err(Error::invalid(format!(
+            "`{spec}`: quantized inference reads GGUF files only (load it in f32 instead)"
+        ))),
+    }
+}
+
 /// The parameter store in the architecture's canonical order (embeddings, layer 0, layer 1, ...),
 /// after checking that every weight it reads is present with the right shape. A fixed order keeps
 /// everything that walks the store (seeded initialisation, summaries, files) reproducible.
