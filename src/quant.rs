@@ -13,6 +13,9 @@ use crate::error::{Error, Result};
 /// Elements per quantization block.
 pub const BLOCK: usize = 32;
 
+/// Inputs with at least this many rows (prompts) are multiplied in f32 by gemm.
+const GEMM_ROWS: usize = 24;
+
 /// The block formats with a kernel here.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum QKind {
@@ -180,6 +183,23 @@ impl QWeight {
         )?)
     }
 
+    /// The whole weight in f32, rows unpacked in parallel.
+    fn dequantize_par(&self) -> Result<Tensor> {
+        let mut v = vec![0f32; self.n * self.k];
+        v.par_chunks_mut(self.k * 16)
+            .enumerate()
+            .for_each(|(c, o)| {
+                for (jj, r) in o.chunks_exact_mut(self.k).enumerate() {
+                    self.dequantize_row(c * 16 + jj, r);
+                }
+            });
+        Ok(Tensor::from_vec(
+            v,
+            (self.n, self.k),
+            &candle_core::Device::Cpu,
+        )?)
+    }
+
     /// Embedding lookup: rows `ids` in f32, `[ids.len(), k]`.
     pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
         let mut v = vec![0f32; ids.len() * self.k];
@@ -209,6 +229,15 @@ impl QWeight {
             )));
         }
         let m = x.elem_count() / self.k;
+        if m >= GEMM_ROWS {
+            // Prompts: unpack the weight to f32 for this call (transient, one matrix at a time)
+            // and use the packed f32 gemm, which beats per-row integer dot products here.
+            let w = self.dequantize_par()?;
+            return Ok(crate::ops::frozen_linear(
+                &x.to_dtype(candle_core::DType::F32)?,
+                &w,
+            )?);
+        }
         let xv = x
             .to_dtype(candle_core::DType::F32)?
             .flatten_all()?
@@ -224,6 +253,7 @@ impl QWeight {
         let nb = self.k / BLOCK;
         let xq: Vec<Q8Block> = x.chunks_exact(BLOCK).map(quantize_block).collect();
         let dot = dot_fn(self.kind);
+        let dot4 = dot4_fn(self.kind);
         let rb = self.row_bytes();
         // Tasks own weight rows; each weight row (at most a few KiB) is dotted with every input row.
         let rows_per_task = (16384 / rb.max(1)).clamp(4, 64);
@@ -234,8 +264,16 @@ impl QWeight {
                 let j0 = c * rows_per_task;
                 for (jj, ys) in o.chunks_mut(m).enumerate() {
                     let wr = self.row(j0 + jj);
-                    for (i, y) in ys.iter_mut().enumerate() {
-                        *y = dot(wr, &xq[i * nb..(i + 1) * nb]);
+                    let mut i = 0;
+                    // Four input rows per pass over the weight row: its blocks are unpacked once.
+                    while i + 4 <= m {
+                        let xs = [0, 1, 2, 3].map(|r| &xq[(i + r) * nb..(i + r + 1) * nb]);
+                        ys[i..i + 4].copy_from_slice(&dot4(wr, xs));
+                        i += 4;
+                    }
+                    while i < m {
+                        ys[i] = dot(wr, &xq[i * nb..(i + 1) * nb]);
+                        i += 1;
                     }
                 }
             });
@@ -296,6 +334,27 @@ fn dot_fn(kind: QKind) -> QDot {
     match kind {
         QKind::Q8_0 => dot_q8_0_scalar,
         QKind::Q4_1 => dot_q4_1_scalar,
+    }
+}
+
+type QDot4 = fn(&[u8], [&[Q8Block]; 4]) -> [f32; 4];
+
+fn dot4_fn(kind: QKind) -> QDot4 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
+        {
+            return match kind {
+                QKind::Q8_0 => |w, x| unsafe { dot_q8_0_avx2_rows(w, x) },
+                QKind::Q4_1 => |w, x| unsafe { dot_q4_1_avx2_rows(w, x) },
+            };
+        }
+    }
+    match kind {
+        QKind::Q8_0 => |w, x| x.map(|x| dot_q8_0_scalar(w, x)),
+        QKind::Q4_1 => |w, x| x.map(|x| dot_q4_1_scalar(w, x)),
     }
 }
 
@@ -402,6 +461,69 @@ unsafe fn dot_q4_1_avx2_impl(w: &[u8], x: &[Q8Block]) -> f32 {
         i += 1;
     }
     crate::ops::matvec::hsum256(_mm256_add_ps(acc0, acc1)) + offs
+}
+
+/// One weight row against `R` input rows (prefill): each weight block is loaded once.
+///
+/// # Safety
+/// Needs AVX2, FMA and F16C; every `x[r]` has as many blocks as `w`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q8_0_avx2_rows<const R: usize>(w: &[u8], x: [&[Q8Block]; R]) -> [f32; R] {
+    use std::arch::x86_64::*;
+    let nb = x.iter().fold(w.len() / 34, |a, r| a.min(r.len()));
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_ps(); R];
+    let p = w.as_ptr();
+    for i in 0..nb {
+        let b = p.add(i * 34);
+        let qw = _mm256_loadu_si256(b.add(2) as *const __m256i);
+        let aw = _mm256_sign_epi8(qw, qw);
+        let dw = f16_scale(b);
+        for r in 0..R {
+            let xb = &x[r][i];
+            let qx = _mm256_load_si256(xb.q.as_ptr() as *const __m256i);
+            let s32 = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(qx, qw)), ones);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), _mm256_set1_ps(dw * xb.d), acc[r]);
+        }
+    }
+    acc.map(|a| crate::ops::matvec::hsum256(a))
+}
+
+/// The Q4_1 version of [`dot_q8_0_avx2_rows`].
+///
+/// # Safety
+/// As there.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q4_1_avx2_rows<const R: usize>(w: &[u8], x: [&[Q8Block]; R]) -> [f32; R] {
+    use std::arch::x86_64::*;
+    let nb = x.iter().fold(w.len() / 20, |a, r| a.min(r.len()));
+    let ones = _mm256_set1_epi16(1);
+    let low = _mm_set1_epi8(15);
+    let mut acc = [_mm256_setzero_ps(); R];
+    let mut offs = [0f32; R];
+    let p = w.as_ptr();
+    for i in 0..nb {
+        let b = p.add(i * 20);
+        let raw = _mm_loadu_si128(b.add(4) as *const __m128i);
+        let lo = _mm_and_si128(raw, low);
+        let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low);
+        let qw = _mm256_set_m128i(hi, lo);
+        let (dw, mw) = (f16_scale(b), f16_scale(b.add(2)));
+        for r in 0..R {
+            let xb = &x[r][i];
+            let qx = _mm256_load_si256(xb.q.as_ptr() as *const __m256i);
+            let s32 = _mm256_madd_epi16(_mm256_maddubs_epi16(qw, qx), ones);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), _mm256_set1_ps(dw * xb.d), acc[r]);
+            offs[r] += mw * xb.s;
+        }
+    }
+    let mut out = [0f32; R];
+    for r in 0..R {
+        out[r] = crate::ops::matvec::hsum256(acc[r]) + offs[r];
+    }
+    out
 }
 
 #[cfg(test)]
