@@ -385,14 +385,14 @@ fn dot_q4_1_scalar(w: &[u8], x: &[Q8Block]) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 fn dot_q8_0_avx2(w: &[u8], x: &[Q8Block]) -> f32 {
-    // SAFETY: chosen by `dot_fn` only when AVX2, FMA and F16C are present; lengths checked there.
-    unsafe { dot_q8_0_avx2_impl(w, x) }
+    // SAFETY: chosen by `dot_fn` only when AVX2, FMA and F16C are present.
+    unsafe { dot_q8_0_avx2_rows::<1>(w, [x])[0] }
 }
 
 #[cfg(target_arch = "x86_64")]
 fn dot_q4_1_avx2(w: &[u8], x: &[Q8Block]) -> f32 {
     // SAFETY: as above.
-    unsafe { dot_q4_1_avx2_impl(w, x) }
+    unsafe { dot_q4_1_avx2_rows::<1>(w, [x])[0] }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -403,72 +403,13 @@ unsafe fn f16_scale(p: *const u8) -> f32 {
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_q8_0_avx2_impl(w: &[u8], x: &[Q8Block]) -> f32 {
-    use std::arch::x86_64::*;
-    let nb = (w.len() / 34).min(x.len());
-    let ones = _mm256_set1_epi16(1);
-    let mut acc0 = _mm256_setzero_ps();
-    let mut acc1 = _mm256_setzero_ps();
-    let p = w.as_ptr();
-    let mut i = 0;
-    while i < nb {
-        let b = p.add(i * 34);
-        let qw = _mm256_loadu_si256(b.add(2) as *const __m256i);
-        let qx = _mm256_load_si256(x[i].q.as_ptr() as *const __m256i);
-        let aw = _mm256_sign_epi8(qw, qw);
-        let sx = _mm256_sign_epi8(qx, qw);
-        let s32 = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), ones);
-        let d = _mm256_set1_ps(f16_scale(b) * x[i].d);
-        if i & 1 == 0 {
-            acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), d, acc0);
-        } else {
-            acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), d, acc1);
-        }
-        i += 1;
-    }
-    crate::ops::matvec::hsum256(_mm256_add_ps(acc0, acc1))
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_q4_1_avx2_impl(w: &[u8], x: &[Q8Block]) -> f32 {
-    use std::arch::x86_64::*;
-    let nb = (w.len() / 20).min(x.len());
-    let ones = _mm256_set1_epi16(1);
-    let low = _mm_set1_epi8(15);
-    let mut acc0 = _mm256_setzero_ps();
-    let mut acc1 = _mm256_setzero_ps();
-    let mut offs = 0f32;
-    let p = w.as_ptr();
-    let mut i = 0;
-    while i < nb {
-        let b = p.add(i * 20);
-        let raw = _mm_loadu_si128(b.add(4) as *const __m128i);
-        let lo = _mm_and_si128(raw, low);
-        let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low);
-        let qw = _mm256_set_m128i(hi, lo);
-        let qx = _mm256_load_si256(x[i].q.as_ptr() as *const __m256i);
-        let s32 = _mm256_madd_epi16(_mm256_maddubs_epi16(qw, qx), ones);
-        let d = _mm256_set1_ps(f16_scale(b) * x[i].d);
-        if i & 1 == 0 {
-            acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), d, acc0);
-        } else {
-            acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), d, acc1);
-        }
-        offs += f16_scale(b.add(2)) * x[i].s;
-        i += 1;
-    }
-    crate::ops::matvec::hsum256(_mm256_add_ps(acc0, acc1)) + offs
-}
-
 /// One weight row against `R` input rows (prefill): each weight block is loaded once.
 ///
 /// # Safety
 /// Needs AVX2, FMA and F16C; every `x[r]` has as many blocks as `w`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::needless_range_loop)] // `i` indexes the weight's and every input's blocks
 unsafe fn dot_q8_0_avx2_rows<const R: usize>(w: &[u8], x: [&[Q8Block]; R]) -> [f32; R] {
     use std::arch::x86_64::*;
     let nb = x.iter().fold(w.len() / 34, |a, r| a.min(r.len()));
@@ -496,6 +437,7 @@ unsafe fn dot_q8_0_avx2_rows<const R: usize>(w: &[u8], x: [&[Q8Block]; R]) -> [f
 /// As there.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::needless_range_loop)] // as above
 unsafe fn dot_q4_1_avx2_rows<const R: usize>(w: &[u8], x: [&[Q8Block]; R]) -> [f32; R] {
     use std::arch::x86_64::*;
     let nb = x.iter().fold(w.len() / 20, |a, r| a.min(r.len()));
