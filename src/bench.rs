@@ -13,7 +13,7 @@ use crate::peft::lora::{Lora, LoraConfig};
 use crate::peft::DeltaSet;
 use crate::{Error, Result};
 
-pub const WORKLOADS: [(&str, &str); 16] = [
+pub const WORKLOADS: [(&str, &str); 21] = [
     (
         "matmul",
         "f32 1024 x 1024 x 1024 matmul: the machine's matmul peak, for the % column",
@@ -53,6 +53,17 @@ pub const WORKLOADS: [(&str, &str); 16] = [
         "lora-qv on the base requantized to Q8_0",
     ),
     (
+        "generate-q8_0",
+        "greedy generation from Q8_0 weights, 32-token prompt + 64 new tokens",
+    ),
+    (
+        "generate-q4_1",
+        "greedy generation from Q4_1 weights, 32-token prompt + 64 new tokens",
+    ),
+    ("prefill", "prefill: 128-token prompt into a KV cache, last logits"),
+    ("prefill-q8_0", "prefill from Q8_0 weights, 128-token prompt"),
+    ("prefill-q4_1", "prefill from Q4_1 weights, 128-token prompt"),
+    (
         "tams-forward",
         "forward 4 x 128 with a TAMS cell in every layer, one-hot architecture (unselected ops skipped)",
     ),
@@ -83,6 +94,22 @@ pub struct Timing {
     /// For generation: new tokens per run.
     pub tokens: usize,
     pub peak_rss_mib: f64,
+}
+
+/// How a workload stores the base: `-q8_0` requantizes to Q8_0, `-q4_1` and `-gguf` keep the
+/// GGUF's own blocks (SmolLM2's file is Q4_1 with a Q8_0 embedding, as llama.cpp's Q4_1 run),
+/// `-bf16` halves it; everything else is f32.
+pub fn storage_of(workload: &str) -> crate::model::BaseStorage {
+    use crate::model::BaseStorage as B;
+    if workload.ends_with("-q8_0") {
+        B::Requantized(candle_core::quantized::GgmlDType::Q8_0)
+    } else if workload.ends_with("-q4_1") || workload.ends_with("-gguf") {
+        B::Gguf
+    } else if workload.ends_with("-bf16") {
+        B::Dense(candle_core::DType::BF16)
+    } else {
+        B::Dense(candle_core::DType::F32)
+    }
 }
 
 /// `n` token ids from real text (tiny-shakespeare when available), cycled as needed.
@@ -323,7 +350,19 @@ pub fn run(
                 Ok(())
             })?;
         }
-        "generate" => {
+        "prefill" | "prefill-q8_0" | "prefill-q4_1" => {
+            let n = 128;
+            let ids = Tensor::from_vec(text_tokens(ck, n)?, (1, n), &dev)?;
+            timing.tokens = n;
+            timing.flops = forward_flops(model, n, n);
+            let e = ParamStore::new();
+            timing.seconds = time(&mut || {
+                let mut cache = crate::model::KvCache::new(model.cfg.num_hidden_layers);
+                model.forward_last(&ck.params, &DeltaSet::none(), &e, &ids, &mut cache)?;
+                Ok(())
+            })?;
+        }
+        "generate" | "generate-q8_0" | "generate-q4_1" => {
             let prompt = text_tokens(ck, 32)?;
             let opts = GenerateOptions {
                 max_new_tokens: 64,

@@ -174,19 +174,22 @@ impl<'a> Decoder<'a> {
     pub(crate) fn next_logits(&mut self, new: &[u32]) -> Result<Vec<f32>> {
         let (m, p, d, dp) = (self.model, self.params, self.deltas, self.delta_params);
         let device = Device::Cpu;
-        let logits = match &mut self.cache {
-            Some(cache) => {
-                let input = Tensor::new(new, &device)?.unsqueeze(0)?;
-                m.forward_last(p, d, dp, &input, cache)?
-            }
-            None => {
-                self.ids.extend_from_slice(new);
-                let input = Tensor::new(self.ids.as_slice(), &device)?.unsqueeze(0)?;
-                let h = m.forward_hidden(p, d, dp, &input, None, None)?;
-                let t = h.dim(1)?;
-                m.lm_head(p, &h.i((.., t - 1, ..))?.contiguous()?)?
-            }
-        };
+        let ids = &mut self.ids;
+        let logits = crate::ops::with_integer_kernels(|| -> Result<Tensor> {
+            Ok(match &mut self.cache {
+                Some(cache) => {
+                    let input = Tensor::new(new, &device)?.unsqueeze(0)?;
+                    m.forward_last(p, d, dp, &input, cache)?
+                }
+                None => {
+                    ids.extend_from_slice(new);
+                    let input = Tensor::new(ids.as_slice(), &device)?.unsqueeze(0)?;
+                    let h = m.forward_hidden(p, d, dp, &input, None, None)?;
+                    let t = h.dim(1)?;
+                    m.lm_head(p, &h.i((.., t - 1, ..))?.contiguous()?)?
+                }
+            })
+        })?;
         Ok(logits.squeeze(0)?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
     }
 }

@@ -7,6 +7,7 @@
 pub mod error;
 pub mod ops;
 pub mod params;
+pub mod quant;
 
 pub use error::{Error, Result};
 pub mod assets;

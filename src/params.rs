@@ -70,6 +70,11 @@ impl ParamStore {
         self.quantized.get(name)
     }
 
+    /// Whether any weight is stored quantized.
+    pub fn has_quantized(&self) -> bool {
+        !self.quantized.is_empty()
+    }
+
     /// Names and weights of the quantized entries.
     pub fn quantized_entries(&self) -> impl Iterator<Item = (&str, &QuantizedWeight)> {
         self.quantized.iter().map(|(k, v)| (k.as_str(), v))

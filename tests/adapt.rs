@@ -542,7 +542,8 @@ fn half_and_quantized_bases_train_and_score_like_f32() {
         before.push(report(&out)["result"]["before"].as_f64().unwrap());
     }
     // bf16 keeps 8 bits of mantissa and Q8_0 8-bit blocks: the perplexity moves a little. The
-    // GGUF's own blocks are the very weights f32 was dequantized from: the same perplexity.
+    // GGUF's own blocks are the very weights f32 was dequantized from: the same perplexity, up to
+    // summation order (the f32 path fuses the LM head into the loss).
     let rel = |i: usize| (before[i] - before[0]).abs() / before[0];
     assert!(
         rel(1) < 0.03,
@@ -551,7 +552,7 @@ fn half_and_quantized_bases_train_and_score_like_f32() {
         before[1]
     );
     assert!(
-        rel(2) < 1e-4,
+        rel(2) < 1e-3,
         "perplexity f32 {} vs gguf {}",
         before[0],
         before[2]

@@ -5,7 +5,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use metapeft::data::{batch, TaskKind};
 use metapeft::io::{self, AdapterFormat};
 use metapeft::meta::tams::{self, Architecture, TamsConfig};
-use metapeft::model::{self, Arch, Bert, Checkpoint, Llama};
+use metapeft::model::{Arch, BaseStorage, Bert, Checkpoint, Llama};
 use metapeft::params::ParamStore;
 use metapeft::peft::config::{config_from_file, default_config, ModelDims};
 use metapeft::peft::DeltaSet;
@@ -218,7 +218,7 @@ pub fn run(a: Args) -> Result<()> {
         (None, Some(p)) => io::prepared::model_spec(p)?,
         _ => super::model_or_default(r.model.clone(), metapeft::assets::SMOLLM2)?,
     };
-    let storage = BaseStorage::parse(r.base_dtype.as_deref())?;
+    let storage = BaseStorage::parse(r.base_dtype.as_deref().unwrap_or("f32"))?;
     if storage != BaseStorage::Dense(DType::F32) && method == "full" {
         bail!(
             "--base-dtype {} stores a frozen base; --method full trains it: use f32",
@@ -715,47 +715,4 @@ fn save_tams(
     let archs = std::collections::BTreeMap::from([(task.to_string(), *arch)]);
     tams::write_architectures(dir, &archs)?;
     Ok(())
-}
-
-/// `--base-dtype`: how the frozen base's matrices are stored.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum BaseStorage {
-    Dense(DType),
-    /// The GGUF's own quantized blocks.
-    Gguf,
-    Requantized(candle_core::quantized::GgmlDType),
-}
-
-impl BaseStorage {
-    pub fn parse(v: Option<&str>) -> Result<Self> {
-        use candle_core::quantized::GgmlDType as G;
-        Ok(match v.unwrap_or("f32") {
-            "f32" => Self::Dense(DType::F32),
-            "bf16" => Self::Dense(DType::BF16),
-            "f16" => Self::Dense(DType::F16),
-            "gguf" => Self::Gguf,
-            "q8_0" => Self::Requantized(G::Q8_0),
-            "q4_1" => Self::Requantized(G::Q4_1),
-            "q4_0" => Self::Requantized(G::Q4_0),
-            o => bail!("--base-dtype `{o}`: expected f32, bf16, f16, gguf, q8_0, q4_1 or q4_0"),
-        })
-    }
-
-    /// Load `spec` with its frozen matrices stored this way.
-    pub fn load(self, spec: &str) -> Result<Checkpoint> {
-        Ok(match self {
-            Self::Gguf => model::load_quantized(spec, &Device::Cpu)?,
-            Self::Dense(DType::F32) => model::load(spec, &Device::Cpu)?,
-            Self::Dense(dt) => {
-                let mut ck = model::load(spec, &Device::Cpu)?;
-                ck.params = ck.params.frozen_matrices_to(dt)?;
-                ck
-            }
-            Self::Requantized(q) => {
-                let mut ck = model::load(spec, &Device::Cpu)?;
-                ck.params = ck.params.quantize_matrices(q)?;
-                ck
-            }
-        })
-    }
 }

@@ -11,6 +11,8 @@ metapeft bench --workload lora-qv --workload full --runs 7\n\n\
 Workloads:\n  matmul    f32 1024^3 matmul: the machine's peak (the % column of the others)\n  lora-qv   LoRA r=8 on q,v: train step (fwd+bwd+AdamW), 4 x 128 tokens\n  \
 lora-all  LoRA r=8 on all 7 linears: train step, 4 x 128\n  lora-qv-bf16  lora-qv with the frozen base stored in bf16\n  lora-qv-gguf  lora-qv on the GGUF's own quantized blocks (QLoRA-style)\n  lora-qv-q8_0  lora-qv on the base requantized to Q8_0\n  minilm-lora  all-MiniLM-L6-v2 + LoRA r=8 (query, value) classifier step, 16 x 64 (always MiniLM)\n  startup   load checkpoint + tokenizer + model + LoRA (everything before the first step)\n  full      full fine-tuning step, 4 x 128\n  \
 forward   forward pass, 1 x 128\n  generate  greedy generation, 32-token prompt + 64 new tokens\n  \
+generate-q8_0, generate-q4_1  the same from quantized weights (requantized from the file as needed)\n  \
+prefill, prefill-q8_0, prefill-q4_1  a 128-token prompt into an empty KV cache, last logits\n  \
 fomaml    FOMAML episode: 5 inner steps on 4 x 128 + query 4 x 128 (LoRA q,v)\n  \
 maml-exact  exact second-order MAML episode, 1 inner step\n  maml-hf   Hessian-free MAML episode, 1 inner step\n  \
 tams-forward      forward 4 x 128 with a TAMS cell per layer (one-hot arch, unselected ops skipped)\n  \
@@ -55,18 +57,7 @@ pub fn run(a: Args) -> Result<()> {
             println!("{}", serde_json::to_string(&t)?);
             return Ok(());
         }
-        let mut ck = if w.ends_with("-gguf") {
-            model::load_quantized(&spec, &Device::Cpu)?
-        } else {
-            model::load(&spec, &Device::Cpu)?
-        };
-        if w.ends_with("-bf16") {
-            ck.params = ck.params.frozen_matrices_to(candle_core::DType::BF16)?;
-        } else if w.ends_with("-q8_0") {
-            ck.params = ck
-                .params
-                .quantize_matrices(candle_core::quantized::GgmlDType::Q8_0)?;
-        }
+        let ck = bench::storage_of(w).load(&spec)?;
         let Arch::Llama(cfg) = &ck.arch else {
             bail!("bench needs a decoder model")
         };
@@ -142,7 +133,12 @@ pub fn run(a: Args) -> Result<()> {
             peak_gflops = Some(gflops);
         }
         let mut note = if t.tokens > 0 {
-            format!("{:.1} new tokens/s", t.tokens as f64 / med)
+            let what = if n.starts_with("prefill") {
+                "prompt"
+            } else {
+                "new"
+            };
+            format!("{:.1} {what} tokens/s", t.tokens as f64 / med)
         } else {
             String::new()
         };

@@ -324,14 +324,24 @@ impl Llama {
         targets: &Tensor,
         ignore_index: i64,
     ) -> Result<Tensor> {
-        let w = if self.cfg.tie_word_embeddings {
-            p.get("model.embed_tokens.weight")?
+        let name = if self.cfg.tie_word_embeddings {
+            "model.embed_tokens.weight"
         } else {
-            p.get("lm_head.weight")?
+            "lm_head.weight"
         };
+        if let Some(q) = p.quantized(name) {
+            // A quantized head: logits through the quantized op, then the plain loss.
+            let logits = ops::quantized_linear(hidden, q)?;
+            let v = logits.dim(candle_core::D::Minus1)?;
+            return Ok(ops::cross_entropy(
+                &logits.reshape(((), v))?,
+                &targets.flatten_all()?,
+                ignore_index,
+            )?);
+        }
         Ok(ops::lm_head_cross_entropy(
             hidden,
-            w,
+            p.get(name)?,
             targets,
             ignore_index,
         )?)

@@ -10,7 +10,7 @@ pub mod tokenizer;
 pub use bert::Bert;
 pub use config::{BertConfig, LlamaConfig};
 pub use llama::{KvCache, Llama};
-pub use load::{load, load_quantized, Checkpoint};
+pub use load::{load, load_quantized, BaseStorage, Checkpoint};
 pub use tokenizer::{ChatMessage, TextTokenizer};
 
 /// The architecture of a loaded checkpoint.

@@ -58,6 +58,21 @@ impl CustomOp2 for FrozenMatmul {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (lhs, rhs, bmnk, shape) = self.plan(l1, l2)?;
+        let (_, m, n, k) = bmnk;
+        if !self.weight_is_kn
+            && m <= super::matvec::MAX_ROWS
+            && l2.is_contiguous()
+            && super::matvec::enabled()
+        {
+            if let (CpuStorage::F32(_), CpuStorage::F32(_)) = (s1, s2) {
+                // A few rows (decoding): stream the weight once instead of packing it for gemm.
+                let x = super::cpu_slice::<f32>(s1, &lhs)?;
+                let w = super::cpu_slice::<f32>(s2, l2)?;
+                let mut out = vec![0f32; m * n];
+                super::matvec::matvec_f32(x, m, w, n, k, &mut out);
+                return Ok((CpuStorage::F32(out), shape));
+            }
+        }
         match (s1, s2) {
             (CpuStorage::F32(_), CpuStorage::BF16(_) | CpuStorage::F16(_)) => {
                 // A half-precision frozen weight is widened into a temporary that lives only for

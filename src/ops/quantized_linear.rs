@@ -348,8 +348,30 @@ impl CustomOp1 for QuantizedMatmul {
     }
 }
 
+/// Inputs with fewer rows than this take the integer kernels of [`crate::quant`] inside
+/// [`with_integer_kernels`] (decoding); longer prompts go through gemm on dequantized tiles.
+const INTEGER_KERNEL_ROWS: usize = 24;
+
+thread_local! {
+    static INTEGER_KERNELS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Run `f` with the integer kernels allowed for Q8_0/Q4_1 weights on this thread: generation
+/// opts in, since its activations are quantized to 8 bits there (llama.cpp's scheme, slightly
+/// different from the dequantized product). Training and evaluation keep the exact product.
+pub fn with_integer_kernels<T>(f: impl FnOnce() -> T) -> T {
+    let prev = INTEGER_KERNELS.with(|c| c.replace(true));
+    let out = f();
+    INTEGER_KERNELS.with(|c| c.set(prev));
+    out
+}
+
 /// `x W^T` for a frozen quantized `W: [out, in]` and f32 `x: [..., in]` on the CPU; the input
 /// gets a gradient, the weight none.
+///
+/// Inside [`with_integer_kernels`], an input with a few rows and no graph meets Q8_0/Q4_1
+/// weights with integer dot products on an 8-bit quantized copy of `x` (faster, not bit-equal to
+/// the dequantized product). Everything else gets the exact tiled product.
 pub fn quantized_linear(x: &Tensor, w: &QuantizedWeight) -> Result<Tensor> {
     if !x.device().is_cpu() || x.dtype() != DType::F32 {
         // Elsewhere, the dense weight: correct, without the memory saving.
@@ -357,6 +379,20 @@ pub fn quantized_linear(x: &Tensor, w: &QuantizedWeight) -> Result<Tensor> {
             x,
             &w.dequantize()?.to_device(x.device())?.to_dtype(x.dtype())?,
         );
+    }
+    let rows = x.elem_count() / w.cols.max(1);
+    if rows < INTEGER_KERNEL_ROWS && !x.track_op() && INTEGER_KERNELS.with(|c| c.get()) {
+        let kind = match w.dtype {
+            GgmlDType::Q8_0 => Some(crate::quant::QKind::Q8_0),
+            GgmlDType::Q4_1 => Some(crate::quant::QKind::Q4_1),
+            _ => None,
+        };
+        if let Some(kind) = kind {
+            let q = crate::quant::QWeight::from_shared(kind, w.rows, w.cols, w.bytes.clone());
+            return q
+                .linear(x)
+                .map_err(|e| candle_core::Error::Msg(e.to_string()));
+        }
     }
     x.contiguous()?.apply_op1(QuantizedMatmul {
         w: w.clone(),

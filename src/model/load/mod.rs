@@ -6,7 +6,7 @@ pub mod safetensors;
 
 use std::path::{Path, PathBuf};
 
-use candle_core::Device;
+use candle_core::{DType, Device};
 
 use super::tokenizer::TextTokenizer;
 use super::Arch;
@@ -85,6 +85,58 @@ pub fn load(spec: &str, device: &Device) -> Result<Checkpoint> {
             let dir = hub::download(&id)?;
             safetensors::load_dir(&dir, device)
         }
+    }
+}
+
+/// How a command stores the frozen base's matrices (`--base-dtype`, `generate --weights`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum BaseStorage {
+    Dense(DType),
+    /// The GGUF's own quantized blocks.
+    Gguf,
+    /// Every matrix whose rows are whole blocks requantized to this type.
+    Requantized(candle_core::quantized::GgmlDType),
+}
+
+impl BaseStorage {
+    pub const NAMES: &'static str = "f32, bf16, f16, gguf, q8_0, q4_1 or q4_0";
+
+    pub fn parse(v: &str) -> Result<Self> {
+        use candle_core::quantized::GgmlDType as G;
+        Ok(match v.to_ascii_lowercase().as_str() {
+            "f32" => Self::Dense(DType::F32),
+            "bf16" => Self::Dense(DType::BF16),
+            "f16" => Self::Dense(DType::F16),
+            "gguf" | "quantized" => Self::Gguf,
+            "q8_0" => Self::Requantized(G::Q8_0),
+            "q4_1" => Self::Requantized(G::Q4_1),
+            "q4_0" => Self::Requantized(G::Q4_0),
+            o => {
+                return Err(Error::invalid(format!(
+                    "unknown weight storage `{o}`: expected {}",
+                    Self::NAMES
+                )))
+            }
+        })
+    }
+
+    /// Load `spec` (on the CPU) with its frozen matrices stored this way.
+    pub fn load(self, spec: &str) -> Result<Checkpoint> {
+        let dev = Device::Cpu;
+        Ok(match self {
+            Self::Gguf => load_quantized(spec, &dev)?,
+            Self::Dense(DType::F32) => load(spec, &dev)?,
+            Self::Dense(dt) => {
+                let mut ck = load(spec, &dev)?;
+                ck.params = ck.params.frozen_matrices_to(dt)?;
+                ck
+            }
+            Self::Requantized(q) => {
+                let mut ck = load(spec, &dev)?;
+                ck.params = ck.params.quantize_matrices(q)?;
+                ck
+            }
+        })
     }
 }
 

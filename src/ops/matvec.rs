@@ -1,0 +1,178 @@
+//! `y = x W^T` for a few rows of `x` (decoding): the weight is streamed once, split over rayon
+//! threads by output rows, each row dotted with every input row while it is in L1.
+//!
+//! The `gemm` crate packs both operands for every call and is poor at `m = 1`, where a decode
+//! step is bound by memory bandwidth (every weight byte is read once per token).
+
+use rayon::prelude::*;
+
+/// Inputs with at most this many rows take the matrix-vector path.
+pub(crate) const MAX_ROWS: usize = 8;
+
+/// Whether the path is on: `METAPEFT_MATVEC=0` turns it off (for A/B timing against gemm).
+pub(crate) fn enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("METAPEFT_MATVEC").map_or(true, |v| v != "0"))
+}
+
+/// Output rows handed to one rayon task.
+const ROWS_PER_TASK: usize = 64;
+
+/// `out[i * n + j] = dot(x[i * k..], w[j * k..])` for `x: [m, k]`, `w: [n, k]`, `m <= MAX_ROWS`.
+pub(crate) fn matvec_f32(x: &[f32], m: usize, w: &[f32], n: usize, k: usize, out: &mut [f32]) {
+    debug_assert!(m <= MAX_ROWS && x.len() == m * k && w.len() == n * k && out.len() == m * n);
+    let dot = dot_fn();
+    if m == 1 {
+        out.par_chunks_mut(ROWS_PER_TASK)
+            .enumerate()
+            .for_each(|(c, o)| {
+                let j0 = c * ROWS_PER_TASK;
+                for (jj, y) in o.iter_mut().enumerate() {
+                    let j = j0 + jj;
+                    *y = dot(x, &w[j * k..(j + 1) * k]);
+                }
+            });
+        return;
+    }
+    // Several rows: compute `[n, m]` in parallel (contiguous per task), then transpose.
+    let mut t = vec![0f32; n * m];
+    t.par_chunks_mut(ROWS_PER_TASK * m)
+        .enumerate()
+        .for_each(|(c, o)| {
+            let j0 = c * ROWS_PER_TASK;
+            for (jj, ys) in o.chunks_mut(m).enumerate() {
+                let wr = &w[(j0 + jj) * k..(j0 + jj + 1) * k];
+                for (i, y) in ys.iter_mut().enumerate() {
+                    *y = dot(&x[i * k..(i + 1) * k], wr);
+                }
+            }
+        });
+    for j in 0..n {
+        for i in 0..m {
+            out[i * n + j] = t[j * m + i];
+        }
+    }
+}
+
+type DotFn = fn(&[f32], &[f32]) -> f32;
+
+fn dot_fn() -> DotFn {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            return dot_avx2;
+        }
+    }
+    dot_scalar
+}
+
+/// Portable dot product (8 independent sums, so the compiler can vectorise it).
+pub(crate) fn dot_scalar(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let mut ca = a.chunks_exact(8);
+    let mut cb = b.chunks_exact(8);
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
+        s += x * y;
+    }
+    s
+}
+
+#[cfg(target_arch = "x86_64")]
+fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    // SAFETY: chosen by `dot_fn` only when AVX2 and FMA are present.
+    unsafe { dot_avx2_impl(a, b) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_avx2_impl(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let k = a.len().min(b.len());
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    while i + 32 <= k {
+        for (l, s) in acc.iter_mut().enumerate() {
+            let o = i + 8 * l;
+            *s = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(o)), _mm256_loadu_ps(pb.add(o)), *s);
+        }
+        i += 32;
+    }
+    while i + 8 <= k {
+        acc[0] = _mm256_fmadd_ps(
+            _mm256_loadu_ps(pa.add(i)),
+            _mm256_loadu_ps(pb.add(i)),
+            acc[0],
+        );
+        i += 8;
+    }
+    let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+    let s = hsum256(s);
+    let mut tail = 0f32;
+    while i < k {
+        tail += *pa.add(i) * *pb.add(i);
+        i += 1;
+    }
+    s + tail
+}
+
+/// Horizontal sum of 8 lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn hsum256(v: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let lo = _mm256_castps256_ps128(v);
+    let hi = _mm256_extractf128_ps(v, 1);
+    let s = _mm_add_ps(lo, hi);
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    _mm_cvtss_f32(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(len: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
+        (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn matches_naive_product() {
+        for &(m, n, k) in &[(1, 200, 576), (3, 130, 37), (1, 1, 5), (8, 65, 1536)] {
+            let x = data(m * k, 1);
+            let w = data(n * k, 2);
+            let mut out = vec![0f32; m * n];
+            matvec_f32(&x, m, &w, n, k, &mut out);
+            for i in 0..m {
+                for j in 0..n {
+                    let want: f64 = (0..k)
+                        .map(|l| x[i * k + l] as f64 * w[j * k + l] as f64)
+                        .sum();
+                    let got = out[i * n + j] as f64;
+                    assert!(
+                        (got - want).abs() < 1e-4 * (1.0 + want.abs()),
+                        "{got} {want}"
+                    );
+                }
+            }
+            let s = dot_scalar(&x[..k], &w[..k]);
+            assert!((s - out[0]).abs() < 1e-3 * (1.0 + s.abs()));
+        }
+    }
+}

@@ -1,0 +1,543 @@
+//! Inference straight from GGUF's quantized weights (Q8_0, Q4_1): the blocks are kept as stored
+//! and a linear map quantizes its input rows to 8-bit blocks and takes integer dot products
+//! (AVX2 `maddubs`, with a scalar fallback), split over output rows with rayon.
+//!
+//! Inference only: there is no backward, and PEFT deltas need f32 weights.
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::Tensor;
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+
+/// Elements per quantization block.
+pub const BLOCK: usize = 32;
+
+/// Inputs with at least this many rows (prompts) are multiplied in f32 by gemm.
+const GEMM_ROWS: usize = 24;
+
+/// The block formats with a kernel here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QKind {
+    /// `f16 d, i8 q[32]`: x = d q.
+    Q8_0,
+    /// `f16 d, f16 m, u8 q[16]` (low nibbles are elements 0..16, high nibbles 16..32): x = d q + m.
+    Q4_1,
+}
+
+impl QKind {
+    pub fn block_bytes(self) -> usize {
+        match self {
+            QKind::Q8_0 => 34,
+            QKind::Q4_1 => 20,
+        }
+    }
+
+    pub fn from_ggml(dt: GgmlDType) -> Result<Self> {
+        match dt {
+            GgmlDType::Q8_0 => Ok(QKind::Q8_0),
+            GgmlDType::Q4_1 => Ok(QKind::Q4_1),
+            other => Err(Error::invalid(format!(
+                "quantized inference supports Q8_0 and Q4_1 weights, not {other:?} (load the \
+                 model in f32, or requantize to q8_0)"
+            ))),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            QKind::Q8_0 => "q8_0",
+            QKind::Q4_1 => "q4_1",
+        }
+    }
+}
+
+/// How a command holds the model's weights: `f32` (dequantized, trainable), `gguf` (the file's
+/// own Q8_0/Q4_1 blocks), `q8_0` or `q4_1` (every matrix in that format, requantized as needed).
+pub fn parse_weights(s: &str) -> Result<Option<Option<QKind>>> {
+    match s.to_ascii_lowercase().as_str() {
+        "f32" => Ok(None),
+        "gguf" | "quantized" => Ok(Some(None)),
+        "q8_0" => Ok(Some(Some(QKind::Q8_0))),
+        "q4_1" => Ok(Some(Some(QKind::Q4_1))),
+        other => Err(Error::invalid(format!(
+            "unknown weight format `{other}` (known: f32, gguf, q8_0, q4_1)"
+        ))),
+    }
+}
+
+/// A quantized weight `[n, k]`, rows of whole blocks, exactly as GGUF stores them.
+#[derive(Clone)]
+pub struct QWeight {
+    pub kind: QKind,
+    pub n: usize,
+    pub k: usize,
+    data: std::sync::Arc<Vec<u8>>,
+}
+
+impl std::fmt::Debug for QWeight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "QWeight({:?}, [{}, {}])", self.kind, self.n, self.k)
+    }
+}
+
+fn f16_at(b: &[u8], at: usize) -> f32 {
+    half::f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]])).to_f32()
+}
+
+impl QWeight {
+    pub fn from_qtensor(q: &QTensor) -> Result<Self> {
+        let kind = QKind::from_ggml(q.dtype())?;
+        let (n, k) = q.shape().dims2()?;
+        let data = q.data()?.into_owned();
+        Self::from_bytes(kind, n, k, data)
+    }
+
+    /// A view of blocks held elsewhere (a [`crate::ops::QuantizedWeight`]): nothing is copied.
+    pub(crate) fn from_shared(
+        kind: QKind,
+        n: usize,
+        k: usize,
+        data: std::sync::Arc<Vec<u8>>,
+    ) -> Self {
+        debug_assert_eq!(data.len(), n * (k / BLOCK) * kind.block_bytes());
+        Self { kind, n, k, data }
+    }
+
+    pub fn from_bytes(kind: QKind, n: usize, k: usize, data: Vec<u8>) -> Result<Self> {
+        if !k.is_multiple_of(BLOCK) {
+            return Err(Error::invalid(format!(
+                "quantized weight [{n}, {k}]: rows must be whole {BLOCK}-element blocks"
+            )));
+        }
+        if data.len() != n * (k / BLOCK) * kind.block_bytes() {
+            return Err(Error::invalid(format!(
+                "quantized weight [{n}, {k}] {kind:?}: {} bytes, expected {}",
+                data.len(),
+                n * (k / BLOCK) * kind.block_bytes()
+            )));
+        }
+        Ok(Self {
+            kind,
+            n,
+            k,
+            data: std::sync::Arc::new(data),
+        })
+    }
+
+    /// Quantize an f32 weight `[n, k]` (the "requantize" path).
+    pub fn quantize(w: &Tensor, kind: QKind) -> Result<Self> {
+        let dt = match kind {
+            QKind::Q8_0 => GgmlDType::Q8_0,
+            QKind::Q4_1 => GgmlDType::Q4_1,
+        };
+        Self::from_qtensor(&QTensor::quantize(
+            &w.to_dtype(candle_core::DType::F32)?,
+            dt,
+        )?)
+    }
+
+    fn row_bytes(&self) -> usize {
+        self.k / BLOCK * self.kind.block_bytes()
+    }
+
+    fn row(&self, j: usize) -> &[u8] {
+        let rb = self.row_bytes();
+        &self.data[j * rb..(j + 1) * rb]
+    }
+
+    /// Reorder rows: row `i` of the result is row `src[i]` of `self`.
+    pub fn gather_rows(&self, src: &[usize]) -> Self {
+        let mut data = Vec::with_capacity(self.data.len());
+        for &j in src {
+            data.extend_from_slice(self.row(j));
+        }
+        Self {
+            data: std::sync::Arc::new(data),
+            ..self.clone()
+        }
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.data.len()
+    }
+
+    /// Row `j` in f32.
+    pub fn dequantize_row(&self, j: usize, out: &mut [f32]) {
+        let bb = self.kind.block_bytes();
+        for (b, o) in self
+            .row(j)
+            .chunks_exact(bb)
+            .zip(out.chunks_exact_mut(BLOCK))
+        {
+            match self.kind {
+                QKind::Q8_0 => {
+                    let d = f16_at(b, 0);
+                    for (y, &q) in o.iter_mut().zip(&b[2..34]) {
+                        *y = d * (q as i8) as f32;
+                    }
+                }
+                QKind::Q4_1 => {
+                    let (d, m) = (f16_at(b, 0), f16_at(b, 2));
+                    for (l, &q) in b[4..20].iter().enumerate() {
+                        o[l] = d * (q & 15) as f32 + m;
+                        o[l + 16] = d * (q >> 4) as f32 + m;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The whole weight in f32 (tests and reference).
+    pub fn dequantize(&self) -> Result<Tensor> {
+        let mut v = vec![0f32; self.n * self.k];
+        for (j, o) in v.chunks_exact_mut(self.k).enumerate() {
+            self.dequantize_row(j, o);
+        }
+        Ok(Tensor::from_vec(
+            v,
+            (self.n, self.k),
+            &candle_core::Device::Cpu,
+        )?)
+    }
+
+    /// The whole weight in f32, rows unpacked in parallel.
+    fn dequantize_par(&self) -> Result<Tensor> {
+        let mut v = vec![0f32; self.n * self.k];
+        v.par_chunks_mut(self.k * 16)
+            .enumerate()
+            .for_each(|(c, o)| {
+                for (jj, r) in o.chunks_exact_mut(self.k).enumerate() {
+                    self.dequantize_row(c * 16 + jj, r);
+                }
+            });
+        Ok(Tensor::from_vec(
+            v,
+            (self.n, self.k),
+            &candle_core::Device::Cpu,
+        )?)
+    }
+
+    /// Embedding lookup: rows `ids` in f32, `[ids.len(), k]`.
+    pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
+        let mut v = vec![0f32; ids.len() * self.k];
+        for (o, &id) in v.chunks_exact_mut(self.k).zip(ids) {
+            if id as usize >= self.n {
+                return Err(Error::invalid(format!(
+                    "token id {id} is out of range for a vocabulary of {}",
+                    self.n
+                )));
+            }
+            self.dequantize_row(id as usize, o);
+        }
+        Ok(Tensor::from_vec(
+            v,
+            (ids.len(), self.k),
+            &candle_core::Device::Cpu,
+        )?)
+    }
+
+    /// `x W^T` for `x: [..., k]` (f32, CPU).
+    pub fn linear(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        if dims.last() != Some(&self.k) {
+            return Err(Error::invalid(format!(
+                "quantized linear: input {dims:?} does not end in {} features",
+                self.k
+            )));
+        }
+        let m = x.elem_count() / self.k;
+        if m >= GEMM_ROWS {
+            // Prompts: unpack the weight to f32 for this call (transient, one matrix at a time)
+            // and use the packed f32 gemm, which beats per-row integer dot products here.
+            let w = self.dequantize_par()?;
+            return Ok(crate::ops::frozen_linear(
+                &x.to_dtype(candle_core::DType::F32)?,
+                &w,
+            )?);
+        }
+        let xv = x
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let out = self.matmul(&xv, m);
+        let mut od = dims;
+        *od.last_mut().expect("checked above") = self.n;
+        Ok(Tensor::from_vec(out, od, x.device())?)
+    }
+
+    /// `[m, n]` = `x [m, k]` times the transposed weight.
+    pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
+        let nb = self.k / BLOCK;
+        let xq: Vec<Q8Block> = x.chunks_exact(BLOCK).map(quantize_block).collect();
+        let dot = dot_fn(self.kind);
+        let dot4 = dot4_fn(self.kind);
+        let rb = self.row_bytes();
+        // Tasks own weight rows; each weight row (at most a few KiB) is dotted with every input row.
+        let rows_per_task = (16384 / rb.max(1)).clamp(4, 64);
+        let mut t = vec![0f32; self.n * m];
+        t.par_chunks_mut(rows_per_task * m)
+            .enumerate()
+            .for_each(|(c, o)| {
+                let j0 = c * rows_per_task;
+                for (jj, ys) in o.chunks_mut(m).enumerate() {
+                    let wr = self.row(j0 + jj);
+                    let mut i = 0;
+                    // Four input rows per pass over the weight row: its blocks are unpacked once.
+                    while i + 4 <= m {
+                        let xs = [0, 1, 2, 3].map(|r| &xq[(i + r) * nb..(i + r + 1) * nb]);
+                        ys[i..i + 4].copy_from_slice(&dot4(wr, xs));
+                        i += 4;
+                    }
+                    while i < m {
+                        ys[i] = dot(wr, &xq[i * nb..(i + 1) * nb]);
+                        i += 1;
+                    }
+                }
+            });
+        if m == 1 {
+            return t;
+        }
+        let mut out = vec![0f32; m * self.n];
+        for j in 0..self.n {
+            for i in 0..m {
+                out[i * self.n + j] = t[j * m + i];
+            }
+        }
+        out
+    }
+}
+
+/// An input block quantized to 8 bits: x ~ d q; `s = d * sum(q)` (for Q4_1's offset term).
+#[derive(Clone, Copy)]
+#[repr(C, align(32))]
+struct Q8Block {
+    q: [i8; BLOCK],
+    d: f32,
+    s: f32,
+}
+
+fn quantize_block(x: &[f32]) -> Q8Block {
+    let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let d = amax / 127.0;
+    let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+    let mut q = [0i8; BLOCK];
+    let mut sum = 0i32;
+    for (o, v) in q.iter_mut().zip(x) {
+        *o = (v * inv).round() as i8;
+        sum += *o as i32;
+    }
+    Q8Block {
+        q,
+        d,
+        s: d * sum as f32,
+    }
+}
+
+type QDot = fn(&[u8], &[Q8Block]) -> f32;
+
+fn dot_fn(kind: QKind) -> QDot {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
+        {
+            return match kind {
+                QKind::Q8_0 => dot_q8_0_avx2,
+                QKind::Q4_1 => dot_q4_1_avx2,
+            };
+        }
+    }
+    match kind {
+        QKind::Q8_0 => dot_q8_0_scalar,
+        QKind::Q4_1 => dot_q4_1_scalar,
+    }
+}
+
+type QDot4 = fn(&[u8], [&[Q8Block]; 4]) -> [f32; 4];
+
+fn dot4_fn(kind: QKind) -> QDot4 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
+        {
+            return match kind {
+                QKind::Q8_0 => |w, x| unsafe { dot_q8_0_avx2_rows(w, x) },
+                QKind::Q4_1 => |w, x| unsafe { dot_q4_1_avx2_rows(w, x) },
+            };
+        }
+    }
+    match kind {
+        QKind::Q8_0 => |w, x| x.map(|x| dot_q8_0_scalar(w, x)),
+        QKind::Q4_1 => |w, x| x.map(|x| dot_q4_1_scalar(w, x)),
+    }
+}
+
+fn dot_q8_0_scalar(w: &[u8], x: &[Q8Block]) -> f32 {
+    let mut acc = 0f32;
+    for (b, xb) in w.chunks_exact(34).zip(x) {
+        let s: i32 = b[2..34]
+            .iter()
+            .zip(&xb.q)
+            .map(|(&a, &c)| (a as i8) as i32 * c as i32)
+            .sum();
+        acc += f16_at(b, 0) * xb.d * s as f32;
+    }
+    acc
+}
+
+fn dot_q4_1_scalar(w: &[u8], x: &[Q8Block]) -> f32 {
+    let mut acc = 0f32;
+    for (b, xb) in w.chunks_exact(20).zip(x) {
+        let mut s = 0i32;
+        for (l, &q) in b[4..20].iter().enumerate() {
+            s += (q & 15) as i32 * xb.q[l] as i32 + (q >> 4) as i32 * xb.q[l + 16] as i32;
+        }
+        acc += f16_at(b, 0) * xb.d * s as f32 + f16_at(b, 2) * xb.s;
+    }
+    acc
+}
+
+#[cfg(target_arch = "x86_64")]
+fn dot_q8_0_avx2(w: &[u8], x: &[Q8Block]) -> f32 {
+    // SAFETY: chosen by `dot_fn` only when AVX2, FMA and F16C are present.
+    unsafe { dot_q8_0_avx2_rows::<1>(w, [x])[0] }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn dot_q4_1_avx2(w: &[u8], x: &[Q8Block]) -> f32 {
+    // SAFETY: as above.
+    unsafe { dot_q4_1_avx2_rows::<1>(w, [x])[0] }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn f16_scale(p: *const u8) -> f32 {
+    use std::arch::x86_64::*;
+    let bits = std::ptr::read_unaligned(p as *const u16);
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+}
+
+/// One weight row against `R` input rows (prefill): each weight block is loaded once.
+///
+/// # Safety
+/// Needs AVX2, FMA and F16C; every `x[r]` has as many blocks as `w`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::needless_range_loop)] // `i` indexes the weight's and every input's blocks
+unsafe fn dot_q8_0_avx2_rows<const R: usize>(w: &[u8], x: [&[Q8Block]; R]) -> [f32; R] {
+    use std::arch::x86_64::*;
+    let nb = x.iter().fold(w.len() / 34, |a, r| a.min(r.len()));
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_ps(); R];
+    let p = w.as_ptr();
+    for i in 0..nb {
+        let b = p.add(i * 34);
+        let qw = _mm256_loadu_si256(b.add(2) as *const __m256i);
+        let aw = _mm256_sign_epi8(qw, qw);
+        let dw = f16_scale(b);
+        for r in 0..R {
+            let xb = &x[r][i];
+            let qx = _mm256_load_si256(xb.q.as_ptr() as *const __m256i);
+            let s32 = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(qx, qw)), ones);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), _mm256_set1_ps(dw * xb.d), acc[r]);
+        }
+    }
+    acc.map(|a| crate::ops::matvec::hsum256(a))
+}
+
+/// The Q4_1 version of [`dot_q8_0_avx2_rows`].
+///
+/// # Safety
+/// As there.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::needless_range_loop)] // as above
+unsafe fn dot_q4_1_avx2_rows<const R: usize>(w: &[u8], x: [&[Q8Block]; R]) -> [f32; R] {
+    use std::arch::x86_64::*;
+    let nb = x.iter().fold(w.len() / 20, |a, r| a.min(r.len()));
+    let ones = _mm256_set1_epi16(1);
+    let low = _mm_set1_epi8(15);
+    let mut acc = [_mm256_setzero_ps(); R];
+    let mut offs = [0f32; R];
+    let p = w.as_ptr();
+    for i in 0..nb {
+        let b = p.add(i * 20);
+        let raw = _mm_loadu_si128(b.add(4) as *const __m128i);
+        let lo = _mm_and_si128(raw, low);
+        let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low);
+        let qw = _mm256_set_m128i(hi, lo);
+        let (dw, mw) = (f16_scale(b), f16_scale(b.add(2)));
+        for r in 0..R {
+            let xb = &x[r][i];
+            let qx = _mm256_load_si256(xb.q.as_ptr() as *const __m256i);
+            let s32 = _mm256_madd_epi16(_mm256_maddubs_epi16(qw, qx), ones);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), _mm256_set1_ps(dw * xb.d), acc[r]);
+            offs[r] += mw * xb.s;
+        }
+    }
+    let mut out = [0f32; R];
+    for r in 0..R {
+        out[r] = crate::ops::matvec::hsum256(acc[r]) + offs[r];
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
+
+    fn randn(n: usize, k: usize, seed: u64) -> Result<Tensor> {
+        use rand::{Rng, SeedableRng};
+        let mut r = rand::rngs::StdRng::seed_from_u64(seed);
+        let v: Vec<f32> = (0..n * k).map(|_| r.random_range(-1.0f32..1.0)).collect();
+        Ok(Tensor::from_vec(v, (n, k), &Device::Cpu)?)
+    }
+
+    /// The quantized product against the product with the dequantized weight, both kernels.
+    #[test]
+    fn kernels_match_the_dequantized_product() -> Result<()> {
+        for kind in [QKind::Q8_0, QKind::Q4_1] {
+            for &(m, n, k) in &[(1usize, 70usize, 576usize), (5, 33, 64), (1, 3, 32)] {
+                let w = QWeight::quantize(&randn(n, k, 1)?, kind)?;
+                let x = randn(m, k, 2)?;
+                let want = x.matmul(&w.dequantize()?.t()?)?;
+                let got = w.linear(&x)?;
+                let err = ((&got - &want)?.sqr()?.sum_all()?.to_scalar::<f32>()?
+                    / want.sqr()?.sum_all()?.to_scalar::<f32>()?)
+                .sqrt();
+                // Only the input's 8-bit rounding separates them.
+                assert!(err < 1.5e-2, "{kind:?} {m}x{n}x{k}: rel err {err}");
+                let xv = x.flatten_all()?.to_vec1::<f32>()?;
+                let xq: Vec<Q8Block> = xv.chunks_exact(BLOCK).map(quantize_block).collect();
+                let nb = k / BLOCK;
+                let scalar = match kind {
+                    QKind::Q8_0 => dot_q8_0_scalar(w.row(0), &xq[..nb]),
+                    QKind::Q4_1 => dot_q4_1_scalar(w.row(0), &xq[..nb]),
+                };
+                let fast = dot_fn(kind)(w.row(0), &xq[..nb]);
+                assert!((scalar - fast).abs() < 1e-3 * (1.0 + scalar.abs()));
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn unsupported_types_and_shapes_are_clear_errors() -> Result<()> {
+        let err = QKind::from_ggml(GgmlDType::Q4K).unwrap_err().to_string();
+        assert!(err.contains("Q8_0 and Q4_1"), "{err}");
+        let err = QWeight::from_bytes(QKind::Q8_0, 2, 33, vec![])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("whole 32-element blocks"), "{err}");
+        let w = QWeight::quantize(&randn(4, 32, 3)?, QKind::Q8_0)?;
+        assert!(w.linear(&randn(1, 64, 4)?).is_err());
+        assert!(w.embed(&[9]).is_err());
+        Ok(())
+    }
+}
