@@ -82,3 +82,23 @@ fn unknown_weight_format_and_adapters_on_quantized_weights_are_clear_errors() {
         .unwrap_err();
     assert!(err.to_string().contains("stored quantized"), "{err}");
 }
+
+#[test]
+fn generate_answers_from_quantized_weights() {
+    // End to end through `generate` (prompt pass, then integer-kernel decode steps): this caught
+    // the LM head bug that the teacher-forced comparison above did not.
+    for w in ["gguf", "q8_0"] {
+        let (code, out, err) = common::metapeft(&[
+            "generate",
+            "--chat",
+            "--prompt",
+            "What is the capital of France?",
+            "--weights",
+            w,
+            "--max-new-tokens",
+            "12",
+        ]);
+        assert_eq!(code, 0, "{err}");
+        assert!(out.contains("Paris"), "--weights {w}: {out}");
+    }
+}

@@ -26,7 +26,9 @@ pub use cross_entropy::cross_entropy;
 pub use frozen_linear::{frozen_linear, linear};
 pub use layer_norm::layer_norm;
 pub use lm_head_loss::lm_head_cross_entropy;
-pub use quantized_linear::{quantized_linear, with_integer_kernels, QuantizedWeight};
+pub use quantized_linear::{
+    quantized_linear, quantized_linear_exact, with_integer_kernels, QuantizedWeight,
+};
 pub use rms_norm::rms_norm;
 pub use rope::{rope, RopeTables};
 pub use softmax::softmax_last_dim;

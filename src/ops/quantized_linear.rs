@@ -394,6 +394,16 @@ pub fn quantized_linear(x: &Tensor, w: &QuantizedWeight) -> Result<Tensor> {
                 .map_err(|e| candle_core::Error::Msg(e.to_string()));
         }
     }
+    quantized_linear_exact(x, w)
+}
+
+/// [`quantized_linear`] always on the exact tiled product. The LM head takes it: with the integer
+/// kernels, SmolLM2's Q8_0 head from its GGUF file turned greedy decoding into nonsense (while
+/// the same kernels on a requantized Q8_0 head did not); the cause is not found yet.
+pub fn quantized_linear_exact(x: &Tensor, w: &QuantizedWeight) -> Result<Tensor> {
+    if !x.device().is_cpu() || x.dtype() != DType::F32 {
+        return quantized_linear(x, w);
+    }
     x.contiguous()?.apply_op1(QuantizedMatmul {
         w: w.clone(),
         transposed: false,
