@@ -161,6 +161,35 @@ fn mltd_with_tams_saves_cell_controller_and_architectures() {
         after["tams.layers.1.edges.0.linear.weight"].dims(),
         before.dims()
     );
+
+    // Export cannot carry the cell: it says so, for the prepared and the adapted model, unless
+    // the user drops the cell on purpose.
+    let m = model.to_string_lossy().to_string();
+    for adapter in [o.clone(), run.join("adapter").to_string_lossy().to_string()] {
+        let dest = model.join("exported").to_string_lossy().to_string();
+        let args = [
+            "export",
+            "--model",
+            &m,
+            "--adapter",
+            &adapter,
+            "--format",
+            "native",
+            "--out",
+            &dest,
+        ];
+        let (code, _, err) = common::metapeft(&args);
+        assert_eq!(code, 1, "{err}");
+        assert!(
+            err.contains("TAMS cell") && err.contains("--drop-tams"),
+            "{err}"
+        );
+        let mut dropped = args.to_vec();
+        dropped.push("--drop-tams");
+        let (code, _, err) = common::metapeft(&dropped);
+        assert_eq!(code, 0, "{err}");
+        assert!(err.contains("without the TAMS cell"), "{err}");
+    }
 }
 
 /// An encoder meta-learns N-way intent classification over CLINC150 domains; adapting to a

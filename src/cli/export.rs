@@ -24,6 +24,10 @@ pub struct Args {
     /// Output directory (peft, native, merged) or file (gguf-lora)
     #[arg(long)]
     out: PathBuf,
+    /// Export the delta even though the adapted model also has a TAMS cell (MLtD), which none of
+    /// the formats can hold: the exported model then differs from the adapted one
+    #[arg(long)]
+    drop_tams: bool,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -53,7 +57,36 @@ pub fn load_adapter(path: &Path, ck: &Checkpoint) -> Result<Adapter> {
     Ok(io::load_adapter(path, &ck.arch, &ck.params)?)
 }
 
+/// The TAMS cell that belongs with an adapter: `tams/` in a prepared or `adapt` run directory
+/// given directly, or next to an `adapter/` directory inside one.
+fn tams_beside(adapter: &Path) -> Option<PathBuf> {
+    let mut candidates = vec![adapter.join("tams")];
+    if adapter.file_name().is_some_and(|n| n == "adapter") {
+        if let Some(parent) = adapter.parent() {
+            candidates.push(parent.join("tams"));
+        }
+    }
+    candidates.into_iter().find(|d| d.is_dir())
+}
+
 pub fn run(a: Args) -> Result<()> {
+    if let Some(tams) = tams_beside(&a.adapter) {
+        if !a.drop_tams {
+            anyhow::bail!(
+                "{} has a TAMS cell ({}) in every FFN residual, chosen per task by MLtD's \
+                 controller. PEFT adapters, GGUF LoRA and merged weights cannot express it, so \
+                 the exported model would compute something else. Keep using it with metapeft \
+                 (`adapt --from`, `eval`), or pass --drop-tams to export the delta alone.",
+                a.adapter.display(),
+                tams.display()
+            );
+        }
+        eprintln!(
+            "warning: exporting without the TAMS cell in {} (--drop-tams): the exported model \
+             differs from the adapted one",
+            tams.display()
+        );
+    }
     let spec = super::model_or_default(a.model, metapeft::assets::SMOLLM2)?;
     let ck = model::load(&spec, &Device::Cpu)?;
     let adapter = load_adapter(&a.adapter, &ck)?;
