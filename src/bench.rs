@@ -137,6 +137,17 @@ fn forward_flops(m: &Llama, tokens: usize, seq: usize) -> f64 {
     linear + attn
 }
 
+/// The optimizer of the training workloads (the rate only keeps the weights sane across runs).
+fn adamw(vars: Vec<candle_core::Var>) -> Result<AdamW> {
+    Ok(AdamW::new(
+        vars,
+        ParamsAdamW {
+            lr: 1e-5,
+            ..Default::default()
+        },
+    )?)
+}
+
 fn lora_cfg(targets: &[&str]) -> LoraConfig {
     LoraConfig::new(8, 16.0, targets)
 }
@@ -209,13 +220,7 @@ pub fn run(
                 .chain(dp.vars())
                 .map(|(_, v)| v)
                 .collect();
-            let mut opt = AdamW::new(
-                vars,
-                ParamsAdamW {
-                    lr: 1e-5,
-                    ..Default::default()
-                },
-            )?;
+            let mut opt = adamw(vars)?;
             let mult = if workload == "full" { 3.0 } else { 2.0 };
             timing.flops = mult * forward_flops(model, b * t, t);
             timing.seconds = time(&mut || {
@@ -434,13 +439,7 @@ pub fn run_encoder(
         .map(|(_, v)| v)
         .chain([hw.clone(), hb.clone()])
         .collect();
-    let mut opt = AdamW::new(
-        vars,
-        ParamsAdamW {
-            lr: 1e-5,
-            ..Default::default()
-        },
-    )?;
+    let mut opt = adamw(vars)?;
     let mut timing = Timing {
         workload: workload.to_string(),
         seconds: vec![],

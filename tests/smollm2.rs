@@ -10,6 +10,20 @@ use metapeft::params::ParamStore;
 use metapeft::peft::lora::{Lora, LoraConfig};
 use metapeft::peft::DeltaSet;
 
+/// A short real sentence as `[1, n]` token ids, and `n`.
+fn fox_ids(ck: &model::Checkpoint) -> (Tensor, usize) {
+    let ids = ck
+        .tokenizer
+        .encode("The quick brown fox jumps over the lazy dog", false)
+        .unwrap();
+    let n = ids.len();
+    let t = Tensor::new(ids.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    (t, n)
+}
+
 fn llama(ck: &model::Checkpoint) -> Llama {
     let Arch::Llama(cfg) = &ck.arch else {
         panic!("not a decoder")
@@ -239,15 +253,7 @@ fn every_lora_tensor_gets_a_gradient() {
     assert_eq!(lora.num_modules(), 7 * m.cfg.num_hidden_layers);
     let mut deltas = DeltaSet::none();
     deltas.push(lora);
-    let ids = ck
-        .tokenizer
-        .encode("The quick brown fox jumps over the lazy dog", false)
-        .unwrap();
-    let n = ids.len();
-    let ids = Tensor::new(ids.as_slice(), &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
+    let (ids, n) = fox_ids(ck);
     let logits = m.forward(&ck.params, &deltas, &lp, &ids, None).unwrap();
     let loss = metapeft::ops::cross_entropy(
         &logits.narrow(1, 0, n - 1).unwrap(),
@@ -385,15 +391,7 @@ fn quantized_gguf_base_trains_like_its_dequantized_weights() {
         init_lora_weights: metapeft::peft::lora::LoraInit::Default(false),
         ..LoraConfig::new(4, 8.0, &["q_proj", "v_proj", "down_proj"])
     };
-    let ids = dense
-        .tokenizer
-        .encode("The quick brown fox jumps over the lazy dog", false)
-        .unwrap();
-    let n = ids.len();
-    let ids = Tensor::new(ids.as_slice(), &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
+    let (ids, n) = fox_ids(dense);
     let (lora, lp) = Lora::init(&cfg, &dense.params, 0).unwrap();
     let mut deltas = DeltaSet::none();
     deltas.push(lora);
