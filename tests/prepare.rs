@@ -261,20 +261,67 @@ fn minilm_prepares_on_n_way_intent_episodes_and_adapts_from_it() {
     assert_eq!(code, 0, "{stderr}");
     let a: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert!(a["after"].as_f64().unwrap().is_finite());
-    // TAMS is decoder-only for now: a clear refusal.
+    // MLtD with TAMS on the encoder: a bidirectional cell in the last layer, then adaptation with
+    // the controller's cell for the held-out domain.
+    let tcfg = dir.join("tams.json");
+    std::fs::write(
+        &tcfg,
+        r#"{"reduced_dim": 16, "controller_hidden": 16, "layers": [5]}"#,
+    )
+    .unwrap();
+    let tout = dir.join("t").to_string_lossy().to_string();
     let (code, _, stderr) = prepare(&[
         "--model",
         &m,
-        "--tams",
-        "true",
+        "--algo",
+        "mltd",
+        "--tams-config",
+        &tcfg.to_string_lossy(),
+        "--n-way",
+        "3",
+        "--support",
+        "2",
+        "--query",
+        "1",
+        "--inner-steps",
+        "1",
+        "--meta-steps",
+        "1",
+        "--meta-batch",
+        "1",
+        "--batch-size",
+        "6",
+        "--max-len",
+        "16",
+        "--valid-every",
+        "0",
         "--out",
-        &dir.join("t").to_string_lossy(),
+        &tout,
     ]);
-    assert_ne!(code, 0);
-    assert!(
-        stderr.contains("TAMS is wired for decoders only"),
-        "{stderr}"
-    );
+    assert_eq!(code, 0, "{stderr}");
+    let archs = metapeft::meta::tams::read_architectures(&dir.join("t/tams")).unwrap();
+    assert!(!archs.is_empty());
+    let (code, stdout, stderr) = common::metapeft(&[
+        "adapt",
+        "--from",
+        &tout,
+        "--task",
+        "clinc150/work",
+        "--shots",
+        "1",
+        "--steps",
+        "1",
+        "--eval-limit",
+        "10",
+        "--max-len",
+        "16",
+        "--out",
+        &dir.join("ta").to_string_lossy(),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("TAMS cell for this task"), "{stderr}");
+    let a: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert!(a["after"].as_f64().unwrap().is_finite());
 }
 
 #[test]

@@ -672,9 +672,37 @@ fn attach_tams(
     }
     let dims = ModelDims::of(&ck.arch);
     let (cell, controller) = cfg.build(dims, &params)?;
-    let (seqs, _) = metapeft::data::batch::sequences(&ck.tokenizer, &td.train, max_len)
-        .context("TAMS picks a cell from the training text: a decoder text task is needed")?;
-    let ids: Vec<u32> = seqs.iter().flat_map(|s| s.ids.iter().copied()).collect();
+    // The support set's tokens, as meta-training saw them: language-model sequences for text
+    // tasks, each input with its special tokens for classification and tagging (encoders).
+    use metapeft::data::Content;
+    let text_task = td.train.iter().all(|ex| {
+        matches!(
+            ex.content,
+            Content::Text { .. } | Content::PromptCompletion { .. }
+        )
+    });
+    let ids: Vec<u32> = if text_task {
+        let (seqs, _) = metapeft::data::batch::sequences(&ck.tokenizer, &td.train, max_len)?;
+        seqs.iter().flat_map(|s| s.ids.iter().copied()).collect()
+    } else {
+        let mut ids = vec![];
+        for ex in &td.train {
+            let text = match &ex.content {
+                Content::Labeled {
+                    text,
+                    pair: Some(p),
+                    ..
+                } => format!("{text} {p}"),
+                Content::Labeled { text, .. } => text.clone(),
+                Content::Tagged { tokens, .. } => tokens.join(" "),
+                _ => continue,
+            };
+            let mut e = ck.tokenizer.encode(&text, true)?;
+            e.truncate(max_len);
+            ids.extend(e);
+        }
+        ids
+    };
     let n = ids.len();
     let emb = tams::task_embedding(&ck.params, &Tensor::from_vec(ids, n, &Device::Cpu)?, None)?;
     let soft = controller.arch_weights(&emb, &params, tams::ArchMode::Soft, None)?;

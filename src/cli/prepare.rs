@@ -1,6 +1,6 @@
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use candle_core::{Device, Var};
 use metapeft::data::family;
 use metapeft::io::{self, prepared, AdapterFormat};
@@ -215,9 +215,6 @@ pub fn run(a: Args) -> Result<()> {
         (None, false) => None,
     };
     let dims = ModelDims::of(&ck.arch);
-    if encoder && tams_cfg.is_some() {
-        bail!("TAMS is wired for decoders only for now");
-    }
     let tams_state = match &tams_cfg {
         Some(tc) => {
             let params = tc.init(dims, &ck.params, cfg.seed ^ 0x7a35)?;

@@ -16,12 +16,28 @@ use crate::{Error, Result};
 #[derive(Clone, Debug)]
 pub struct TamsCell {
     layers: Vec<usize>,
+    /// Decoders see only earlier positions (causal convolutions); encoders see both sides.
+    causal: bool,
 }
 
 impl TamsCell {
-    /// A cell in each of `layers`. Prefer [`super::TamsConfig::build`], which checks the store.
+    /// A cell in each of `layers` of a decoder. Prefer [`super::TamsConfig::build`], which checks
+    /// the store and picks causal or centred convolutions from the model.
     pub fn new(layers: Vec<usize>) -> Self {
-        Self { layers }
+        Self {
+            layers,
+            causal: true,
+        }
+    }
+
+    /// The same cell with centred ("same"-padded) convolutions, for a bidirectional encoder.
+    pub fn bidirectional(mut self) -> Self {
+        self.causal = false;
+        self
+    }
+
+    pub fn is_causal(&self) -> bool {
+        self.causal
     }
 
     pub fn layers(&self) -> &[usize] {
@@ -80,7 +96,7 @@ impl TamsCell {
                     if values.as_ref().is_some_and(|v| v[e * NUM_OPS + o] == 0.0) {
                         continue;
                     }
-                    let y = apply_op(*op, &nodes[from], layer, e, params)?;
+                    let y = apply_op(*op, &nodes[from], layer, e, params, self.causal)?;
                     let y = y.broadcast_mul(&arch.i((e, o))?)?;
                     acc = Some(match acc {
                         Some(a) => (a + y)?,
@@ -99,7 +115,14 @@ impl TamsCell {
 }
 
 /// One candidate op of edge `e` in `layer` on `x: [b, t, r]`.
-fn apply_op(op: Op, x: &Tensor, layer: usize, e: usize, params: &ParamStore) -> Result<Tensor> {
+fn apply_op(
+    op: Op,
+    x: &Tensor,
+    layer: usize,
+    e: usize,
+    params: &ParamStore,
+    causal: bool,
+) -> Result<Tensor> {
     let p = |n: &str| params.get(&format!("tams.layers.{layer}.edges.{e}.{n}"));
     Ok(match op {
         Op::None => x.zeros_like()?,
@@ -113,8 +136,8 @@ fn apply_op(op: Op, x: &Tensor, layer: usize, e: usize, params: &ParamStore) -> 
             let gate = (g.affine(0.5, 0.0)?.tanh()? + 1.0)?.affine(0.5, 0.0)?;
             (a * gate)?
         }
-        Op::Conv3Relu => causal_conv1d(x, p("conv3.weight")?, p("conv3.bias")?)?.relu()?,
-        Op::Conv5Relu => causal_conv1d(x, p("conv5.weight")?, p("conv5.bias")?)?.relu()?,
+        Op::Conv3Relu => conv1d(x, p("conv3.weight")?, p("conv3.bias")?, causal)?.relu()?,
+        Op::Conv5Relu => conv1d(x, p("conv5.weight")?, p("conv5.bias")?, causal)?.relu()?,
     })
 }
 
@@ -124,6 +147,13 @@ fn apply_op(op: Op, x: &Tensor, layer: usize, e: usize, params: &ParamStore) -> 
 /// Written as `k` shifted views stacked into one matmul: every step is differentiable in candle
 /// (including second order), and with a frozen weight the matmul skips the weight gradient.
 pub fn causal_conv1d(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    conv1d(x, w, b, true)
+}
+
+/// [`causal_conv1d`], or with `causal = false` centred: padding `(k-1)/2` on the left and the
+/// rest on the right, so position `t` sees `t-(k-1)/2..=t+k/2` (an encoder's bidirectional view;
+/// padded positions of a batch are read like any other, as in a plain `Conv1d`).
+pub fn conv1d(x: &Tensor, w: &Tensor, b: &Tensor, causal: bool) -> Result<Tensor> {
     let (bs, t, c) = x.dims3()?;
     let (out, cin, k) = w.dims3()?;
     if cin != c {
@@ -132,7 +162,8 @@ pub fn causal_conv1d(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
             w.dims()
         )));
     }
-    let padded = x.pad_with_zeros(1, k - 1, 0)?;
+    let left = if causal { k - 1 } else { (k - 1) / 2 };
+    let padded = x.pad_with_zeros(1, left, k - 1 - left)?;
     let taps = (0..k)
         .map(|j| padded.narrow(1, j, t))
         .collect::<candle_core::Result<Vec<_>>>()?;

@@ -240,10 +240,14 @@ impl TamsConfig {
             expected.push((ARCH.into(), vec![NUM_EDGES, NUM_OPS]));
         }
         check_exact(params, &expected)?;
-        Ok((
-            TamsCell::new(self.layer_list(dims)?),
-            Controller::new(self.gumbel_temperature),
-        ))
+        let cell = TamsCell::new(self.layer_list(dims)?);
+        // Encoders (BERT's `encoder.layer`) attend both ways: their convolutions do too.
+        let cell = if dims.layer_prefix == "encoder.layer" {
+            cell.bidirectional()
+        } else {
+            cell
+        };
+        Ok((cell, Controller::new(self.gumbel_temperature)))
     }
 }
 

@@ -394,6 +394,69 @@ fn causal_conv_matches_candle_conv1d_on_left_padded_input() -> Result<()> {
 }
 
 #[test]
+fn centred_conv_matches_candle_conv1d_with_same_padding() -> Result<()> {
+    let x = gradcheck::randn_f64(&[2, 7, 3], 4, 1.0)?;
+    for k in [3usize, 5] {
+        let w = gradcheck::randn_f64(&[4, 3, k], 5, 1.0)?;
+        let b = gradcheck::randn_f64(&[4], 6, 1.0)?;
+        let ours = cell::conv1d(&x, &w, &b, false)?;
+        let want = x
+            .transpose(1, 2)?
+            .conv1d(&w, (k - 1) / 2, 1, 1, 1)?
+            .transpose(1, 2)?
+            .broadcast_add(&b)?;
+        assert!(max_diff(&ours, &want)? < 1e-12, "k {k}");
+        // Position 2 now sees position 3: changing x[3] changes y[2].
+        let mut v: Vec<f64> = x.flatten_all()?.to_vec1()?;
+        v[3 * 3] += 1.0;
+        let x2 = Tensor::from_vec(v, x.dims(), &Device::Cpu)?;
+        let y2 = cell::conv1d(&x2, &w, &b, false)?;
+        assert!(max_diff(&ours.narrow(1, 2, 1)?, &y2.narrow(1, 2, 1)?)? > 1e-6);
+        let err = gradcheck::check(
+            |t| wrap(cell::conv1d(&t[0], &t[1], &t[2], false)),
+            &[x.clone(), w, b],
+            1e-6,
+        )?;
+        assert!(err < 1e-8, "k {k}: rel error {err}");
+    }
+    Ok(())
+}
+
+#[test]
+fn encoders_get_a_bidirectional_cell_and_decoders_a_causal_one() -> Result<()> {
+    use crate::model::testing::{tiny_bert_config, tiny_llama_config};
+    use crate::model::Arch;
+    use crate::peft::config::ModelDims;
+    let tc = TamsConfig {
+        reduced_dim: 8,
+        controller_hidden: 8,
+        ..TamsConfig::default()
+    };
+    for (arch, causal) in [
+        (Arch::Llama(tiny_llama_config()), true),
+        (Arch::Bert(tiny_bert_config()), false),
+    ] {
+        let dims = ModelDims::of(&arch);
+        let base = match &arch {
+            Arch::Llama(c) => crate::model::testing::random_params(
+                &crate::model::Llama::expected_params(c),
+                1,
+                DType::F32,
+            )?,
+            Arch::Bert(c) => crate::model::testing::random_params(
+                &crate::model::Bert::expected_params(c),
+                1,
+                DType::F32,
+            )?,
+        };
+        let params = tc.init(dims, &base, 2)?;
+        let (cell, _) = tc.build(dims, &params)?;
+        assert_eq!(cell.is_causal(), causal);
+    }
+    Ok(())
+}
+
+#[test]
 fn decoding_recomputes_when_a_delta_mixes_positions() -> Result<()> {
     let s = setup(DType::F32, true)?;
     let arch = Architecture {
