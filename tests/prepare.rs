@@ -199,11 +199,10 @@ fn minilm_prepares_on_n_way_intent_episodes_and_adapts_from_it() {
     let dir = common::temp_dir("prep-minilm");
     let m = common::minilm_path().to_string_lossy().to_string();
     let out = dir.join("prep").to_string_lossy().to_string();
-    let (code, stdout, stderr) = prepare(&[
+    // 3-way episodes of 2 support and 1 query example per intent, one inner step, no validation.
+    let small = [
         "--model",
         &m,
-        "--algo",
-        "fomaml",
         "--n-way",
         "3",
         "--support",
@@ -212,23 +211,31 @@ fn minilm_prepares_on_n_way_intent_episodes_and_adapts_from_it() {
         "1",
         "--inner-steps",
         "1",
+        "--batch-size",
+        "6",
+        "--valid-every",
+        "0",
+    ];
+    let with = |extra: &[&str]| -> Vec<String> {
+        small.iter().chain(extra).map(|s| s.to_string()).collect()
+    };
+    let args = with(&[
+        "--algo",
+        "fomaml",
         "--inner-lr",
         "0.5",
         "--meta-steps",
         "2",
         "--meta-batch",
         "2",
-        "--batch-size",
-        "6",
         "--max-len",
         "24",
-        "--valid-every",
-        "0",
         "--outer-lr",
         "0.01",
         "--out",
         &out,
     ]);
+    let (code, stdout, stderr) = prepare(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert_eq!(code, 0, "{stderr}");
     assert!(stderr.contains("family intent-clinc"), "{stderr}");
     let r: serde_json::Value = serde_json::from_str(&stdout).unwrap();
@@ -270,34 +277,22 @@ fn minilm_prepares_on_n_way_intent_episodes_and_adapts_from_it() {
     )
     .unwrap();
     let tout = dir.join("t").to_string_lossy().to_string();
-    let (code, _, stderr) = prepare(&[
-        "--model",
-        &m,
+    let tc = tcfg.to_string_lossy().to_string();
+    let args = with(&[
         "--algo",
         "mltd",
         "--tams-config",
-        &tcfg.to_string_lossy(),
-        "--n-way",
-        "3",
-        "--support",
-        "2",
-        "--query",
-        "1",
-        "--inner-steps",
-        "1",
+        &tc,
         "--meta-steps",
         "1",
         "--meta-batch",
         "1",
-        "--batch-size",
-        "6",
         "--max-len",
         "16",
-        "--valid-every",
-        "0",
         "--out",
         &tout,
     ]);
+    let (code, _, stderr) = prepare(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert_eq!(code, 0, "{stderr}");
     let archs = metapeft::meta::tams::read_architectures(&dir.join("t/tams")).unwrap();
     assert!(!archs.is_empty());
