@@ -1,8 +1,10 @@
-//! Inference straight from GGUF's quantized weights (Q8_0, Q4_1): the blocks are kept as stored
-//! and a linear map quantizes its input rows to 8-bit blocks and takes integer dot products
-//! (AVX2 `maddubs`, with a scalar fallback), split over output rows with rayon.
+//! Integer kernels for decoding from GGUF blocks (Q8_0, Q4_1): a linear map quantizes its few
+//! input rows to 8-bit blocks and takes integer dot products (AVX2 `maddubs`, with a scalar
+//! fallback), split over output rows with rayon.
 //!
-//! Inference only: there is no backward, and PEFT deltas need f32 weights.
+//! The weights themselves live in [`crate::ops::QuantizedWeight`]; `ops::quantized_linear` views
+//! them here (no copy) inside `ops::with_integer_kernels`. No backward: training and prompts take
+//! the exact tiled product there.
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::Tensor;
@@ -12,9 +14,6 @@ use crate::error::{Error, Result};
 
 /// Elements per quantization block.
 pub const BLOCK: usize = 32;
-
-/// Inputs with at least this many rows (prompts) are multiplied in f32 by gemm.
-const GEMM_ROWS: usize = 24;
 
 /// The block formats with a kernel here.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,27 +41,6 @@ impl QKind {
                  model in f32, or requantize to q8_0)"
             ))),
         }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            QKind::Q8_0 => "q8_0",
-            QKind::Q4_1 => "q4_1",
-        }
-    }
-}
-
-/// How a command holds the model's weights: `f32` (dequantized, trainable), `gguf` (the file's
-/// own Q8_0/Q4_1 blocks), `q8_0` or `q4_1` (every matrix in that format, requantized as needed).
-pub fn parse_weights(s: &str) -> Result<Option<Option<QKind>>> {
-    match s.to_ascii_lowercase().as_str() {
-        "f32" => Ok(None),
-        "gguf" | "quantized" => Ok(Some(None)),
-        "q8_0" => Ok(Some(Some(QKind::Q8_0))),
-        "q4_1" => Ok(Some(Some(QKind::Q4_1))),
-        other => Err(Error::invalid(format!(
-            "unknown weight format `{other}` (known: f32, gguf, q8_0, q4_1)"
-        ))),
     }
 }
 
@@ -146,23 +124,6 @@ impl QWeight {
         &self.data[j * rb..(j + 1) * rb]
     }
 
-    /// Reorder rows: row `i` of the result is row `src[i]` of `self`.
-    pub fn gather_rows(&self, src: &[usize]) -> Self {
-        let mut data = Vec::with_capacity(self.data.len());
-        for &j in src {
-            data.extend_from_slice(self.row(j));
-        }
-        Self {
-            data: std::sync::Arc::new(data),
-            ..self.clone()
-        }
-    }
-
-    /// Bytes held.
-    pub fn bytes(&self) -> usize {
-        self.data.len()
-    }
-
     /// Row `j` in f32.
     pub fn dequantize_row(&self, j: usize, out: &mut [f32]) {
         let bb = self.kind.block_bytes();
@@ -202,42 +163,6 @@ impl QWeight {
         )?)
     }
 
-    /// The whole weight in f32, rows unpacked in parallel.
-    fn dequantize_par(&self) -> Result<Tensor> {
-        let mut v = vec![0f32; self.n * self.k];
-        v.par_chunks_mut(self.k * 16)
-            .enumerate()
-            .for_each(|(c, o)| {
-                for (jj, r) in o.chunks_exact_mut(self.k).enumerate() {
-                    self.dequantize_row(c * 16 + jj, r);
-                }
-            });
-        Ok(Tensor::from_vec(
-            v,
-            (self.n, self.k),
-            &candle_core::Device::Cpu,
-        )?)
-    }
-
-    /// Embedding lookup: rows `ids` in f32, `[ids.len(), k]`.
-    pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
-        let mut v = vec![0f32; ids.len() * self.k];
-        for (o, &id) in v.chunks_exact_mut(self.k).zip(ids) {
-            if id as usize >= self.n {
-                return Err(Error::invalid(format!(
-                    "token id {id} is out of range for a vocabulary of {}",
-                    self.n
-                )));
-            }
-            self.dequantize_row(id as usize, o);
-        }
-        Ok(Tensor::from_vec(
-            v,
-            (ids.len(), self.k),
-            &candle_core::Device::Cpu,
-        )?)
-    }
-
     /// `x W^T` for `x: [..., k]` (f32, CPU).
     pub fn linear(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
@@ -248,22 +173,14 @@ impl QWeight {
             )));
         }
         let m = x.elem_count() / self.k;
-        if m >= GEMM_ROWS {
-            // Prompts: unpack the weight to f32 for this call (transient, one matrix at a time)
-            // and use the packed f32 gemm, which beats per-row integer dot products here.
-            let w = self.dequantize_par()?;
-            return Ok(crate::ops::frozen_linear(
-                &x.to_dtype(candle_core::DType::F32)?,
-                &w,
-            )?);
-        }
         let xv = x
             .to_dtype(candle_core::DType::F32)?
             .flatten_all()?
             .to_vec1::<f32>()?;
         let out = self.matmul(&xv, m);
         let mut od = dims;
-        *od.last_mut().expect("checked above") = self.n;
+        od.pop();
+        od.push(self.n);
         Ok(Tensor::from_vec(out, od, x.device())?)
     }
 
@@ -537,7 +454,11 @@ mod tests {
         assert!(err.contains("whole 32-element blocks"), "{err}");
         let w = QWeight::quantize(&randn(4, 32, 3)?, QKind::Q8_0)?;
         assert!(w.linear(&randn(1, 64, 4)?).is_err());
-        assert!(w.embed(&[9]).is_err());
+        // Embedding rows come from the stored weight (`ops::QuantizedWeight::rows`).
+        let stored = crate::ops::QuantizedWeight::quantize(&randn(4, 32, 3)?, GgmlDType::Q8_0)?;
+        assert!(stored
+            .rows(&Tensor::new(&[9u32], &candle_core::Device::Cpu)?)
+            .is_err());
         Ok(())
     }
 }
