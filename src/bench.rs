@@ -152,6 +152,20 @@ fn lora_cfg(targets: &[&str]) -> LoraConfig {
     LoraConfig::new(8, 16.0, targets)
 }
 
+/// Seconds of each of `runs` calls of `f`, after `warmup` untimed ones.
+fn timed(warmup: usize, runs: usize, f: &mut dyn FnMut() -> Result<()>) -> Result<Vec<f64>> {
+    for _ in 0..warmup {
+        f()?;
+    }
+    (0..runs)
+        .map(|_| {
+            let s = Instant::now();
+            f()?;
+            Ok(s.elapsed().as_secs_f64())
+        })
+        .collect()
+}
+
 /// Run one workload `runs` times after `warmup` untimed runs.
 pub fn run(
     workload: &str,
@@ -170,18 +184,7 @@ pub fn run(
         tokens: 0,
         peak_rss_mib: 0.0,
     };
-    let time = |f: &mut dyn FnMut() -> Result<()>| -> Result<Vec<f64>> {
-        for _ in 0..warmup {
-            f()?;
-        }
-        (0..runs)
-            .map(|_| {
-                let s = Instant::now();
-                f()?;
-                Ok(s.elapsed().as_secs_f64())
-            })
-            .collect()
-    };
+    let time = |f: &mut dyn FnMut() -> Result<()>| timed(warmup, runs, f);
     match workload {
         "lora-qv" | "lora-qv-bf16" | "lora-qv-gguf" | "lora-qv-q8_0" | "lora-all" | "full" => {
             let ids = text_tokens(ck, b * (t + 1))?;
@@ -461,14 +464,7 @@ pub fn run_encoder(
         opt.step(&loss.backward()?)?;
         Ok(())
     };
-    for _ in 0..warmup {
-        step()?;
-    }
-    for _ in 0..runs {
-        let s = Instant::now();
-        step()?;
-        timing.seconds.push(s.elapsed().as_secs_f64());
-    }
+    timing.seconds = timed(warmup, runs, &mut step)?;
     timing.peak_rss_mib = peak_rss_mib();
     Ok(timing)
 }
