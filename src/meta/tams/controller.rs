@@ -95,31 +95,6 @@ pub fn task_embedding(
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
     let name = embedding_name(base)?;
-    if let Some(q) = base.quantized(name) {
-        // A quantized base: dequantize only the support set's rows.
-        let ids = token_ids.flatten_all()?.to_dtype(DType::U32)?;
-        let ids = match mask {
-            Some(m) => {
-                let keep: Vec<u32> = ids
-                    .to_vec1::<u32>()?
-                    .into_iter()
-                    .zip(m.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?)
-                    .filter(|(_, k)| *k != 0)
-                    .map(|(i, _)| i)
-                    .collect();
-                let n = keep.len();
-                Tensor::from_vec(keep, n, ids.device())?
-            }
-            None => ids,
-        };
-        if ids.elem_count() == 0 {
-            return Err(Error::invalid(
-                "tams task embedding: the support set has no (non-pad) tokens",
-            ));
-        }
-        return Ok(q.rows(&ids)?.mean(0)?);
-    }
-    let emb = base.get(name)?;
     let ids: Vec<u32> = token_ids.flatten_all()?.to_dtype(DType::U32)?.to_vec1()?;
     let keep: Vec<u32> = match mask {
         Some(m) => {
@@ -144,6 +119,13 @@ pub fn task_embedding(
             "tams task embedding: the support set has no (non-pad) tokens",
         ));
     }
+    let n = keep.len();
+    if let Some(q) = base.quantized(name) {
+        // A quantized base: dequantize only the support set's rows (ids checked there).
+        let idx = Tensor::from_vec(keep, n, token_ids.device())?;
+        return Ok(q.rows(&idx)?.mean(0)?);
+    }
+    let emb = base.get(name)?;
     let vocab = emb.dim(0)?;
     if let Some(bad) = keep.iter().find(|&&i| i as usize >= vocab) {
         return Err(Error::invalid(format!(
@@ -155,7 +137,6 @@ pub fn task_embedding(
     } else {
         DType::F32
     };
-    let n = keep.len();
     let idx = Tensor::from_vec(keep, n, emb.device())?;
     Ok(emb
         .detach()
