@@ -319,6 +319,116 @@ fn minilm_prepares_on_n_way_intent_episodes_and_adapts_from_it() {
     assert!(a["after"].as_f64().unwrap().is_finite());
 }
 
+/// An encoder meta-learns tagging over WikiANN languages: the per-token head is a meta-variable,
+/// saved with the prepared model, and `adapt --from` on a held-out language starts from it.
+#[test]
+fn minilm_meta_learns_a_tagging_head_on_wikiann_and_adapt_starts_from_it() {
+    let dir = common::temp_dir("prep-ner");
+    let m = common::minilm_path().to_string_lossy().to_string();
+    let out = dir.join("prep");
+    let o = out.to_string_lossy().to_string();
+    let (code, stdout, stderr) = prepare(&[
+        "--model",
+        &m,
+        "--family",
+        "ner-wikiann",
+        "--support",
+        "4",
+        "--query",
+        "4",
+        "--inner-steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--meta-steps",
+        "2",
+        "--meta-batch",
+        "2",
+        "--max-len",
+        "32",
+        "--valid-every",
+        "0",
+        "--out",
+        &o,
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("family ner-wikiann"), "{stderr}");
+    let r: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let v = &r["valid"][0];
+    // From a random head the inner loop lowers the held-out language's query loss.
+    assert!(
+        v["loss_after"].as_f64().unwrap() < v["loss_before"].as_f64().unwrap(),
+        "{v}"
+    );
+    let head = out.join("head");
+    let labels: Vec<String> =
+        serde_json::from_str(&std::fs::read_to_string(head.join("labels.json")).unwrap()).unwrap();
+    assert_eq!(
+        labels,
+        ["B-LOC", "B-ORG", "B-PER", "I-LOC", "I-ORG", "I-PER", "O"]
+    );
+    // The saved head is the meta-learned one, not its random initial value.
+    let saved = metapeft::io::load_safetensors(&head.join("head.safetensors")).unwrap();
+    let w = &saved
+        .iter()
+        .find(|(n, _)| n == "classifier.weight")
+        .unwrap()
+        .1;
+    // `prepare` draws the head from seed (0) ^ 0x4ead.
+    let fresh = metapeft::train::objectives::new_head(7, 384, 0x4ead).unwrap();
+    let moved = (w - fresh.get("classifier.weight").unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(
+        moved > 1e-4,
+        "the head did not move from its init ({moved})"
+    );
+    let adapt = |from: &str, tag: &str| {
+        common::metapeft(&[
+            "adapt",
+            "--from",
+            from,
+            "--task",
+            "wikiann/nl",
+            "--shots",
+            "4",
+            "--steps",
+            "1",
+            "--eval-limit",
+            "8",
+            "--max-len",
+            "32",
+            "--out",
+            &dir.join(tag).to_string_lossy(),
+        ])
+    };
+    let (code, stdout, stderr) = adapt(&o, "a");
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains("meta-learned token_linear head"),
+        "{stderr}"
+    );
+    let a: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert!(a["after"].as_f64().unwrap().is_finite());
+    // A head for another tag set is not forced on the task: a warning and a fresh head.
+    std::fs::write(
+        head.join("labels.json"),
+        r#"["B-LOC","B-MISC","B-PER","I-LOC","I-MISC","I-PER","O"]"#,
+    )
+    .unwrap();
+    let (code, _, stderr) = adapt(&o, "b");
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains("not using the prepared head") && stderr.contains("B-ORG"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn adapt_generate_and_export_accept_a_prepared_directory() {
     let model = common::tiny_hf_dir("prep-use", |_, _| {});
@@ -431,7 +541,7 @@ fn bad_prepare_input_gives_clear_errors() {
     let model = common::tiny_hf_dir("prep-bad", |_, _| {});
     let m = model.to_string_lossy().to_string();
     let o = model.join("out").to_string_lossy().to_string();
-    let cases: [(&[&str], &str); 4] = [
+    let cases: [(&[&str], &str); 5] = [
         (
             &["--model", &m, "--algo", "nope", "--out", &o],
             "fomaml, maml, maml-hf",
@@ -442,7 +552,11 @@ fn bad_prepare_input_gives_clear_errors() {
         ),
         (
             &["--model", &m, "--family", "intent-clinc", "--out", &o],
-            "encoders on classification families",
+            "encoders on classification and token-classification families",
+        ),
+        (
+            &["--model", &m, "--family", "ner-wikiann", "--out", &o],
+            "a TokenClassification family",
         ),
         (&["--model", &m], "--out is required"),
     ];
@@ -514,6 +628,7 @@ fn meta_training_resumes_exactly() {
             lrs: None,
             template: "{prompt}",
             tams: None,
+            tag_head: None,
         };
         let mc = MetaConfig {
             algo: Algo::Fomaml,

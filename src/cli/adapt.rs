@@ -461,9 +461,34 @@ impl Session<'_> {
                 self.td.name
             ),
             Mode::Adapt { vars, .. } => {
-                let h = new_head(labels.len(), hidden, self.r.seed.unwrap_or(0))?;
+                let mut h = match self.prepared_head(kind, hidden) {
+                    Some(h) => h,
+                    None => new_head(labels.len(), hidden, self.r.seed.unwrap_or(0))?,
+                };
+                h.make_trainable(|_| true)?;
                 vars.extend(h.vars());
                 Ok(h)
+            }
+        }
+    }
+
+    /// The head a `prepare --from` directory meta-learned for this kind of head, when it has
+    /// one that scores exactly this task's labels; otherwise (a warning says why) none.
+    fn prepared_head(&self, kind: &str, hidden: usize) -> Option<ParamStore> {
+        let dir = metapeft::io::prepared::head_dir(self.r.from.as_ref()?);
+        if !dir.join("head.safetensors").is_file() {
+            return None;
+        }
+        match load_head(&dir, kind, &self.td.labels, hidden) {
+            Ok(h) => {
+                eprintln!("head: the prepared model's meta-learned {kind} head");
+                Some(h)
+            }
+            Err(e) => {
+                eprintln!(
+                    "metapeft: warning: not using the prepared head ({e}); starting a fresh one"
+                );
+                None
             }
         }
     }

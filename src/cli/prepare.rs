@@ -3,16 +3,18 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use candle_core::{Device, Var};
 use metapeft::data::family;
+use metapeft::data::TaskKind;
 use metapeft::io::{self, prepared, AdapterFormat};
 use metapeft::meta::tams::{self, TamsConfig};
 use metapeft::meta::trainer::task_architectures;
-use metapeft::meta::trainer::Net;
+use metapeft::meta::trainer::{Net, TagHead};
 use metapeft::meta::{meta_train, Algo, MetaConfig, MetaModel, TamsParts};
 use metapeft::model::{self, Arch, Bert, Llama};
 use metapeft::params::ParamStore;
 use metapeft::peft::config::ModelDims;
 use metapeft::peft::config::{config_from_file, default_config};
 use metapeft::peft::Adapter;
+use metapeft::train::objectives::{new_head, save_head, HEAD_TOKEN};
 use serde::{Deserialize, Serialize};
 
 #[derive(clap::Args)]
@@ -25,7 +27,9 @@ Algorithms: fomaml, maml (exact second order), maml-hf (Hessian-free second orde
 prime (inner loop trains a fresh delta, outer loop the base), multitask (no inner loop; baseline).\n\n\
 Families: `metapeft tasks --families`. Decoders take language-modelling and prompt->completion \
 families; encoders (e.g. all-MiniLM-L6-v2) take classification families as N-way episodes (--n-way, with \
---support/--query examples per class) with a fresh linear head per episode. Then adapt from the prepared model:\n  \
+--support/--query examples per class) with a fresh linear head per episode, and token-classification families \
+(ner-wikiann) as tagging episodes whose per-token head is meta-learned too (saved in OUT/head/, the starting \
+head of `adapt --from`). Then adapt from the prepared model:\n  \
 metapeft prepare --family lm-domains --algo fomaml --meta-steps 40 --out runs/prep\n  \
 metapeft adapt --from runs/prep --task fortunes/science --shots 50 --out runs/science"
 )]
@@ -234,9 +238,21 @@ pub fn run(a: Args) -> Result<()> {
     if train_base {
         base.make_trainable(|n| !n.ends_with("embed_tokens.weight"))?;
     }
+    // Tagging families share one tag set, so the per-token head is meta-learned with the delta.
+    let tags = match (&ck.arch, fam.kind) {
+        (Arch::Bert(_), TaskKind::TokenClassification) => fam.tag_set(),
+        _ => vec![],
+    };
+    let tag_head = if tags.is_empty() {
+        None
+    } else {
+        let mut h = new_head(tags.len(), dims.hidden, cfg.seed ^ 0x4ead)?;
+        h.make_trainable(|_| true)?;
+        Some(h)
+    };
     let lrs = if algo == Algo::MetaSgd {
         let mut l = ParamStore::new();
-        for (n, p) in init.iter() {
+        for (n, p) in init.iter().chain(tag_head.iter().flat_map(|h| h.iter())) {
             l.insert_trainable(
                 n,
                 Var::from_tensor(&(p.tensor().ones_like()? * cfg.inner_lr)?)?,
@@ -277,6 +293,10 @@ pub fn run(a: Args) -> Result<()> {
             }),
             _ => None,
         },
+        tag_head: tag_head.as_ref().map(|params| TagHead {
+            tags: &tags,
+            params,
+        }),
     };
     eprintln!(
         "preparing with {} ({} delta, {} inner steps at {}, meta-batch {}, {} outer steps{})",
@@ -320,6 +340,11 @@ pub fn run(a: Args) -> Result<()> {
         &prepared::adapter_dir(&out),
         AdapterFormat::Native,
     )?;
+    if let Some(h) = &tag_head {
+        let dir = prepared::head_dir(&out);
+        std::fs::create_dir_all(&dir)?;
+        save_head(&h.detached(), &tags, HEAD_TOKEN, &dir)?;
+    }
     if train_base {
         io::hf_dir::write_parts(
             &ck.arch,

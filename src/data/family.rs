@@ -7,7 +7,7 @@ use std::path::Path;
 
 use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
 
-use super::{datasets, Dataset, Example, TaskKind};
+use super::{datasets, Content, Dataset, Example, TaskKind};
 use crate::{Error, Result};
 
 /// One task of a family: its examples (all from one domain/topic/language).
@@ -27,6 +27,27 @@ pub struct TaskFamily {
     pub meta_train: Vec<FamilyTask>,
     pub meta_valid: Vec<FamilyTask>,
     pub meta_test: Vec<FamilyTask>,
+}
+
+impl TaskFamily {
+    /// The sorted tag set of a token-classification family, over all its tasks (the head
+    /// `prepare` meta-learns scores exactly these).
+    pub fn tag_set(&self) -> Vec<String> {
+        let mut tags: Vec<String> = self
+            .meta_train
+            .iter()
+            .chain(&self.meta_valid)
+            .chain(&self.meta_test)
+            .flat_map(|t| &t.examples)
+            .flat_map(|e| match &e.content {
+                Content::Tagged { tags, .. } => tags.clone(),
+                _ => vec![],
+            })
+            .collect();
+        tags.sort();
+        tags.dedup();
+        tags
+    }
 }
 
 /// Built-in families: name and description.

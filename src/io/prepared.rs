@@ -74,6 +74,12 @@ pub fn adapter_dir(dir: &Path) -> PathBuf {
     dir.join("adapter")
 }
 
+/// The meta-learned per-token head of a token-classification family (`head.safetensors`,
+/// `labels.json`, `head.json`), when there is one.
+pub fn head_dir(dir: &Path) -> PathBuf {
+    dir.join("head")
+}
+
 /// The model a prepared directory stands for: its `model/` when the base was trained, else the
 /// base model it was prepared from.
 pub fn model_spec(dir: &Path) -> Result<String> {

@@ -85,10 +85,12 @@ fn with_fresh_vars(
     Ok((store, vars))
 }
 
+/// Meta-SGD's rate for `name`; entries without one (an N-way episode's fresh head, whose
+/// shape follows the episode) take the scalar rate.
 fn inner_rate(inner: &InnerLoop, name: &str) -> Result<Option<Tensor>> {
     match inner.learned_lrs {
-        Some(l) => Ok(Some(l.get(name)?.detach())),
-        None => Ok(None),
+        Some(l) if l.contains(name) => Ok(Some(l.get(name)?.detach())),
+        _ => Ok(None),
     }
 }
 

@@ -10,11 +10,11 @@ use candle_core::{Tensor, Var};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use super::episode::{ClsEpisode, LmEpisode};
+use super::episode::{ClsEpisode, LmEpisode, TagEpisode};
 use super::maml::EpisodeLoss;
 use super::maml::{self, EpisodeGrads, InnerLoop};
 use super::tams::{self, ArchMode, Architecture, Controller, TamsConfig};
-use crate::data::batch::encoder_items;
+use crate::data::batch::{encoder_items, tagged_items};
 use crate::data::batch::{sequences, Sequence};
 use crate::data::family::{episode, n_way_episode, FamilyTask, TaskFamily};
 use crate::data::{Content, Example, TaskKind};
@@ -146,7 +146,8 @@ impl Default for MetaConfig {
 pub enum Net<'a> {
     /// Language-modelling and prompt -> completion families.
     Decoder(&'a Llama),
-    /// Classification families: N-way episodes with a fresh linear head each.
+    /// Classification families: N-way episodes with a fresh linear head each; token
+    /// classification families: tagging episodes with a meta-learned head ([`MetaModel::tag_head`]).
     Encoder(&'a Bert),
 }
 
@@ -176,6 +177,19 @@ pub struct MetaModel<'a> {
     pub n_way: usize,
     /// TAMS: the cell must also be in `deltas`; its shared weights and the controller are here.
     pub tams: Option<TamsParts<'a>>,
+    /// Token classification: the per-token head every episode starts from.
+    pub tag_head: Option<TagHead<'a>>,
+}
+
+/// The per-token head of a tagging family. Every task shares the tag set (WikiANN's languages
+/// all tag PER/ORG/LOC in BIO), so, unlike an N-way episode's head, its initial values are
+/// meta-variables: `prepare` saves them and `adapt --from` starts from them.
+#[derive(Clone, Copy)]
+pub struct TagHead<'a> {
+    /// The tag set; row `i` of the head scores `tags[i]`.
+    pub tags: &'a [String],
+    /// `classifier.weight` `[tags, hidden]` and `classifier.bias` `[tags]`, as `Var`s.
+    pub params: &'a ParamStore,
 }
 
 /// TAMS during meta-training: the controller picks each episode's cell architecture from the
@@ -242,9 +256,13 @@ pub struct MetaReport {
 /// a TAMS architecture: the controller chooses it).
 fn adapted_filter(algo: Algo, layers: usize) -> Box<dyn Fn(&str) -> bool + Sync> {
     match algo {
+        // ANIL adapts the head; a decoder's head (the LM head) is frozen base, so there it is
+        // the last layer's delta, the nearest thing the inner loop may train.
         Algo::Anil => {
             let last = format!(".layers.{}.", layers.saturating_sub(1));
-            Box::new(move |n: &str| n.contains(&last) && n != tams::ARCH)
+            Box::new(move |n: &str| {
+                (n.contains(&last) || n.starts_with("classifier.")) && n != tams::ARCH
+            })
         }
         _ => Box::new(|n: &str| n != tams::ARCH),
     }
@@ -282,7 +300,8 @@ fn episode_seed(seed: u64, step: usize, b: usize) -> u64 {
 }
 
 /// One episode's losses, the support token ids (for a task embedding) and, for encoders, the
-/// episode's fresh head (to be added to the fast store).
+/// episode's head (to be added to the fast store): fresh for N-way episodes, the meta-learned
+/// one for tagging.
 struct Built<'a> {
     loss: Box<dyn EpisodeLoss + 'a>,
     ids: Vec<u32>,
@@ -321,6 +340,30 @@ fn build_episode<'a>(
                 loss: Box::new(loss),
                 ids,
                 head: ParamStore::new(),
+            })
+        }
+        Net::Encoder(model) if m.tag_head.is_some() => {
+            let th = m.tag_head.expect("checked by the match guard");
+            let ep = episode(task, cfg.support, cfg.query, seed)?;
+            let (mut support, _) = tagged_items(m.tok, &ep.support, th.tags, cfg.max_len)?;
+            let (mut query, _) = tagged_items(m.tok, &ep.query, th.tags, cfg.max_len)?;
+            if merge_support {
+                query.append(&mut support);
+            }
+            let from = if support.is_empty() { &query } else { &support };
+            let ids = from.iter().flat_map(|s| s.ids.iter().copied()).collect();
+            let loss = TagEpisode {
+                model,
+                deltas: m.deltas,
+                support,
+                query,
+                batch: cfg.batch,
+                pad: model.cfg.pad_token_id,
+            };
+            Ok(Built {
+                loss: Box::new(loss),
+                ids,
+                head: th.params.clone(),
             })
         }
         Net::Encoder(model) => {
@@ -430,12 +473,17 @@ pub fn meta_train(
             family.kind,
             TaskKind::LanguageModeling | TaskKind::PromptCompletion
         ),
-        Net::Encoder(_) => family.kind == TaskKind::Classification,
+        Net::Encoder(_) => match family.kind {
+            TaskKind::Classification => m.tag_head.is_none(),
+            TaskKind::TokenClassification => m.tag_head.is_some(),
+            _ => false,
+        },
     };
     if !fits {
         return Err(Error::invalid(format!(
             "family `{}` is a {:?} family: meta-training supports decoders on language-modelling and \
-             prompt->completion families, and encoders on classification families",
+             prompt->completion families, and encoders on classification and token-classification \
+             families (the latter with a tag head)",
             family.name, family.kind
         )));
     }
@@ -451,6 +499,9 @@ pub fn meta_train(
     meta_vars.extend(m.base.vars());
     if let Some(t) = &m.tams {
         meta_vars.extend(t.params.vars());
+    }
+    if let Some(h) = &m.tag_head {
+        meta_vars.extend(h.params.vars());
     }
     if let Some(l) = m.lrs {
         meta_vars.extend(

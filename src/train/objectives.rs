@@ -254,6 +254,36 @@ pub fn pooled_logits(
     )?)
 }
 
+/// Per-token logits `[b, t, tags]` of a linear head (`classifier.*` in `head`) on an encoder's
+/// token states, and the padded targets `[b, t]` (`IGNORE` past each item's end).
+pub fn token_logits(
+    model: &Bert,
+    base: &ParamStore,
+    deltas: &DeltaSet,
+    params: &ParamStore,
+    head: &ParamStore,
+    items: &[&TagItem],
+    pad: u32,
+) -> Result<(Tensor, Tensor)> {
+    let seqs: Vec<&[u32]> = items.iter().map(|i| i.ids.as_slice()).collect();
+    let (ids, mask, _) = pad_ids(&seqs, pad)?;
+    let t = ids.dim(1)?;
+    let tg: Vec<i64> = items
+        .iter()
+        .flat_map(|i| {
+            i.targets
+                .iter()
+                .copied()
+                .chain(std::iter::repeat(IGNORE))
+                .take(t)
+        })
+        .collect();
+    let targets = Tensor::from_vec(tg, (items.len(), t), &Device::Cpu)?;
+    let states = model.forward(base, deltas, params, &ids, None, &mask)?;
+    let logits = crate::ops::linear(&states, head.get(HEAD_W)?, Some(head.get(HEAD_B)?))?;
+    Ok((logits, targets))
+}
+
 /// An encoder with a linear head on mean-pooled token states.
 pub struct EncoderClassifier<'a> {
     pub model: &'a Bert,
@@ -497,29 +527,15 @@ pub struct EncoderTagger<'a> {
 impl EncoderTagger<'_> {
     /// Per-token logits `[b, t, tags]` and padded targets `[b, t]`.
     pub fn logits(&self, items: &[&TagItem]) -> Result<(Tensor, Tensor)> {
-        let seqs: Vec<&[u32]> = items.iter().map(|i| i.ids.as_slice()).collect();
-        let (ids, mask, _) = pad_ids(&seqs, self.pad)?;
-        let t = ids.dim(1)?;
-        let tg: Vec<i64> = items
-            .iter()
-            .flat_map(|i| {
-                i.targets
-                    .iter()
-                    .copied()
-                    .chain(std::iter::repeat(IGNORE))
-                    .take(t)
-            })
-            .collect();
-        let targets = Tensor::from_vec(tg, (items.len(), t), &Device::Cpu)?;
-        let states = self
-            .model
-            .forward(self.base, self.deltas, self.params, &ids, None, &mask)?;
-        let logits = crate::ops::linear(
-            &states,
-            self.head.get(HEAD_W)?,
-            Some(self.head.get(HEAD_B)?),
-        )?;
-        Ok((logits, targets))
+        token_logits(
+            self.model,
+            self.base,
+            self.deltas,
+            self.params,
+            self.head,
+            items,
+            self.pad,
+        )
     }
 
     /// Predicted and gold tag sequences (one tag per word) for the evaluation items. Words
