@@ -310,7 +310,7 @@ impl Llama {
             "lm_head.weight"
         };
         match p.quantized(name) {
-            Some(q) => Ok(ops::quantized_linear_exact(hidden, q)?),
+            Some(q) => Ok(ops::quantized_logits(hidden, q)?),
             None => Ok(ops::linear(hidden, p.get(name)?, None)?),
         }
     }

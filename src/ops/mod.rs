@@ -27,7 +27,8 @@ pub use frozen_linear::{frozen_linear, linear};
 pub use layer_norm::layer_norm;
 pub use lm_head_loss::lm_head_cross_entropy;
 pub use quantized_linear::{
-    quantized_linear, quantized_linear_exact, with_integer_kernels, QuantizedWeight,
+    quantized_linear, quantized_linear_exact, quantized_logits, with_integer_kernels,
+    QuantizedWeight,
 };
 pub use rms_norm::rms_norm;
 pub use rope::{rope, RopeTables};
