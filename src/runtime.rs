@@ -4,11 +4,21 @@
 /// by matmuls; on a 2-core machine the two pools' spinning workers steal each other's cores
 /// (SmolLM2-135M forward, 1 x 128: median 0.50-0.58 s -> 0.34-0.39 s; see BENCHMARKS.md).
 /// Running candle's element-wise ops inline leaves the cores to rayon (matmuls and our kernels).
-/// Call at the start of `main`, before any other thread exists; an explicit CANDLE_NUM_THREADS
-/// from the user wins.
+///
+/// candle also asks for the matmul thread count on *every* matmul, and without RAYON_NUM_THREADS
+/// that means `num_cpus::get_physical`, which parses /proc/cpuinfo each time (`perf`: 9% of a
+/// quantized decode step in the kernel formatting cpuinfo). Pinning RAYON_NUM_THREADS to the
+/// cores rayon uses anyway makes that an environment lookup.
+///
+/// Call at the start of `main`, before any other thread exists; explicit CANDLE_NUM_THREADS and
+/// RAYON_NUM_THREADS from the user win.
 pub fn configure_threads() {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
 }
 
