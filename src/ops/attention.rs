@@ -27,7 +27,7 @@ pub fn attention(
     // Query heads sharing a key/value head are stacked along the sequence axis, so GQA needs no
     // copy of k and v.
     let q = q.contiguous()?.reshape((b, hkv, rep * tq, d))?;
-    let kt = k.transpose(2, 3)?.contiguous()?;
+    let kt = matmul_ready(k)?.transpose(2, 3)?;
     let scores = (q.matmul(&kt)? * scale)?.reshape((b, h, tq, tk))?;
     let scores = match mask {
         Some(m) => scores.broadcast_add(&m.to_dtype(scores.dtype())?)?,
@@ -35,8 +35,20 @@ pub fn attention(
     };
     let p = softmax_last_dim(&scores)?;
     p.reshape((b, hkv, rep * tq, tk))?
-        .matmul(&v.contiguous()?)?
+        .matmul(&matmul_ready(v)?)?
         .reshape((b, h, tq, d))
+}
+
+/// `t` `[b, h, s, d]` itself when candle's matmul can read it in place (a KV-cache slice: the
+/// heads evenly strided, unit stride inside a row), else a contiguous copy. Copying the cache cost
+/// a whole cache per layer per decoded token.
+fn matmul_ready(t: &Tensor) -> Result<Tensor> {
+    let (s, d) = (t.stride(), t.dims());
+    if (d[0] == 1 || s[0] == s[1] * d[1]) && s[3] == 1 {
+        Ok(t.clone())
+    } else {
+        t.contiguous()
+    }
 }
 
 /// Causal mask `[1, 1, tq, tk]` for queries at positions `offset .. offset + tq` over keys
