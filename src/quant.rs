@@ -331,15 +331,23 @@ fn dot_q4_1_avx2(w: &[u8], x: &[Q8Block]) -> f32 {
     unsafe { dot_q4_1_avx2_rows::<1>(w, [x])[0] }
 }
 
+/// Both f16 words at `p` (Q4_1's scale and minimum; Q8_0's scale and its first two weights) as
+/// f32 lanes 0 and 1. One 32-bit load and one conversion, written to a fresh register: a 16-bit
+/// insert would merge into whatever register the compiler picks, which once made each block wait
+/// for the previous block's accumulation.
+///
+/// # Safety
+/// Needs F16C; `p` points at 4 readable bytes.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn f16_scale(p: *const u8) -> f32 {
+#[inline]
+unsafe fn f16_pair(p: *const u8) -> std::arch::x86_64::__m128 {
     use std::arch::x86_64::*;
-    let bits = std::ptr::read_unaligned(p as *const u16);
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+    _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(p as *const i32)))
 }
 
-/// One weight row against `R` input rows (prefill): each weight block is loaded once.
+/// One weight row against `R` input rows (prefill): each weight block is loaded once. Even and
+/// odd blocks go to separate accumulators, so two FMA chains overlap.
 ///
 /// # Safety
 /// Needs AVX2, FMA and F16C; every `x[r]` has as many blocks as `w`.
@@ -350,24 +358,41 @@ unsafe fn dot_q8_0_avx2_rows<const R: usize>(w: &[u8], x: [&[Q8Block]; R]) -> [f
     use std::arch::x86_64::*;
     let nb = x.iter().fold(w.len() / 34, |a, r| a.min(r.len()));
     let ones = _mm256_set1_epi16(1);
-    let mut acc = [_mm256_setzero_ps(); R];
+    let (mut even, mut odd) = ([_mm256_setzero_ps(); R], [_mm256_setzero_ps(); R]);
     let p = w.as_ptr();
-    for i in 0..nb {
-        let b = p.add(i * 34);
-        let qw = _mm256_loadu_si256(b.add(2) as *const __m256i);
-        let aw = _mm256_sign_epi8(qw, qw);
-        let dw = f16_scale(b);
-        for r in 0..R {
-            let xb = &x[r][i];
-            let qx = _mm256_load_si256(xb.q.as_ptr() as *const __m256i);
-            let s32 = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(qx, qw)), ones);
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), _mm256_set1_ps(dw * xb.d), acc[r]);
-        }
+    macro_rules! block {
+        ($i:expr, $acc:ident) => {{
+            let b = p.add($i * 34);
+            let qw = _mm256_loadu_si256(b.add(2) as *const __m256i);
+            let aw = _mm256_sign_epi8(qw, qw);
+            let dw = _mm_cvtss_f32(f16_pair(b));
+            for r in 0..R {
+                let xb = &x[r][$i];
+                let qx = _mm256_load_si256(xb.q.as_ptr() as *const __m256i);
+                let s16 = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(qx, qw));
+                let s = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones));
+                $acc[r] = _mm256_fmadd_ps(s, _mm256_set1_ps(dw * xb.d), $acc[r]);
+            }
+        }};
     }
-    acc.map(|a| crate::ops::matvec::hsum256(a))
+    let mut i = 0;
+    while i + 2 <= nb {
+        block!(i, even);
+        block!(i + 1, odd);
+        i += 2;
+    }
+    if i < nb {
+        block!(i, even);
+    }
+    let mut out = [0f32; R];
+    for r in 0..R {
+        out[r] = crate::ops::matvec::hsum256(_mm256_add_ps(even[r], odd[r]));
+    }
+    out
 }
 
-/// The Q4_1 version of [`dot_q8_0_avx2_rows`].
+/// The Q4_1 version of [`dot_q8_0_avx2_rows`]; the minimum's term `m * sum(x)` accumulates in
+/// lane 1 of a small vector next to the scale's.
 ///
 /// # Safety
 /// As there.
@@ -379,27 +404,43 @@ unsafe fn dot_q4_1_avx2_rows<const R: usize>(w: &[u8], x: [&[Q8Block]; R]) -> [f
     let nb = x.iter().fold(w.len() / 20, |a, r| a.min(r.len()));
     let ones = _mm256_set1_epi16(1);
     let low = _mm_set1_epi8(15);
-    let mut acc = [_mm256_setzero_ps(); R];
-    let mut offs = [0f32; R];
+    let (mut even, mut odd) = ([_mm256_setzero_ps(); R], [_mm256_setzero_ps(); R]);
+    let mut offs = [_mm_setzero_ps(); R];
     let p = w.as_ptr();
-    for i in 0..nb {
-        let b = p.add(i * 20);
-        let raw = _mm_loadu_si128(b.add(4) as *const __m128i);
-        let lo = _mm_and_si128(raw, low);
-        let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low);
-        let qw = _mm256_set_m128i(hi, lo);
-        let (dw, mw) = (f16_scale(b), f16_scale(b.add(2)));
-        for r in 0..R {
-            let xb = &x[r][i];
-            let qx = _mm256_load_si256(xb.q.as_ptr() as *const __m256i);
-            let s32 = _mm256_madd_epi16(_mm256_maddubs_epi16(qw, qx), ones);
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), _mm256_set1_ps(dw * xb.d), acc[r]);
-            offs[r] += mw * xb.s;
-        }
+    macro_rules! block {
+        ($i:expr, $acc:ident) => {{
+            let b = p.add($i * 20);
+            let raw = _mm_loadu_si128(b.add(4) as *const __m128i);
+            let lo = _mm_and_si128(raw, low);
+            let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low);
+            let qw = _mm256_set_m128i(hi, lo);
+            // lanes: [d, m, 0, 0]
+            let dm = f16_pair(b);
+            let dw = _mm_cvtss_f32(dm);
+            for r in 0..R {
+                let xb = &x[r][$i];
+                let qx = _mm256_load_si256(xb.q.as_ptr() as *const __m256i);
+                let s32 = _mm256_madd_epi16(_mm256_maddubs_epi16(qw, qx), ones);
+                $acc[r] =
+                    _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), _mm256_set1_ps(dw * xb.d), $acc[r]);
+                // lane 1: m * (d_x * sum q_x)
+                offs[r] = _mm_fmadd_ps(dm, _mm_set1_ps(xb.s), offs[r]);
+            }
+        }};
+    }
+    let mut i = 0;
+    while i + 2 <= nb {
+        block!(i, even);
+        block!(i + 1, odd);
+        i += 2;
+    }
+    if i < nb {
+        block!(i, even);
     }
     let mut out = [0f32; R];
     for r in 0..R {
-        out[r] = crate::ops::matvec::hsum256(acc[r]) + offs[r];
+        let m = _mm_cvtss_f32(_mm_shuffle_ps(offs[r], offs[r], 1));
+        out[r] = crate::ops::matvec::hsum256(_mm256_add_ps(even[r], odd[r])) + m;
     }
     out
 }
@@ -420,7 +461,14 @@ mod tests {
     #[test]
     fn kernels_match_the_dequantized_product() -> Result<()> {
         for kind in [QKind::Q8_0, QKind::Q4_1] {
-            for &(m, n, k) in &[(1usize, 70usize, 576usize), (5, 33, 64), (1, 3, 32)] {
+            // Even and odd block counts (the kernels pair blocks), one and several input rows.
+            for &(m, n, k) in &[
+                (1usize, 70usize, 576usize),
+                (5, 33, 64),
+                (1, 3, 32),
+                (1, 7, 96),
+                (4, 9, 160),
+            ] {
                 let w = QWeight::quantize(&randn(n, k, 1)?, kind)?;
                 let x = randn(m, k, 2)?;
                 let want = x.matmul(&w.dequantize()?.t()?)?;
