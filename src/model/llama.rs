@@ -330,12 +330,10 @@ impl Llama {
             "lm_head.weight"
         };
         if let Some(q) = p.quantized(name) {
-            // A quantized head: logits through the quantized op, then the plain loss.
-            let logits = ops::quantized_linear(hidden, q)?;
-            let v = logits.dim(candle_core::D::Minus1)?;
-            return Ok(ops::cross_entropy(
-                &logits.reshape(((), v))?,
-                &targets.flatten_all()?,
+            return Ok(ops::quantized_lm_head_cross_entropy(
+                hidden,
+                q,
+                targets,
                 ignore_index,
             )?);
         }

@@ -13,12 +13,17 @@
 use std::sync::Mutex;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Result, Shape, Tensor, WithDType,
+};
 use num_traits::Float;
 use rayon::prelude::*;
 
 use super::{cross_entropy, fused_ok, linear, softmax_last_dim};
 use crate::ops::frozen_linear::{frozen_linear, frozen_matmul};
+use crate::ops::quantized_linear::{
+    quantized_linear_exact, quantized_linear_t, quantized_product, QuantizedWeight,
+};
 
 /// Logit elements per block: ~16 MB of f32, reused from block to block.
 const BLOCK_ELEMS: usize = 1 << 22;
@@ -74,7 +79,31 @@ impl LmHeadCe {
         let (h0, w0) = (lh.start_offset(), lw.start_offset());
         let w_t = Layout::contiguous_with_offset((vocab, d), w0).transpose(0, 1)?;
         let w_kn = Layout::contiguous_with_offset((vocab, d), w0);
-        let rows = (BLOCK_ELEMS / vocab.max(1)).clamp(1, n.max(1));
+        self.blocks(
+            (n, d, vocab),
+            BLOCK_ELEMS,
+            |r0, m| {
+                let lhs = Layout::contiguous_with_offset((m, d), h0 + r0 * d);
+                T::take(h.matmul(w, (1, m, vocab, d), &lhs, &w_t)?)
+            },
+            |dl, m| {
+                let dl = T::to_cpu_storage_owned(dl);
+                let lay = Layout::contiguous((m, vocab));
+                T::take(dl.matmul(w, (1, m, d, vocab), &lay, &w_kn)?)
+            },
+        )
+    }
+
+    /// The blocked loop over `block_elems / vocab` rows at a time: `logits(r0, m)` gives a block's
+    /// `[m, vocab]` logits, `grad(dlogits, m)` its `[m, d]` hidden-state gradient.
+    fn blocks<T: Owned>(
+        &self,
+        (n, d, vocab): (usize, usize, usize),
+        block_elems: usize,
+        logits_of: impl Fn(usize, usize) -> Result<Vec<T>>,
+        grad_of: impl Fn(Vec<T>, usize) -> Result<Vec<T>>,
+    ) -> Result<(T, Option<Vec<T>>)> {
+        let rows = (block_elems / vocab.max(1)).clamp(1, n.max(1));
         let scale = 1.0 / self.count.max(1) as f64;
         let mut total = 0f64;
         let mut dh = if self.want_grad {
@@ -85,9 +114,7 @@ impl LmHeadCe {
         let mut r0 = 0;
         while r0 < n {
             let m = rows.min(n - r0);
-            let lhs = Layout::contiguous_with_offset((m, d), h0 + r0 * d);
-            let logits = h.matmul(w, (1, m, vocab, d), &lhs, &w_t)?;
-            let mut logits = T::take(logits)?;
+            let mut logits = logits_of(r0, m)?;
             let targets = &self.targets[r0..r0 + m];
             for &t in targets {
                 if t != self.ignore_index && (t < 0 || t as usize >= vocab) {
@@ -132,9 +159,7 @@ impl LmHeadCe {
                 })
                 .sum::<f64>();
             if let Some(dh) = dh.as_mut() {
-                let dl = T::to_cpu_storage_owned(logits);
-                let lay = Layout::contiguous((m, vocab));
-                let g = T::take(dl.matmul(w, (1, m, d, vocab), &lay, &w_kn)?)?;
+                let g = grad_of(logits, m)?;
                 dh[r0 * d..(r0 + m) * d].copy_from_slice(&g);
             }
             r0 += m;
@@ -153,8 +178,7 @@ impl LmHeadCe {
         let (n, d) = lh.shape().dims2()?;
         let (loss, dh) = self.run::<T>(h, lh, w, lw)?;
         if let Some(dh) = dh {
-            let t = Tensor::from_vec(dh, (n, d), &Device::Cpu)?;
-            *self.grad.lock().unwrap_or_else(|e| e.into_inner()) = Some(t);
+            self.store_grad(Tensor::from_vec(dh, (n, d), &Device::Cpu)?);
         }
         Ok((T::to_cpu_storage_owned(vec![loss]), Shape::from(())))
     }
@@ -189,13 +213,20 @@ impl CustomOp2 for LmHeadCe {
         if self.count == 0 {
             return Ok((Some(h.zeros_like()?), None));
         }
-        let cached = self.grad.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(dh) = cached {
+        if let Some(dh) = self.cached_grad() {
             return Ok((Some(dh.broadcast_mul(g)?), None));
         }
         // Differentiable form (second order): (softmax(h W^T) - onehot) * keep W.
-        let (n, _) = h.dims2()?;
-        let vocab = w.dim(0)?;
+        let dl = self.dlogits(h, &frozen_linear(h, w)?, g)?;
+        Ok((Some(frozen_matmul(&dl, w)?), None))
+    }
+}
+
+impl LmHeadCe {
+    /// The logits' gradient `(softmax(logits) - onehot) * g / count` (zero on ignored rows) from
+    /// differentiable ops: the backward on a thread that keeps the graph of gradients.
+    fn dlogits(&self, h: &Tensor, logits: &Tensor, g: &Tensor) -> Result<Tensor> {
+        let (n, vocab) = logits.dims2()?;
         let mut onehot = vec![0f32; n * vocab];
         let mut keep = vec![0f64; n]; // f64: 1/count exact for f64 gradients
         for (i, &t) in self.targets.iter().enumerate() {
@@ -206,10 +237,92 @@ impl CustomOp2 for LmHeadCe {
         }
         let onehot = Tensor::from_vec(onehot, (n, vocab), h.device())?.to_dtype(h.dtype())?;
         let keep = Tensor::from_vec(keep, (n, 1), h.device())?.to_dtype(h.dtype())?;
-        let p = softmax_last_dim(&frozen_linear(h, w)?)?;
-        let dl = (p - onehot)?.broadcast_mul(&keep)?.broadcast_mul(g)?;
-        Ok((Some(frozen_matmul(&dl, w)?), None))
+        (softmax_last_dim(logits)? - onehot)?
+            .broadcast_mul(&keep)?
+            .broadcast_mul(g)
     }
+
+    fn cached_grad(&self) -> Option<Tensor> {
+        self.grad.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+
+    fn store_grad(&self, dh: Tensor) {
+        *self.grad.lock().unwrap_or_else(|e| e.into_inner()) = Some(dh);
+    }
+}
+
+/// Logit elements per block with a quantized head: every block dequantizes the whole head (tile
+/// by tile) once, twice when training, so its blocks are 4x the dense op's (64 MB of f32).
+const QUANTIZED_BLOCK_ELEMS: usize = 1 << 24;
+
+/// [`LmHeadCe`] with the head kept as GGUF blocks (QLoRA-style training): each block's logits
+/// come from the quantized weight's exact tiled product, so neither the `[tokens, vocab]` logits
+/// nor a dense copy of the head ever exist.
+struct QuantizedLmHeadCe {
+    ce: LmHeadCe,
+    w: QuantizedWeight,
+}
+
+impl CustomOp1 for QuantizedLmHeadCe {
+    fn name(&self) -> &'static str {
+        "metapeft-quantized-lm-head-cross-entropy"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, d) = l.shape().dims2()?;
+        let (vocab, wd) = self.w.dims();
+        if wd != d {
+            candle_core::bail!("lm_head_cross_entropy: hidden size {d} but weight {vocab}x{wd}");
+        }
+        let x = match (s, l.contiguous_offsets()) {
+            (CpuStorage::F32(v), Some((a, b))) => &v[a..b],
+            _ => candle_core::bail!("lm_head_cross_entropy: a quantized head takes contiguous f32"),
+        };
+        let (loss, dh) = self.ce.blocks::<f32>(
+            (n, d, vocab),
+            QUANTIZED_BLOCK_ELEMS,
+            |r0, m| quantized_product(&self.w, &x[r0 * d..(r0 + m) * d], m, false),
+            |dl, m| quantized_product(&self.w, &dl, m, true),
+        )?;
+        if let Some(dh) = dh {
+            self.ce
+                .store_grad(Tensor::from_vec(dh, (n, d), &Device::Cpu)?);
+        }
+        Ok((CpuStorage::F32(vec![loss]), Shape::from(())))
+    }
+
+    fn bwd(&self, h: &Tensor, _loss: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        if self.ce.count == 0 {
+            return Ok(Some(h.zeros_like()?));
+        }
+        if let Some(dh) = self.ce.cached_grad() {
+            return Ok(Some(dh.broadcast_mul(g)?));
+        }
+        let dl = self
+            .ce
+            .dlogits(h, &quantized_linear_exact(h, &self.w)?, g)?;
+        Ok(Some(quantized_linear_t(&dl, &self.w)?))
+    }
+}
+
+/// [`lm_head_cross_entropy`] for a head kept quantized (`W: [vocab, d]` as GGUF blocks): the
+/// same value and gradients as `cross_entropy(&quantized_linear(hidden, w), targets,
+/// ignore_index)` without materialising the logits.
+pub fn quantized_lm_head_cross_entropy(
+    hidden: &Tensor,
+    w: &QuantizedWeight,
+    targets: &Tensor,
+    ignore_index: i64,
+) -> Result<Tensor> {
+    let d = hidden.dim(candle_core::D::Minus1)?;
+    let h = hidden.reshape(((), d))?;
+    if !h.device().is_cpu() || h.dtype() != DType::F32 {
+        let logits = quantized_linear_exact(&h, w)?;
+        return cross_entropy(&logits, targets, ignore_index);
+    }
+    let ce = LmHeadCe::new(&h, targets, ignore_index)?;
+    h.contiguous()?
+        .apply_op1(QuantizedLmHeadCe { ce, w: w.clone() })
 }
 
 /// Mean cross-entropy of the logits `hidden W^T` (`hidden: [..., d]`, `W: [vocab, d]`) against
@@ -227,31 +340,35 @@ pub fn lm_head_cross_entropy(
     if !fused_ok(&h) || w.track_op() {
         return cross_entropy(&linear(&h, w, None)?, targets, ignore_index);
     }
-    let targets: Vec<i64> = targets.flatten_all()?.to_dtype(DType::I64)?.to_vec1()?;
-    if targets.len() != h.dim(0)? {
-        candle_core::bail!(
-            "lm_head_cross_entropy: {} targets for {} rows",
-            targets.len(),
-            h.dim(0)?
-        );
-    }
+    let ce = LmHeadCe::new(&h, targets, ignore_index)?;
     let w = if w.dtype() != h.dtype() {
         w.to_dtype(h.dtype())?
     } else {
         w.clone()
     };
-    let count = targets.iter().filter(|&&t| t != ignore_index).count();
-    let want_grad = h.track_op() && !crate::meta::second_order::keeps_grad_graph();
-    h.contiguous()?.apply_op2(
-        &w.contiguous()?.detach(),
-        LmHeadCe {
+    h.contiguous()?.apply_op2(&w.contiguous()?.detach(), ce)
+}
+
+impl LmHeadCe {
+    /// The op's state for hidden states `h: [n, d]` and `n` targets.
+    fn new(h: &Tensor, targets: &Tensor, ignore_index: i64) -> Result<Self> {
+        let targets: Vec<i64> = targets.flatten_all()?.to_dtype(DType::I64)?.to_vec1()?;
+        if targets.len() != h.dim(0)? {
+            candle_core::bail!(
+                "lm_head_cross_entropy: {} targets for {} rows",
+                targets.len(),
+                h.dim(0)?
+            );
+        }
+        let count = targets.iter().filter(|&&t| t != ignore_index).count();
+        Ok(LmHeadCe {
             targets,
             ignore_index,
             count,
-            want_grad,
+            want_grad: h.track_op() && !crate::meta::second_order::keeps_grad_graph(),
             grad: Mutex::new(None),
-        },
-    )
+        })
+    }
 }
 
 /// The same op, forcing the precomputed (`true`) or the differentiable (`false`) backward.
@@ -311,6 +428,68 @@ mod tests {
         let w32 = w.to_dtype(DType::F32)?;
         let a32 = lm_head_cross_entropy(&h32, &w32, &t, -100)?.to_scalar::<f32>()?;
         assert!((a32 as f64 - b).abs() < 1e-5);
+        Ok(())
+    }
+
+    #[test]
+    fn quantized_head_matches_the_unfused_loss_first_and_second_order() -> Result<()> {
+        use candle_core::quantized::GgmlDType;
+        let dev = Device::Cpu;
+        let t = Tensor::new(&[[1i64, -100, 60, 0], [33, 65, 6, 6]], &dev)?;
+        let v = Tensor::randn(0f32, 1.0, (8, 64), &dev)?;
+        for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_1] {
+            let w = (Tensor::randn(0f32, 1.0, (70, 64), &dev)? * 0.2)?;
+            let q = QuantizedWeight::quantize(&w, dtype)?;
+            let h = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 4, 64), &dev)?)?;
+            let fused = quantized_lm_head_cross_entropy(h.as_tensor(), &q, &t, -100)?;
+            let logits = quantized_linear_exact(&h.as_tensor().reshape((8, 64))?, &q)?;
+            let plain = cross_entropy(&logits, &t, -100)?;
+            let (a, b) = (fused.to_scalar::<f32>()?, plain.to_scalar::<f32>()?);
+            assert!((a - b).abs() < 1e-5 * b.abs(), "{dtype:?}: loss {a} vs {b}");
+            let ga = fused.backward()?.get(h.as_tensor()).cloned().unwrap();
+            let gb = plain.backward()?.get(h.as_tensor()).cloned().unwrap();
+            let scale = gb.abs()?.max_all()?.to_scalar::<f32>()?;
+            let diff = (&ga - &gb)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(
+                diff < 1e-5 * scale,
+                "{dtype:?}: gradient off by {diff} (scale {scale})"
+            );
+            // The differentiable backward (second-order MAML's thread): same gradient, and a
+            // Hessian-vector product equal to the unfused one's.
+            let hvp = |fused: bool| -> Result<(Tensor, Tensor)> {
+                let (h, q, t, v) = (h.as_tensor().clone(), q.clone(), t.clone(), v.clone());
+                crate::meta::second_order::on_graph_thread(move || {
+                    let x = Var::from_tensor(&h)?;
+                    let l = if fused {
+                        quantized_lm_head_cross_entropy(x.as_tensor(), &q, &t, -100)?
+                    } else {
+                        let logits = quantized_linear_exact(&x.as_tensor().reshape((8, 64))?, &q)?;
+                        cross_entropy(&logits, &t, -100)?
+                    };
+                    let g = l.backward()?.get(x.as_tensor()).cloned().unwrap();
+                    let hv = (g.reshape((8, 64))? * &v)?
+                        .sum_all()?
+                        .backward()?
+                        .get(x.as_tensor())
+                        .cloned()
+                        .unwrap();
+                    Ok((g.detach(), hv.detach()))
+                })
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))
+            };
+            let ((g1, hv1), (_, hv2)) = (hvp(true)?, hvp(false)?);
+            let diff = (&g1 - &gb)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(
+                diff < 1e-5 * scale,
+                "{dtype:?}: graph-thread gradient off by {diff}"
+            );
+            let hs = hv2.abs()?.max_all()?.to_scalar::<f32>()?;
+            let diff = (&hv1 - &hv2)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(
+                hs > 0.0 && diff < 1e-4 * hs,
+                "{dtype:?}: HVP off by {diff} (scale {hs})"
+            );
+        }
         Ok(())
     }
 

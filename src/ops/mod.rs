@@ -25,7 +25,7 @@ pub use attention::{attention, causal_mask, padding_mask};
 pub use cross_entropy::cross_entropy;
 pub use frozen_linear::{frozen_linear, linear};
 pub use layer_norm::layer_norm;
-pub use lm_head_loss::lm_head_cross_entropy;
+pub use lm_head_loss::{lm_head_cross_entropy, quantized_lm_head_cross_entropy};
 pub use quantized_linear::{
     quantized_linear, quantized_linear_exact, quantized_logits, with_integer_kernels,
     QuantizedWeight,

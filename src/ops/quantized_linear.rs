@@ -441,6 +441,30 @@ pub fn quantized_logits(x: &Tensor, w: &QuantizedWeight) -> Result<Tensor> {
     Tensor::from_vec(yv, dims, x.device())
 }
 
+/// `x W` for `x: [..., out]`: the input-gradient direction of [`quantized_linear`], itself
+/// differentiable.
+pub(crate) fn quantized_linear_t(x: &Tensor, w: &QuantizedWeight) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(QuantizedMatmul {
+        w: w.clone(),
+        transposed: true,
+    })
+}
+
+/// The exact tiled product on raw rows, for fused ops: `x W^T` (`x: [m, in]`) or, `transposed`,
+/// `x W` (`x: [m, out]`).
+pub(crate) fn quantized_product(
+    w: &QuantizedWeight,
+    x: &[f32],
+    m: usize,
+    transposed: bool,
+) -> Result<Vec<f32>> {
+    QuantizedMatmul {
+        w: w.clone(),
+        transposed,
+    }
+    .product(x, m)
+}
+
 /// [`quantized_linear`] always on the exact tiled product.
 pub fn quantized_linear_exact(x: &Tensor, w: &QuantizedWeight) -> Result<Tensor> {
     if !x.device().is_cpu() || x.dtype() != DType::F32 {
