@@ -13,7 +13,7 @@ use crate::peft::lora::{Lora, LoraConfig};
 use crate::peft::DeltaSet;
 use crate::{Error, Result};
 
-pub const WORKLOADS: [(&str, &str); 21] = [
+pub const WORKLOADS: [(&str, &str); 25] = [
     (
         "matmul",
         "f32 1024 x 1024 x 1024 matmul: the machine's matmul peak, for the % column",
@@ -51,6 +51,22 @@ pub const WORKLOADS: [(&str, &str); 21] = [
     (
         "lora-qv-q8_0",
         "lora-qv on the base requantized to Q8_0",
+    ),
+    (
+        "lora-qv-ckpt",
+        "lora-qv with activation checkpointing (each layer re-run in the backward pass)",
+    ),
+    (
+        "lora-all-ckpt",
+        "lora-all with activation checkpointing",
+    ),
+    (
+        "lora-qv-gguf-ckpt",
+        "lora-qv-gguf with activation checkpointing: the least memory",
+    ),
+    (
+        "fomaml-ckpt",
+        "fomaml with activation checkpointing",
     ),
     (
         "generate-q8_0",
@@ -101,6 +117,7 @@ pub struct Timing {
 /// `-bf16` halves it; everything else is f32.
 pub fn storage_of(workload: &str) -> crate::model::BaseStorage {
     use crate::model::BaseStorage as B;
+    let workload = workload.strip_suffix("-ckpt").unwrap_or(workload);
     if workload.ends_with("-q8_0") {
         B::Requantized(candle_core::quantized::GgmlDType::Q8_0)
     } else if workload.ends_with("-q4_1") || workload.ends_with("-gguf") {
@@ -185,6 +202,11 @@ pub fn run(
         peak_rss_mib: 0.0,
     };
     let time = |f: &mut dyn FnMut() -> Result<()>| timed(warmup, runs, f);
+    let (workload, checkpointing) = match workload.strip_suffix("-ckpt") {
+        Some(w) => (w, true),
+        None => (workload, false),
+    };
+    let model = &model.clone().with_activation_checkpointing(checkpointing);
     match workload {
         "lora-qv" | "lora-qv-bf16" | "lora-qv-gguf" | "lora-qv-q8_0" | "lora-all" | "full" => {
             let ids = text_tokens(ck, b * (t + 1))?;
@@ -224,12 +246,13 @@ pub fn run(
                 .map(|(_, v)| v)
                 .collect();
             let mut opt = adamw(vars)?;
+            // Re-running the layers is not counted: GFLOP/s stays comparable across variants.
             let mult = if workload == "full" { 3.0 } else { 2.0 };
             timing.flops = mult * forward_flops(model, b * t, t);
             timing.seconds = time(&mut || {
                 let h = model.forward_hidden(&base, &deltas, &dp, &input, None, None)?;
                 let loss = model.lm_head_loss(&base, &h, &target, -100)?;
-                let grads = loss.backward()?;
+                let grads = crate::ops::backward(&loss)?;
                 opt.step(&grads)?;
                 Ok(())
             })?;
@@ -461,7 +484,7 @@ pub fn run_encoder(
         let logits = crate::ops::linear(&pooled, hw.as_tensor(), Some(hb.as_tensor()))?;
         let loss =
             crate::ops::cross_entropy(&logits, &target.to_dtype(candle_core::DType::I64)?, -100)?;
-        opt.step(&loss.backward()?)?;
+        opt.step(&crate::ops::backward(&loss)?)?;
         Ok(())
     };
     timing.seconds = timed(warmup, runs, &mut step)?;

@@ -123,6 +123,12 @@ pub struct RunArgs {
     /// with `--method full`
     #[arg(long)]
     pub base_dtype: Option<String>,
+    /// Activation checkpointing (decoders): keep only each layer's input and re-run the layer in
+    /// the backward pass. Cuts training memory to about the weights plus one layer's activations,
+    /// for about one more forward pass of time; for long sequences or large batches. Not with
+    /// LoRA dropout (default false)
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub activation_checkpointing: Option<bool>,
 }
 
 impl RunArgs {
@@ -155,7 +161,8 @@ impl RunArgs {
             restore_best,
             checkpoint_every,
             bucket,
-            base_dtype
+            base_dtype,
+            activation_checkpointing
         )
     }
 }
@@ -226,6 +233,12 @@ pub fn run(a: Args) -> Result<()> {
         );
     }
     let ck = storage.load(&spec)?;
+    if r.activation_checkpointing == Some(true) && !matches!(ck.arch, Arch::Llama(_)) {
+        eprintln!(
+            "warning: --activation-checkpointing is implemented for decoders only; this encoder \
+             trains without it"
+        );
+    }
     let td = setup::task_data(
         &task,
         &metapeft::assets::data_dir(),
@@ -528,7 +541,8 @@ impl Session<'_> {
         }
         let mut result = match (&ck.arch, td.kind) {
             (Arch::Llama(cfg), TaskKind::LanguageModeling | TaskKind::PromptCompletion) => {
-                let m = Llama::new(cfg.clone(), &Device::Cpu)?;
+                let m = Llama::new(cfg.clone(), &Device::Cpu)?
+                    .with_activation_checkpointing(r.activation_checkpointing.unwrap_or(false));
                 let (tr, t1) = batch::sequences(&ck.tokenizer, &td.train, max_len)?;
                 let (ev, t2) = batch::sequences(&ck.tokenizer, &td.eval, max_len)?;
                 self.warn_truncated(t1 + t2, max_len);
@@ -569,7 +583,8 @@ impl Session<'_> {
                 j
             }
             (Arch::Llama(cfg), TaskKind::Classification) => {
-                let m = Llama::new(cfg.clone(), &Device::Cpu)?;
+                let m = Llama::new(cfg.clone(), &Device::Cpu)?
+                    .with_activation_checkpointing(r.activation_checkpointing.unwrap_or(false));
                 let template = |t: &str, p: Option<&str>| setup::classification_prompt(&td.name, t, p);
                 let (tr, t1) = batch::decoder_items(&ck.tokenizer, &td.train, &td.labels, &template, max_len)?;
                 let (ev, t2) = batch::decoder_items(&ck.tokenizer, &td.eval, &td.labels, &template, max_len)?;

@@ -106,6 +106,11 @@ pub struct PrepareArgs {
     /// A JSON/TOML TAMS config (reduced_dim, controller_hidden, gumbel_temperature, layers, hard)
     #[arg(long)]
     pub tams_config: Option<PathBuf>,
+    /// Activation checkpointing (decoders, first-order algorithms): keep only each layer's input
+    /// and re-run the layer in the backward pass; much less memory per episode for about one more
+    /// forward pass of time. Exact second-order MAML keeps its full graph regardless
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub activation_checkpointing: Option<bool>,
     #[arg(long)]
     pub out: Option<PathBuf>,
 }
@@ -136,6 +141,7 @@ impl PrepareArgs {
             train_base,
             tams,
             tams_config,
+            activation_checkpointing,
             out
         )
     }
@@ -263,8 +269,20 @@ pub fn run(a: Args) -> Result<()> {
         None
     };
     let (llama, bert) = match &ck.arch {
-        Arch::Llama(c) => (Some(Llama::new(c.clone(), &Device::Cpu)?), None),
-        Arch::Bert(c) => (None, Some(Bert::new(c.clone()))),
+        Arch::Llama(c) => {
+            let l = Llama::new(c.clone(), &Device::Cpu)?
+                .with_activation_checkpointing(r.activation_checkpointing.unwrap_or(false));
+            (Some(l), None)
+        }
+        Arch::Bert(c) => {
+            if r.activation_checkpointing == Some(true) {
+                eprintln!(
+                    "warning: --activation-checkpointing is implemented for decoders only; this \
+                     encoder trains without it"
+                );
+            }
+            (None, Some(Bert::new(c.clone())))
+        }
     };
     let net = match (&llama, &bert) {
         (Some(l), _) => Net::Decoder(l),

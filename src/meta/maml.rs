@@ -128,7 +128,7 @@ fn adapt(
         let loss = task.support(&frozen_base, &store, k)?;
         tr.losses
             .push(check_finite("the support loss", scalar(&loss)?)?);
-        let g = loss.backward()?;
+        let g = crate::ops::backward(&loss)?;
         let mut next = cur.clone();
         let mut gk = HashMap::new();
         for (name, v) in &vars {
@@ -189,7 +189,7 @@ fn query_grads(
     let (store, vars) = with_fresh_vars(adapted, init, inner.adapted)?;
     let loss = task.query(base, &store)?;
     let q = check_finite("the query loss", scalar(&loss)?)?;
-    let mut g = loss.backward()?;
+    let mut g = crate::ops::backward(&loss)?;
     let mut fast = HashMap::new();
     for (name, v) in &vars {
         let gv = match g.remove(v.as_tensor()) {
@@ -307,7 +307,7 @@ fn exact_here(
         }
         let loss = task.support(base, &store, k)?;
         losses.push(check_finite("the support loss", scalar(&loss)?)?);
-        let g = loss.backward()?;
+        let g = crate::ops::backward(&loss)?;
         let mut next = ParamStore::new();
         for (name, p) in store.iter() {
             match probes.iter().find(|(n, _)| n == name) {
@@ -384,7 +384,7 @@ pub fn hessian_free(
             }
             let (store, vars) = with_fresh_vars(&moved, init, inner.adapted)?;
             let loss = task.support(base, &store, k)?;
-            let g = loss.backward()?;
+            let g = crate::ops::backward(&loss)?;
             let mut fast = HashMap::new();
             for (name, var) in &vars {
                 let gv = match g.get(var.as_tensor()) {

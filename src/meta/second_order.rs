@@ -91,7 +91,7 @@ pub fn backward_detached(loss: &candle_core::Tensor) -> Result<candle_core::back
         let h = std::thread::Builder::new()
             .name("metapeft-backward".into())
             .stack_size(STACK)
-            .spawn_scoped(s, || Ok(loss.backward()?))
+            .spawn_scoped(s, || Ok(crate::ops::backward(loss)?))
             .map_err(|e| Error::invalid(format!("cannot start the backward thread: {e}")))?;
         h.join()
             .map_err(|_| Error::invalid("the backward thread panicked"))?

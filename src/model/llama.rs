@@ -3,7 +3,9 @@
 //! Weights use Hugging Face names (`model.layers.{i}.self_attn.q_proj.weight`) and Hugging Face's
 //! rotate-half RoPE layout; GGUF checkpoints are un-permuted at load time.
 
-use candle_core::{DType, Device, IndexOp, Tensor};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, IndexOp, Tensor, Var};
 
 use super::config::LlamaConfig;
 use crate::ops::{self, RopeTables};
@@ -18,6 +20,21 @@ const MAX_ROPE_POSITIONS: usize = 1 << 15;
 pub struct Llama {
     pub cfg: LlamaConfig,
     rope: RopeTables,
+    /// Re-run each layer in the backward pass instead of keeping its activations.
+    checkpoint_layers: bool,
+}
+
+/// What every layer of one forward pass shares.
+#[derive(Debug, Clone)]
+struct LayerCtx {
+    cos: Tensor,
+    sin: Tensor,
+    mask: Option<Tensor>,
+    /// Prefix-tuning key/value positions in front of the tokens.
+    prefix: usize,
+    b: usize,
+    t: usize,
+    dtype: DType,
 }
 
 /// Per-layer key/value buffers for incremental decoding. Buffers are allocated once per capacity
@@ -88,7 +105,24 @@ impl Llama {
             DType::F32,
             device,
         )?;
-        Ok(Self { cfg, rope })
+        Ok(Self {
+            cfg,
+            rope,
+            checkpoint_layers: false,
+        })
+    }
+
+    /// Activation checkpointing for training: each layer keeps only its input and is re-run in
+    /// the backward pass (about one more forward pass of time for much less memory). Gradients
+    /// must then be taken with [`ops::checkpoint::backward`]. Ignored with a KV cache and on the
+    /// thread of exact second-order MAML.
+    pub fn with_activation_checkpointing(mut self, on: bool) -> Self {
+        self.checkpoint_layers = on;
+        self
+    }
+
+    pub fn activation_checkpointing(&self) -> bool {
+        self.checkpoint_layers
     }
 
     /// Every weight the model reads, with its shape.
@@ -240,56 +274,31 @@ impl Llama {
                 None => pm,
             });
         }
-        let (h, hkv, hd) = (
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-        );
-        let scale = 1.0 / (hd as f64).sqrt();
-        for i in 0..cfg.num_hidden_layers {
-            let pre = format!("model.layers.{i}");
-            let residual = x.clone();
-            let w = deltas.resolve(&format!("{pre}.input_layernorm.weight"), p, dp)?;
-            let xn = ops::rms_norm(&x, &w, cfg.rms_norm_eps)?;
-            let q = self.proj(p, deltas, dp, &format!("{pre}.self_attn.q_proj"), &xn)?;
-            let k = self.proj(p, deltas, dp, &format!("{pre}.self_attn.k_proj"), &xn)?;
-            let v = self.proj(p, deltas, dp, &format!("{pre}.self_attn.v_proj"), &xn)?;
-            let q = ops::rope(&q.reshape((b, t, h, hd))?, &cos, &sin)?.transpose(1, 2)?;
-            let mut k = ops::rope(&k.reshape((b, t, hkv, hd))?, &cos, &sin)?.transpose(1, 2)?;
-            let mut v = v.reshape((b, t, hkv, hd))?.transpose(1, 2)?;
-            if prefix > 0 {
-                if let Some((pk, pv)) = deltas.attention_prefix(i, b, dp)? {
-                    k = Tensor::cat(&[&pk.to_dtype(dtype)?, &k.contiguous()?], 2)?;
-                    v = Tensor::cat(&[&pv.to_dtype(dtype)?, &v.contiguous()?], 2)?;
-                }
+        let ctx = LayerCtx {
+            cos,
+            sin,
+            mask,
+            prefix,
+            b,
+            t,
+            dtype,
+        };
+        let checkpoint = self.checkpoint_layers
+            && cache.is_none()
+            && x.device().is_cpu()
+            && !crate::meta::second_order::keeps_grad_graph();
+        if checkpoint {
+            if deltas.is_stochastic() {
+                return Err(crate::Error::invalid(
+                    "activation checkpointing re-runs each layer in the backward pass and cannot \
+                     replay LoRA dropout: set lora_dropout to 0 or turn checkpointing off",
+                ));
             }
-            let (k, v) = match cache.as_deref_mut() {
-                Some(c) => c.append(i, &k, &v)?,
-                None => (k, v),
-            };
-            let a = ops::attention(&q, &k, &v, mask.as_ref(), scale)?;
-            let a = a.transpose(1, 2)?.reshape((b, t, h * hd))?;
-            let o = self.proj(p, deltas, dp, &format!("{pre}.self_attn.o_proj"), &a)?;
-            let o = if deltas.is_empty() {
-                o
-            } else {
-                deltas.after_attention(i, o, dp)?
-            };
-            x = (residual + o)?;
-
-            let residual = x.clone();
-            let w = deltas.resolve(&format!("{pre}.post_attention_layernorm.weight"), p, dp)?;
-            let xn = ops::rms_norm(&x, &w, cfg.rms_norm_eps)?;
-            let g = self.proj(p, deltas, dp, &format!("{pre}.mlp.gate_proj"), &xn)?;
-            let u = self.proj(p, deltas, dp, &format!("{pre}.mlp.up_proj"), &xn)?;
-            let m = ops::swiglu(&g, &u)?;
-            let dn = self.proj(p, deltas, dp, &format!("{pre}.mlp.down_proj"), &m)?;
-            let dn = if deltas.is_empty() {
-                dn
-            } else {
-                deltas.after_ffn(i, &xn, dn, dp)?
-            };
-            x = (residual + dn)?;
+            x = self.checkpointed_layers(p, deltas, dp, ctx, x)?;
+        } else {
+            for i in 0..cfg.num_hidden_layers {
+                x = self.layer(i, p, deltas, dp, &ctx, x, cache.as_deref_mut())?;
+            }
         }
         if let Some(c) = cache {
             c.advance(prefix + t);
@@ -298,6 +307,133 @@ impl Llama {
         let x = ops::rms_norm(&x, &w, cfg.rms_norm_eps)?;
         if virtual_tokens > 0 {
             return Ok(x.narrow(1, virtual_tokens, t - virtual_tokens)?);
+        }
+        Ok(x)
+    }
+
+    /// Decoder layer `i`: attention and feed-forward blocks with their residuals.
+    #[allow(clippy::too_many_arguments)]
+    fn layer(
+        &self,
+        i: usize,
+        p: &ParamStore,
+        deltas: &DeltaSet,
+        dp: &ParamStore,
+        ctx: &LayerCtx,
+        x: Tensor,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let LayerCtx {
+            cos,
+            sin,
+            mask,
+            prefix,
+            b,
+            t,
+            dtype,
+        } = ctx;
+        let (b, t, prefix, dtype) = (*b, *t, *prefix, *dtype);
+        let (h, hkv, hd) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut x = x;
+        let pre = format!("model.layers.{i}");
+        let residual = x.clone();
+        let w = deltas.resolve(&format!("{pre}.input_layernorm.weight"), p, dp)?;
+        let xn = ops::rms_norm(&x, &w, cfg.rms_norm_eps)?;
+        let q = self.proj(p, deltas, dp, &format!("{pre}.self_attn.q_proj"), &xn)?;
+        let k = self.proj(p, deltas, dp, &format!("{pre}.self_attn.k_proj"), &xn)?;
+        let v = self.proj(p, deltas, dp, &format!("{pre}.self_attn.v_proj"), &xn)?;
+        let q = ops::rope(&q.reshape((b, t, h, hd))?, cos, sin)?.transpose(1, 2)?;
+        let mut k = ops::rope(&k.reshape((b, t, hkv, hd))?, cos, sin)?.transpose(1, 2)?;
+        let mut v = v.reshape((b, t, hkv, hd))?.transpose(1, 2)?;
+        if prefix > 0 {
+            if let Some((pk, pv)) = deltas.attention_prefix(i, b, dp)? {
+                k = Tensor::cat(&[&pk.to_dtype(dtype)?, &k.contiguous()?], 2)?;
+                v = Tensor::cat(&[&pv.to_dtype(dtype)?, &v.contiguous()?], 2)?;
+            }
+        }
+        let (k, v) = match cache {
+            Some(c) => c.append(i, &k, &v)?,
+            None => (k, v),
+        };
+        let a = ops::attention(&q, &k, &v, mask.as_ref(), scale)?;
+        let a = a.transpose(1, 2)?.reshape((b, t, h * hd))?;
+        let o = self.proj(p, deltas, dp, &format!("{pre}.self_attn.o_proj"), &a)?;
+        let o = if deltas.is_empty() {
+            o
+        } else {
+            deltas.after_attention(i, o, dp)?
+        };
+        x = (residual + o)?;
+
+        let residual = x.clone();
+        let w = deltas.resolve(&format!("{pre}.post_attention_layernorm.weight"), p, dp)?;
+        let xn = ops::rms_norm(&x, &w, cfg.rms_norm_eps)?;
+        let g = self.proj(p, deltas, dp, &format!("{pre}.mlp.gate_proj"), &xn)?;
+        let u = self.proj(p, deltas, dp, &format!("{pre}.mlp.up_proj"), &xn)?;
+        let m = ops::swiglu(&g, &u)?;
+        let dn = self.proj(p, deltas, dp, &format!("{pre}.mlp.down_proj"), &m)?;
+        let dn = if deltas.is_empty() {
+            dn
+        } else {
+            deltas.after_ffn(i, &xn, dn, dp)?
+        };
+        x = (residual + dn)?;
+        Ok(x)
+    }
+
+    /// Every layer as one checkpointed op ([`ops::checkpoint`]): only the layer inputs stay alive
+    /// for the backward pass, which re-runs each layer.
+    fn checkpointed_layers(
+        &self,
+        p: &ParamStore,
+        deltas: &DeltaSet,
+        dp: &ParamStore,
+        ctx: LayerCtx,
+        x: Tensor,
+    ) -> Result<Tensor> {
+        struct Shared {
+            model: Llama,
+            p: ParamStore,
+            p_detached: ParamStore,
+            deltas: DeltaSet,
+            dp: ParamStore,
+            dp_detached: ParamStore,
+            ctx: LayerCtx,
+        }
+        let shared = Arc::new(Shared {
+            model: self.clone(),
+            p: p.clone(),
+            p_detached: p.detached(),
+            deltas: deltas.clone(),
+            dp: dp.clone(),
+            dp_detached: dp.detached(),
+            ctx,
+        });
+        // The op's backward runs only if its input is tracked; frozen embeddings are not.
+        let mut x = if x.track_op() {
+            x
+        } else {
+            Var::from_tensor(&x)?.as_tensor().clone()
+        };
+        for i in 0..self.cfg.num_hidden_layers {
+            let s = shared.clone();
+            let block: Arc<ops::checkpoint::Block> = Arc::new(move |x: &Tensor, track: bool| {
+                let (p, dp) = if track {
+                    (&s.p, &s.dp)
+                } else {
+                    (&s.p_detached, &s.dp_detached)
+                };
+                s.model
+                    .layer(i, p, &s.deltas, dp, &s.ctx, x.clone(), None)
+                    .map_err(|e| candle_core::Error::Msg(e.to_string()))
+            });
+            x = ops::checkpoint::checkpoint(&x, block)?;
         }
         Ok(x)
     }

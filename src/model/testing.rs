@@ -193,4 +193,71 @@ mod tests {
         }
         Ok(())
     }
+
+    /// Activation checkpointing changes memory, not results: the LoRA factors' (every linear),
+    /// trainable base norms' and embedding's gradients equal the plain graph's.
+    #[test]
+    fn checkpointed_layers_give_the_plain_gradients() -> Result<()> {
+        let (model, mut base) = tiny_llama(7, DType::F64)?;
+        base.make_trainable(|n| n.contains("norm") || n.contains("embed_tokens"))?;
+        let cfg = LoraConfig {
+            init_lora_weights: crate::peft::lora::LoraInit::Default(false),
+            ..LoraConfig::new(
+                2,
+                4.0,
+                &["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"],
+            )
+        };
+        let (lora, lp) = Lora::init(&cfg, &base, 5)?;
+        let lp = lp.to_dtype(DType::F64)?;
+        let lp = {
+            let mut s = ParamStore::new();
+            for (n, p) in lp.iter() {
+                s.insert_trainable(n, candle_core::Var::from_tensor(p.tensor())?);
+            }
+            s
+        };
+        let mut deltas = DeltaSet::none();
+        deltas.push(lora);
+        let ids = token_ids(2, 6, 32, 3)?;
+        let targets = token_ids(2, 6, 32, 4)?;
+        let run = |m: &Llama| -> Result<Vec<(String, Tensor)>> {
+            let h = m.forward_hidden(&base, &deltas, &lp, &ids, None, None)?;
+            let loss = m.lm_head_loss(&base, &h, &targets, -100)?;
+            let g = crate::ops::backward(&loss)?;
+            let mut out = Vec::new();
+            for (n, v) in lp.vars().into_iter().chain(base.vars()) {
+                let gv = g.get(v.as_tensor()).cloned();
+                out.push((n.clone(), gv.ok_or_else(|| crate::Error::invalid(n))?));
+            }
+            Ok(out)
+        };
+        let plain = run(&model)?;
+        let ckpt = run(&model.clone().with_activation_checkpointing(true))?;
+        assert_eq!(plain.len(), ckpt.len());
+        assert!(plain.len() > 20);
+        for ((n, a), (_, c)) in plain.iter().zip(&ckpt) {
+            let d = (a - c)?.abs()?.max_all()?.to_scalar::<f64>()?;
+            let s = a.abs()?.max_all()?.to_scalar::<f64>()?;
+            assert!(
+                s > 0.0 && d <= 1e-12 * s.max(1.0),
+                "{n}: differs by {d} (scale {s})"
+            );
+        }
+        // LoRA dropout cannot be replayed: a clear error, not wrong gradients.
+        let cfg = LoraConfig {
+            lora_dropout: 0.1,
+            ..cfg
+        };
+        let (lora, lp) = Lora::init(&cfg, &base, 5)?;
+        let mut deltas = DeltaSet::none();
+        deltas.push(lora);
+        deltas.set_training(true);
+        let m = model.with_activation_checkpointing(true);
+        let err = m
+            .forward_hidden(&base, &deltas, &lp.to_dtype(DType::F64)?, &ids, None, None)
+            .unwrap_err();
+        assert!(err.to_string().contains("dropout"), "{err}");
+        Ok(())
+    }
 }

@@ -9,6 +9,7 @@
 
 pub mod activation;
 pub mod attention;
+pub mod checkpoint;
 pub mod cross_entropy;
 pub mod frozen_linear;
 pub mod gradcheck;
@@ -22,6 +23,7 @@ pub mod softmax;
 
 pub use activation::{gelu, silu, swiglu};
 pub use attention::{attention, causal_mask, padding_mask};
+pub use checkpoint::backward;
 pub use cross_entropy::cross_entropy;
 pub use frozen_linear::{frozen_linear, linear};
 pub use layer_norm::layer_norm;

@@ -70,6 +70,10 @@ impl CustomOp2 for RmsNorm {
         let gx = g.broadcast_mul(w)?;
         let proj = (&gx * &xhat)?.mean_keepdim(D::Minus1)?;
         let dx = gx.sub(&xhat.broadcast_mul(&proj)?)?.broadcast_mul(&r)?;
+        // A frozen weight gets no gradient (candle would keep it until the backward ends).
+        if !w.track_op() {
+            return Ok((Some(dx), None));
+        }
         let dim = w.elem_count();
         let dw = (g * &xhat)?
             .reshape(((), dim))?

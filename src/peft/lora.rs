@@ -285,6 +285,10 @@ impl Delta for Lora {
         self.training.store(on, Ordering::Relaxed);
     }
 
+    fn is_stochastic(&self) -> bool {
+        self.dropout > 0.0 && self.training.load(Ordering::Relaxed)
+    }
+
     fn weight(
         &self,
         name: &str,

@@ -122,6 +122,11 @@ pub trait Delta: Send + Sync + std::fmt::Debug {
     /// Training mode switches on stochastic parts such as LoRA dropout.
     fn set_training(&self, _on: bool) {}
 
+    /// Whether the forward pass currently draws random numbers (dropout while training).
+    fn is_stochastic(&self) -> bool {
+        false
+    }
+
     /// Fold the delta into `base` (a copy of the base store the caller owns).
     fn merge(&self, _base: &mut ParamStore, _params: &ParamStore) -> Result<()> {
         Err(Error::invalid(format!(
@@ -140,10 +145,11 @@ pub trait Delta: Send + Sync + std::fmt::Debug {
     }
 }
 
-/// The deltas attached to a model, applied in order.
-#[derive(Debug, Default)]
+/// The deltas attached to a model, applied in order. Cloning shares the deltas (activation
+/// checkpointing keeps a handle to re-run a layer in the backward pass).
+#[derive(Debug, Default, Clone)]
 pub struct DeltaSet {
-    deltas: Vec<Box<dyn Delta>>,
+    deltas: Vec<std::sync::Arc<dyn Delta>>,
 }
 
 impl DeltaSet {
@@ -153,11 +159,17 @@ impl DeltaSet {
     }
 
     pub fn push(&mut self, d: impl Delta + 'static) {
-        self.deltas.push(Box::new(d));
+        self.deltas.push(std::sync::Arc::new(d));
     }
 
     pub fn push_boxed(&mut self, d: Box<dyn Delta>) {
-        self.deltas.push(d);
+        self.deltas.push(d.into());
+    }
+
+    /// Whether a forward pass draws random numbers (LoRA dropout in training mode), so that
+    /// re-running it would not reproduce it.
+    pub fn is_stochastic(&self) -> bool {
+        self.deltas.iter().any(|d| d.is_stochastic())
     }
 
     pub fn is_empty(&self) -> bool {

@@ -160,7 +160,7 @@ pub fn train(
             }
             loss_sum += l;
             tokens += obj.tokens(step, micro);
-            let g = (loss / cfg.grad_accum as f64)?.backward()?;
+            let g = crate::ops::backward(&(loss / cfg.grad_accum as f64)?)?;
             match acc.as_mut() {
                 None => acc = Some(g),
                 Some(a) => add_grads(a, g, opt.vars())?,
