@@ -4,7 +4,6 @@
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
 
 use crate::generate::{generate, GenerateOptions};
 use crate::model::{Checkpoint, Llama};
@@ -154,15 +153,26 @@ fn forward_flops(m: &Llama, tokens: usize, seq: usize) -> f64 {
     linear + attn
 }
 
-/// The optimizer of the training workloads (the rate only keeps the weights sane across runs).
-fn adamw(vars: Vec<candle_core::Var>) -> Result<AdamW> {
-    Ok(AdamW::new(
-        vars,
-        ParamsAdamW {
-            lr: 1e-5,
-            ..Default::default()
-        },
-    )?)
+/// The optimiser of the training workloads: `adapt`'s own (the fused AdamW); the small rate only
+/// keeps the weights sane across runs.
+struct Adam(crate::train::optim::Optimizer);
+
+impl Adam {
+    fn step(&mut self, grads: &candle_core::backprop::GradStore) -> Result<()> {
+        self.0.step(grads, 1e-5)
+    }
+}
+
+fn adamw(vars: Vec<candle_core::Var>) -> Result<Adam> {
+    let named = vars
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| (format!("p{i}"), v))
+        .collect();
+    Ok(Adam(crate::train::optim::Optimizer::new(
+        crate::train::optim::OptimizerConfig::default(),
+        named,
+    )?))
 }
 
 fn lora_cfg(targets: &[&str]) -> LoraConfig {
