@@ -12,7 +12,7 @@ use crate::peft::lora::{Lora, LoraConfig};
 use crate::peft::DeltaSet;
 use crate::{Error, Result};
 
-pub const WORKLOADS: [(&str, &str); 25] = [
+pub const WORKLOADS: [(&str, &str); 26] = [
     (
         "matmul",
         "f32 1024 x 1024 x 1024 matmul: the machine's matmul peak, for the % column",
@@ -66,6 +66,10 @@ pub const WORKLOADS: [(&str, &str); 25] = [
     (
         "fomaml-ckpt",
         "fomaml with activation checkpointing",
+    ),
+    (
+        "minilm-lora-ckpt",
+        "minilm-lora with activation checkpointing",
     ),
     (
         "generate-q8_0",
@@ -447,7 +451,7 @@ pub fn run_encoder(
     warmup: usize,
     runs: usize,
 ) -> Result<Timing> {
-    if workload != "minilm-lora" {
+    if workload != "minilm-lora" && workload != "minilm-lora-ckpt" {
         return Err(Error::invalid(format!(
             "unknown encoder workload `{workload}`"
         )));

@@ -123,7 +123,7 @@ pub struct RunArgs {
     /// with `--method full`
     #[arg(long)]
     pub base_dtype: Option<String>,
-    /// Activation checkpointing (decoders): keep only each layer's input and re-run the layer in
+    /// Activation checkpointing: keep only each layer's input and re-run the layer in
     /// the backward pass. Cuts training memory to about the weights plus one layer's activations,
     /// for about one more forward pass of time; for long sequences or large batches. Not with
     /// LoRA dropout (default false)
@@ -233,12 +233,6 @@ pub fn run(a: Args) -> Result<()> {
         );
     }
     let ck = storage.load(&spec)?;
-    if r.activation_checkpointing == Some(true) && !matches!(ck.arch, Arch::Llama(_)) {
-        eprintln!(
-            "warning: --activation-checkpointing is implemented for decoders only; this encoder \
-             trains without it"
-        );
-    }
     let td = setup::task_data(
         &task,
         &metapeft::assets::data_dir(),
@@ -628,7 +622,8 @@ impl Session<'_> {
                 j
             }
             (Arch::Bert(cfg), TaskKind::Classification) => {
-                let m = Bert::new(cfg.clone());
+                let m = Bert::new(cfg.clone())
+                    .with_activation_checkpointing(r.activation_checkpointing.unwrap_or(false));
                 let (tr, t1) = batch::encoder_items(&ck.tokenizer, &td.train, &td.labels, max_len)?;
                 let (ev, t2) = batch::encoder_items(&ck.tokenizer, &td.eval, &td.labels, max_len)?;
                 self.warn_truncated(t1 + t2, max_len);
@@ -652,7 +647,8 @@ impl Session<'_> {
                 j
             }
             (Arch::Bert(cfg), TaskKind::TokenClassification) => {
-                let m = Bert::new(cfg.clone());
+                let m = Bert::new(cfg.clone())
+                    .with_activation_checkpointing(r.activation_checkpointing.unwrap_or(false));
                 let (tr, t1) = batch::tagged_items(&ck.tokenizer, &td.train, &td.labels, max_len)?;
                 let (ev, t2) = batch::tagged_items(&ck.tokenizer, &td.eval, &td.labels, max_len)?;
                 self.warn_truncated(t1 + t2, max_len);

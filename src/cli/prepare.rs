@@ -106,7 +106,7 @@ pub struct PrepareArgs {
     /// A JSON/TOML TAMS config (reduced_dim, controller_hidden, gumbel_temperature, layers, hard)
     #[arg(long)]
     pub tams_config: Option<PathBuf>,
-    /// Activation checkpointing (decoders, first-order algorithms): keep only each layer's input
+    /// Activation checkpointing (first-order algorithms): keep only each layer's input
     /// and re-run the layer in the backward pass; much less memory per episode for about one more
     /// forward pass of time. Exact second-order MAML keeps its full graph regardless
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
@@ -275,13 +275,9 @@ pub fn run(a: Args) -> Result<()> {
             (Some(l), None)
         }
         Arch::Bert(c) => {
-            if r.activation_checkpointing == Some(true) {
-                eprintln!(
-                    "warning: --activation-checkpointing is implemented for decoders only; this \
-                     encoder trains without it"
-                );
-            }
-            (None, Some(Bert::new(c.clone())))
+            let b = Bert::new(c.clone())
+                .with_activation_checkpointing(r.activation_checkpointing.unwrap_or(false));
+            (None, Some(b))
         }
     };
     let net = match (&llama, &bert) {

@@ -12,11 +12,22 @@ use crate::Result;
 #[derive(Debug, Clone)]
 pub struct Bert {
     pub cfg: BertConfig,
+    /// Re-run each layer in the backward pass instead of keeping its activations.
+    checkpoint_layers: bool,
 }
 
 impl Bert {
     pub fn new(cfg: BertConfig) -> Self {
-        Self { cfg }
+        Self {
+            cfg,
+            checkpoint_layers: false,
+        }
+    }
+
+    /// Activation checkpointing for training, as [`super::Llama::with_activation_checkpointing`].
+    pub fn with_activation_checkpointing(mut self, on: bool) -> Self {
+        self.checkpoint_layers = on;
+        self
     }
 
     pub fn expected_params(cfg: &BertConfig) -> Vec<(String, Vec<usize>)> {
@@ -144,42 +155,106 @@ impl Bert {
         }
         let mut x = self.norm(p, deltas, dp, "embeddings.LayerNorm", &x)?;
         let mask = ops::padding_mask(attention_mask, dtype)?;
-        let h = cfg.num_attention_heads;
+        let checkpoint = self.checkpoint_layers
+            && x.device().is_cpu()
+            && !crate::meta::second_order::keeps_grad_graph();
+        if !checkpoint {
+            for i in 0..cfg.num_hidden_layers {
+                x = self.layer(i, p, deltas, dp, &mask, x)?;
+            }
+            return Ok(x);
+        }
+        if deltas.is_stochastic() {
+            return Err(crate::Error::invalid(
+                "activation checkpointing re-runs each layer in the backward pass and cannot \
+                 replay LoRA dropout: set lora_dropout to 0 or turn checkpointing off",
+            ));
+        }
+        struct Shared {
+            model: Bert,
+            p: ParamStore,
+            p_detached: ParamStore,
+            deltas: DeltaSet,
+            dp: ParamStore,
+            dp_detached: ParamStore,
+            mask: Tensor,
+        }
+        let shared = std::sync::Arc::new(Shared {
+            model: self.clone(),
+            p: p.clone(),
+            p_detached: p.detached(),
+            deltas: deltas.clone(),
+            dp: dp.clone(),
+            dp_detached: dp.detached(),
+            mask,
+        });
+        // The op's backward runs only if its input is tracked; frozen embeddings are not.
+        if !x.track_op() {
+            x = candle_core::Var::from_tensor(&x)?.as_tensor().clone();
+        }
+        for i in 0..cfg.num_hidden_layers {
+            let s = shared.clone();
+            let block: std::sync::Arc<ops::checkpoint::Block> =
+                std::sync::Arc::new(move |x: &Tensor, track: bool| {
+                    let (p, dp) = if track {
+                        (&s.p, &s.dp)
+                    } else {
+                        (&s.p_detached, &s.dp_detached)
+                    };
+                    s.model
+                        .layer(i, p, &s.deltas, dp, &s.mask, x.clone())
+                        .map_err(|e| candle_core::Error::Msg(e.to_string()))
+                });
+            x = ops::checkpoint::checkpoint(&x, block)?;
+        }
+        Ok(x)
+    }
+
+    /// Encoder layer `i`: self-attention and feed-forward blocks, each with residual + LayerNorm.
+    fn layer(
+        &self,
+        i: usize,
+        p: &ParamStore,
+        deltas: &DeltaSet,
+        dp: &ParamStore,
+        mask: &Tensor,
+        x: Tensor,
+    ) -> Result<Tensor> {
+        let (b, t, d) = x.dims3()?;
+        let h = self.cfg.num_attention_heads;
         let hd = d / h;
         let scale = 1.0 / (hd as f64).sqrt();
-        for i in 0..cfg.num_hidden_layers {
-            let pre = format!("encoder.layer.{i}");
-            let heads = |m: &str| -> Result<Tensor> {
-                Ok(self
-                    .dense(p, deltas, dp, &format!("{pre}.attention.self.{m}"), &x)?
-                    .reshape((b, t, h, hd))?
-                    .transpose(1, 2)?)
-            };
-            let (q, k, v) = (heads("query")?, heads("key")?, heads("value")?);
-            let a = ops::attention(&q, &k, &v, Some(&mask), scale)?
-                .transpose(1, 2)?
-                .reshape((b, t, d))?;
-            let a = self.dense(p, deltas, dp, &format!("{pre}.attention.output.dense"), &a)?;
-            let a = deltas.after_attention(i, a, dp)?;
-            x = self.norm(
-                p,
-                deltas,
-                dp,
-                &format!("{pre}.attention.output.LayerNorm"),
-                &(a + &x)?,
-            )?;
-            let m =
-                ops::gelu(&self.dense(p, deltas, dp, &format!("{pre}.intermediate.dense"), &x)?)?;
-            let o = self.dense(p, deltas, dp, &format!("{pre}.output.dense"), &m)?;
-            let o = deltas.after_ffn(i, &x, o, dp)?;
-            x = self.norm(
-                p,
-                deltas,
-                dp,
-                &format!("{pre}.output.LayerNorm"),
-                &(o + &x)?,
-            )?;
-        }
+        let mut x = x;
+        let pre = format!("encoder.layer.{i}");
+        let heads = |m: &str| -> Result<Tensor> {
+            Ok(self
+                .dense(p, deltas, dp, &format!("{pre}.attention.self.{m}"), &x)?
+                .reshape((b, t, h, hd))?
+                .transpose(1, 2)?)
+        };
+        let (q, k, v) = (heads("query")?, heads("key")?, heads("value")?);
+        let a = ops::attention(&q, &k, &v, Some(mask), scale)?
+            .transpose(1, 2)?
+            .reshape((b, t, d))?;
+        let a = self.dense(p, deltas, dp, &format!("{pre}.attention.output.dense"), &a)?;
+        let a = deltas.after_attention(i, a, dp)?;
+        x = self.norm(
+            p,
+            deltas,
+            dp,
+            &format!("{pre}.attention.output.LayerNorm"),
+            &(a + &x)?,
+        )?;
+        let m = ops::gelu(&self.dense(p, deltas, dp, &format!("{pre}.intermediate.dense"), &x)?)?;
+        let o = self.dense(p, deltas, dp, &format!("{pre}.output.dense"), &m)?;
+        let o = deltas.after_ffn(i, &x, o, dp)?;
+        x = self.norm(
+            p,
+            deltas,
+            dp,
+            &format!("{pre}.output.LayerNorm"),
+            &(o + &x)?,
+        )?;
         Ok(x)
     }
 

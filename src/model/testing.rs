@@ -260,4 +260,51 @@ mod tests {
         assert!(err.to_string().contains("dropout"), "{err}");
         Ok(())
     }
+
+    /// The encoder too: LoRA on query/value, trainable LayerNorms, with a padding mask.
+    #[test]
+    fn checkpointed_encoder_layers_give_the_plain_gradients() -> Result<()> {
+        let (model, mut base) = tiny_bert(9, DType::F64)?;
+        base.make_trainable(|n| n.contains("LayerNorm"))?;
+        let cfg = LoraConfig {
+            init_lora_weights: crate::peft::lora::LoraInit::Default(false),
+            ..LoraConfig::new(2, 4.0, &["query", "value", "output.dense"])
+        };
+        let (lora, lp) = Lora::init(&cfg, &base, 5)?;
+        let lp = {
+            let mut s = ParamStore::new();
+            for (n, p) in lp.iter() {
+                let t = p.tensor().to_dtype(DType::F64)?;
+                s.insert_trainable(n, candle_core::Var::from_tensor(&t)?);
+            }
+            s
+        };
+        let mut deltas = DeltaSet::none();
+        deltas.push(lora);
+        let ids = token_ids(2, 5, 32, 3)?;
+        let mask = Tensor::new(&[[1u32, 1, 1, 1, 1], [1, 1, 1, 0, 0]], &Device::Cpu)?;
+        let run = |m: &Bert| -> Result<Vec<(String, Tensor)>> {
+            let h = m.forward(&base, &deltas, &lp, &ids, None, &mask)?;
+            let loss = (h.sqr()?.sum_all()? * 0.01)?;
+            let g = crate::ops::backward(&loss)?;
+            let mut out = Vec::new();
+            for (n, v) in lp.vars().into_iter().chain(base.vars()) {
+                let gv = g.get(v.as_tensor()).cloned();
+                out.push((n.clone(), gv.ok_or_else(|| crate::Error::invalid(n))?));
+            }
+            Ok(out)
+        };
+        let plain = run(&model)?;
+        let ckpt = run(&model.clone().with_activation_checkpointing(true))?;
+        assert!(plain.len() > 10);
+        for ((n, a), (_, c)) in plain.iter().zip(&ckpt) {
+            let d = (a - c)?.abs()?.max_all()?.to_scalar::<f64>()?;
+            let s = a.abs()?.max_all()?.to_scalar::<f64>()?;
+            assert!(
+                s > 0.0 && d <= 1e-12 * s.max(1.0),
+                "{n}: differs by {d} (scale {s})"
+            );
+        }
+        Ok(())
+    }
 }
