@@ -12,7 +12,7 @@ use crate::peft::lora::{Lora, LoraConfig};
 use crate::peft::DeltaSet;
 use crate::{Error, Result};
 
-pub const WORKLOADS: [(&str, &str); 26] = [
+pub const WORKLOADS: [(&str, &str); 27] = [
     (
         "matmul",
         "f32 1024 x 1024 x 1024 matmul: the machine's matmul peak, for the % column",
@@ -70,6 +70,10 @@ pub const WORKLOADS: [(&str, &str); 26] = [
     (
         "minilm-lora-ckpt",
         "minilm-lora with activation checkpointing",
+    ),
+    (
+        "full-ckpt",
+        "full with activation checkpointing",
     ),
     (
         "generate-q8_0",
