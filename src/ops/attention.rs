@@ -30,13 +30,88 @@ pub fn attention(
     let kt = matmul_ready(k)?.transpose(2, 3)?;
     let scores = (q.matmul(&kt)? * scale)?.reshape((b, h, tq, tk))?;
     let scores = match mask {
-        Some(m) => scores.broadcast_add(&m.to_dtype(scores.dtype())?)?,
+        Some(m) => add_mask(&scores, m)?,
         None => scores,
     };
     let p = softmax_last_dim(&scores)?;
     p.reshape((b, hkv, rep * tq, tk))?
         .matmul(&matmul_ready(v)?)?
         .reshape((b, h, tq, d))
+}
+
+/// `scores + mask` with `mask` broadcastable to `scores: [b, h, tq, tk]`, the mask held as a
+/// constant: a plain `broadcast_add` would also compute a `[b, h, tq, tk]` gradient for the mask
+/// and candle would keep it until the backward pass ends (one per layer).
+fn add_mask(scores: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let mask = mask.to_dtype(scores.dtype())?;
+    if !super::fused_ok(scores) || mask.rank() != 4 {
+        return scores.broadcast_add(&mask);
+    }
+    let dims = scores.dims4()?;
+    let md = mask.dims4()?;
+    let fits = |m: usize, s: usize| m == s || m == 1;
+    if !(fits(md.0, dims.0) && fits(md.1, dims.1) && fits(md.2, dims.2) && md.3 == dims.3) {
+        candle_core::bail!("attention: mask {md:?} does not broadcast to scores {dims:?}");
+    }
+    scores.contiguous()?.apply_op1(AddMask {
+        mask: mask.contiguous()?.detach(),
+    })
+}
+
+struct AddMask {
+    mask: Tensor,
+}
+
+impl AddMask {
+    fn run<T: candle_core::WithDType + std::ops::Add<Output = T>>(
+        &self,
+        s: &[T],
+        (b, h, q, k): (usize, usize, usize, usize),
+    ) -> Result<Vec<T>> {
+        let (mb, mh, mq, _) = self.mask.dims4()?;
+        let m = self.mask.flatten_all()?.to_vec1::<T>()?;
+        let mut out = Vec::with_capacity(s.len());
+        for bi in 0..b {
+            for hi in 0..h {
+                for qi in 0..q {
+                    let row = ((bi % mb * mh + hi % mh) * mq + qi % mq) * k;
+                    let at = ((bi * h + hi) * q + qi) * k;
+                    out.extend(
+                        s[at..at + k]
+                            .iter()
+                            .zip(&m[row..row + k])
+                            .map(|(&a, &b)| a + b),
+                    );
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl candle_core::CustomOp1 for AddMask {
+    fn name(&self) -> &'static str {
+        "metapeft-add-mask"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::CpuStorage as C;
+        let dims = l.shape().dims4()?;
+        let out = match s {
+            C::F32(_) => C::F32(self.run(super::cpu_slice::<f32>(s, l)?, dims)?),
+            C::F64(_) => C::F64(self.run(super::cpu_slice::<f64>(s, l)?, dims)?),
+            _ => candle_core::bail!("attention mask: f32 or f64 scores"),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(&self, _s: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(g.clone()))
+    }
 }
 
 /// `t` `[b, h, s, d]` itself when candle's matmul can read it in place (a KV-cache slice: the
@@ -128,6 +203,30 @@ mod tests {
         let full = attention(&q, &rep(&k)?, &rep(&v)?, None, 0.5)?;
         let diff = (gqa - full)?.abs()?.max_all()?.to_scalar::<f64>()?;
         assert!(diff < 1e-12);
+        Ok(())
+    }
+
+    #[test]
+    fn mask_op_equals_broadcast_add_and_passes_the_gradient_through() -> Result<()> {
+        let s = crate::ops::gradcheck::randn_f64(&[2, 3, 4, 5], 61, 1.0)?;
+        for shape in [[1, 1, 4, 5], [2, 1, 1, 5], [2, 1, 4, 5], [2, 3, 4, 5]] {
+            let m = crate::ops::gradcheck::randn_f64(&shape, 62, 1.0)?;
+            let want = s.broadcast_add(&m)?;
+            let got = add_mask(&s, &m)?;
+            let d = (got - want)?.abs()?.max_all()?.to_scalar::<f64>()?;
+            assert!(d == 0.0, "mask {shape:?}: differs by {d}");
+        }
+        let v = candle_core::Var::from_tensor(&s)?;
+        let m = crate::ops::gradcheck::randn_f64(&[1, 1, 4, 5], 63, 1.0)?;
+        let w = crate::ops::gradcheck::randn_f64(&[2, 3, 4, 5], 64, 1.0)?;
+        let g = (add_mask(v.as_tensor(), &m)? * &w)?.sum_all()?.backward()?;
+        let gv = g.get(v.as_tensor()).unwrap();
+        assert_eq!((gv - &w)?.abs()?.max_all()?.to_scalar::<f64>()?, 0.0);
+        assert!(add_mask(
+            &s,
+            &crate::ops::gradcheck::randn_f64(&[1, 1, 3, 5], 65, 1.0)?
+        )
+        .is_err());
         Ok(())
     }
 }
