@@ -135,6 +135,19 @@ fn encoder_classification_run_and_toml_config() {
     assert!(err.contains("not supported"), "{err}");
 }
 
+/// The training loss of every step in a run's `metrics.jsonl`.
+fn losses(dir: &std::path::Path) -> Vec<f64> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect()
+}
+
 fn report(dir: &std::path::Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).unwrap()).unwrap()
 }
@@ -365,17 +378,6 @@ fn sigkill_mid_run_then_resume_ends_like_an_uninterrupted_run() {
         "final loss",
     );
     // The whole loss curve is the same, step by step.
-    let losses = |d: &std::path::Path| -> Vec<f64> {
-        std::fs::read_to_string(d.join("metrics.jsonl"))
-            .unwrap()
-            .lines()
-            .map(|l| {
-                serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
-                    .as_f64()
-                    .unwrap()
-            })
-            .collect()
-    };
     let (lw, lk) = (losses(&whole), losses(&killed));
     assert_eq!(lw.len(), 40);
     assert_eq!(lk.len(), 40);
@@ -593,16 +595,10 @@ fn activation_checkpointing_trains_like_the_plain_graph() {
             ],
         );
         assert_eq!(code, 0, "{err}");
-        let losses: Vec<f64> = std::fs::read_to_string(out.join("metrics.jsonl"))
-            .unwrap()
-            .lines()
-            .map(|l| {
-                serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
-                    .as_f64()
-                    .unwrap()
-            })
-            .collect();
-        runs.push((losses, report(&out)["result"]["after"].as_f64().unwrap()));
+        runs.push((
+            losses(&out),
+            report(&out)["result"]["after"].as_f64().unwrap(),
+        ));
     }
     let ((plain, a), (ckpt, b)) = (&runs[0], &runs[1]);
     assert_eq!(plain.len(), 3);

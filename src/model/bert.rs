@@ -155,58 +155,18 @@ impl Bert {
         }
         let mut x = self.norm(p, deltas, dp, "embeddings.LayerNorm", &x)?;
         let mask = ops::padding_mask(attention_mask, dtype)?;
-        let checkpoint = self.checkpoint_layers
-            && x.device().is_cpu()
-            && !crate::meta::second_order::keeps_grad_graph();
-        if !checkpoint {
+        if !super::checkpointing::applies(self.checkpoint_layers, &x) {
             for i in 0..cfg.num_hidden_layers {
                 x = self.layer(i, p, deltas, dp, &mask, x)?;
             }
             return Ok(x);
         }
-        if deltas.is_stochastic() {
-            return Err(crate::Error::invalid(
-                "activation checkpointing re-runs each layer in the backward pass and cannot \
-                 replay LoRA dropout: set lora_dropout to 0 or turn checkpointing off",
-            ));
-        }
-        struct Shared {
-            model: Bert,
-            p: ParamStore,
-            p_detached: ParamStore,
-            deltas: DeltaSet,
-            dp: ParamStore,
-            dp_detached: ParamStore,
-            mask: Tensor,
-        }
-        let shared = std::sync::Arc::new(Shared {
-            model: self.clone(),
-            p: p.clone(),
-            p_detached: p.detached(),
-            deltas: deltas.clone(),
-            dp: dp.clone(),
-            dp_detached: dp.detached(),
-            mask,
-        });
-        // The op's backward runs only if its input is tracked; frozen embeddings are not.
-        if !x.track_op() {
-            x = candle_core::Var::from_tensor(&x)?.as_tensor().clone();
-        }
-        for i in 0..cfg.num_hidden_layers {
-            let s = shared.clone();
-            let block: std::sync::Arc<ops::checkpoint::Block> =
-                std::sync::Arc::new(move |x: &Tensor, track: bool| {
-                    let (p, dp) = if track {
-                        (&s.p, &s.dp)
-                    } else {
-                        (&s.p_detached, &s.dp_detached)
-                    };
-                    s.model
-                        .layer(i, p, &s.deltas, dp, &s.mask, x.clone())
-                        .map_err(|e| candle_core::Error::Msg(e.to_string()))
-                });
-            x = ops::checkpoint::checkpoint(&x, block)?;
-        }
+        let model = self.clone();
+        let layer: std::sync::Arc<super::checkpointing::Layer> =
+            std::sync::Arc::new(move |i, p, deltas, dp, x| {
+                model.layer(i, p, deltas, dp, &mask, x.clone())
+            });
+        let x = super::checkpointing::layers(cfg.num_hidden_layers, p, deltas, dp, x, layer)?;
         Ok(x)
     }
 

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{DType, Device, IndexOp, Tensor, Var};
+use candle_core::{DType, Device, IndexOp, Tensor};
 
 use super::config::LlamaConfig;
 use crate::ops::{self, RopeTables};
@@ -283,18 +283,12 @@ impl Llama {
             t,
             dtype,
         };
-        let checkpoint = self.checkpoint_layers
-            && cache.is_none()
-            && x.device().is_cpu()
-            && !crate::meta::second_order::keeps_grad_graph();
-        if checkpoint {
-            if deltas.is_stochastic() {
-                return Err(crate::Error::invalid(
-                    "activation checkpointing re-runs each layer in the backward pass and cannot \
-                     replay LoRA dropout: set lora_dropout to 0 or turn checkpointing off",
-                ));
-            }
-            x = self.checkpointed_layers(p, deltas, dp, ctx, x)?;
+        if cache.is_none() && super::checkpointing::applies(self.checkpoint_layers, &x) {
+            let model = self.clone();
+            let layer: Arc<super::checkpointing::Layer> = Arc::new(move |i, p, deltas, dp, x| {
+                model.layer(i, p, deltas, dp, &ctx, x.clone(), None)
+            });
+            x = super::checkpointing::layers(cfg.num_hidden_layers, p, deltas, dp, x, layer)?;
         } else {
             for i in 0..cfg.num_hidden_layers {
                 x = self.layer(i, p, deltas, dp, &ctx, x, cache.as_deref_mut())?;
@@ -384,57 +378,6 @@ impl Llama {
             deltas.after_ffn(i, &xn, dn, dp)?
         };
         x = (residual + dn)?;
-        Ok(x)
-    }
-
-    /// Every layer as one checkpointed op ([`ops::checkpoint`]): only the layer inputs stay alive
-    /// for the backward pass, which re-runs each layer.
-    fn checkpointed_layers(
-        &self,
-        p: &ParamStore,
-        deltas: &DeltaSet,
-        dp: &ParamStore,
-        ctx: LayerCtx,
-        x: Tensor,
-    ) -> Result<Tensor> {
-        struct Shared {
-            model: Llama,
-            p: ParamStore,
-            p_detached: ParamStore,
-            deltas: DeltaSet,
-            dp: ParamStore,
-            dp_detached: ParamStore,
-            ctx: LayerCtx,
-        }
-        let shared = Arc::new(Shared {
-            model: self.clone(),
-            p: p.clone(),
-            p_detached: p.detached(),
-            deltas: deltas.clone(),
-            dp: dp.clone(),
-            dp_detached: dp.detached(),
-            ctx,
-        });
-        // The op's backward runs only if its input is tracked; frozen embeddings are not.
-        let mut x = if x.track_op() {
-            x
-        } else {
-            Var::from_tensor(&x)?.as_tensor().clone()
-        };
-        for i in 0..self.cfg.num_hidden_layers {
-            let s = shared.clone();
-            let block: Arc<ops::checkpoint::Block> = Arc::new(move |x: &Tensor, track: bool| {
-                let (p, dp) = if track {
-                    (&s.p, &s.dp)
-                } else {
-                    (&s.p_detached, &s.dp_detached)
-                };
-                s.model
-                    .layer(i, p, &s.deltas, dp, &s.ctx, x.clone(), None)
-                    .map_err(|e| candle_core::Error::Msg(e.to_string()))
-            });
-            x = ops::checkpoint::checkpoint(&x, block)?;
-        }
         Ok(x)
     }
 

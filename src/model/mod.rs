@@ -2,6 +2,7 @@
 //! parameter store plus a config, and the architecture reads weights from the store by name.
 
 pub mod bert;
+mod checkpointing;
 pub mod config;
 pub mod llama;
 pub mod load;

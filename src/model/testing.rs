@@ -194,6 +194,41 @@ mod tests {
         Ok(())
     }
 
+    /// `lp` in f64 with every entry a fresh trainable `Var`.
+    fn trainable_f64(lp: &ParamStore) -> Result<ParamStore> {
+        let mut s = ParamStore::new();
+        for (n, p) in lp.iter() {
+            let t = p.tensor().to_dtype(DType::F64)?;
+            s.insert_trainable(n, candle_core::Var::from_tensor(&t)?);
+        }
+        Ok(s)
+    }
+
+    /// The gradients of `loss` for every trainable entry of `stores`, by name (all must exist).
+    fn named_grads(loss: &Tensor, stores: &[&ParamStore]) -> Result<Vec<(String, Tensor)>> {
+        let g = crate::ops::backward(loss)?;
+        let mut out = Vec::new();
+        for (n, v) in stores.iter().flat_map(|s| s.vars()) {
+            let gv = g.get(v.as_tensor()).cloned();
+            out.push((n.clone(), gv.ok_or_else(|| crate::Error::invalid(n))?));
+        }
+        Ok(out)
+    }
+
+    /// Equal to 1e-12 of each gradient's scale, and none identically zero.
+    fn assert_same_grads(plain: &[(String, Tensor)], ckpt: &[(String, Tensor)]) -> Result<()> {
+        assert_eq!(plain.len(), ckpt.len());
+        for ((n, a), (_, c)) in plain.iter().zip(ckpt) {
+            let d = (a - c)?.abs()?.max_all()?.to_scalar::<f64>()?;
+            let s = a.abs()?.max_all()?.to_scalar::<f64>()?;
+            assert!(
+                s > 0.0 && d <= 1e-12 * s.max(1.0),
+                "{n}: differs by {d} (scale {s})"
+            );
+        }
+        Ok(())
+    }
+
     /// Activation checkpointing changes memory, not results: the LoRA factors' (every linear),
     /// trainable base norms' and embedding's gradients equal the plain graph's.
     #[test]
@@ -209,41 +244,19 @@ mod tests {
             )
         };
         let (lora, lp) = Lora::init(&cfg, &base, 5)?;
-        let lp = lp.to_dtype(DType::F64)?;
-        let lp = {
-            let mut s = ParamStore::new();
-            for (n, p) in lp.iter() {
-                s.insert_trainable(n, candle_core::Var::from_tensor(p.tensor())?);
-            }
-            s
-        };
+        let lp = trainable_f64(&lp)?;
         let mut deltas = DeltaSet::none();
         deltas.push(lora);
         let ids = token_ids(2, 6, 32, 3)?;
         let targets = token_ids(2, 6, 32, 4)?;
         let run = |m: &Llama| -> Result<Vec<(String, Tensor)>> {
             let h = m.forward_hidden(&base, &deltas, &lp, &ids, None, None)?;
-            let loss = m.lm_head_loss(&base, &h, &targets, -100)?;
-            let g = crate::ops::backward(&loss)?;
-            let mut out = Vec::new();
-            for (n, v) in lp.vars().into_iter().chain(base.vars()) {
-                let gv = g.get(v.as_tensor()).cloned();
-                out.push((n.clone(), gv.ok_or_else(|| crate::Error::invalid(n))?));
-            }
-            Ok(out)
+            named_grads(&m.lm_head_loss(&base, &h, &targets, -100)?, &[&lp, &base])
         };
         let plain = run(&model)?;
         let ckpt = run(&model.clone().with_activation_checkpointing(true))?;
-        assert_eq!(plain.len(), ckpt.len());
         assert!(plain.len() > 20);
-        for ((n, a), (_, c)) in plain.iter().zip(&ckpt) {
-            let d = (a - c)?.abs()?.max_all()?.to_scalar::<f64>()?;
-            let s = a.abs()?.max_all()?.to_scalar::<f64>()?;
-            assert!(
-                s > 0.0 && d <= 1e-12 * s.max(1.0),
-                "{n}: differs by {d} (scale {s})"
-            );
-        }
+        assert_same_grads(&plain, &ckpt)?;
         // LoRA dropout cannot be replayed: a clear error, not wrong gradients.
         let cfg = LoraConfig {
             lora_dropout: 0.1,
@@ -271,40 +284,19 @@ mod tests {
             ..LoraConfig::new(2, 4.0, &["query", "value", "output.dense"])
         };
         let (lora, lp) = Lora::init(&cfg, &base, 5)?;
-        let lp = {
-            let mut s = ParamStore::new();
-            for (n, p) in lp.iter() {
-                let t = p.tensor().to_dtype(DType::F64)?;
-                s.insert_trainable(n, candle_core::Var::from_tensor(&t)?);
-            }
-            s
-        };
+        let lp = trainable_f64(&lp)?;
         let mut deltas = DeltaSet::none();
         deltas.push(lora);
         let ids = token_ids(2, 5, 32, 3)?;
         let mask = Tensor::new(&[[1u32, 1, 1, 1, 1], [1, 1, 1, 0, 0]], &Device::Cpu)?;
         let run = |m: &Bert| -> Result<Vec<(String, Tensor)>> {
             let h = m.forward(&base, &deltas, &lp, &ids, None, &mask)?;
-            let loss = (h.sqr()?.sum_all()? * 0.01)?;
-            let g = crate::ops::backward(&loss)?;
-            let mut out = Vec::new();
-            for (n, v) in lp.vars().into_iter().chain(base.vars()) {
-                let gv = g.get(v.as_tensor()).cloned();
-                out.push((n.clone(), gv.ok_or_else(|| crate::Error::invalid(n))?));
-            }
-            Ok(out)
+            named_grads(&(h.sqr()?.sum_all()? * 0.01)?, &[&lp, &base])
         };
         let plain = run(&model)?;
         let ckpt = run(&model.clone().with_activation_checkpointing(true))?;
         assert!(plain.len() > 10);
-        for ((n, a), (_, c)) in plain.iter().zip(&ckpt) {
-            let d = (a - c)?.abs()?.max_all()?.to_scalar::<f64>()?;
-            let s = a.abs()?.max_all()?.to_scalar::<f64>()?;
-            assert!(
-                s > 0.0 && d <= 1e-12 * s.max(1.0),
-                "{n}: differs by {d} (scale {s})"
-            );
-        }
+        assert_same_grads(&plain, &ckpt)?;
         Ok(())
     }
 }
