@@ -12,7 +12,7 @@ use crate::peft::lora::{Lora, LoraConfig};
 use crate::peft::DeltaSet;
 use crate::{Error, Result};
 
-pub const WORKLOADS: [(&str, &str); 27] = [
+pub const WORKLOADS: [(&str, &str); 30] = [
     (
         "matmul",
         "f32 1024 x 1024 x 1024 matmul: the machine's matmul peak, for the % column",
@@ -83,6 +83,12 @@ pub const WORKLOADS: [(&str, &str); 27] = [
         "generate-q4_1",
         "greedy generation from Q4_1 weights, 32-token prompt + 64 new tokens",
     ),
+    (
+        "decode",
+        "decode only: 64 greedy tokens after a 32-token prompt (the prompt is not timed)",
+    ),
+    ("decode-q8_0", "decode only, from Q8_0 weights"),
+    ("decode-q4_1", "decode only, from the GGUF's Q4_1 blocks"),
     ("prefill", "prefill: 128-token prompt into a KV cache, last logits"),
     ("prefill-q8_0", "prefill from Q8_0 weights, 128-token prompt"),
     ("prefill-q4_1", "prefill from Q4_1 weights, 128-token prompt"),
@@ -410,6 +416,27 @@ pub fn run(
                 model.forward_last(&ck.params, &DeltaSet::none(), &e, &ids, &mut cache)?;
                 Ok(())
             })?;
+        }
+        "decode" | "decode-q8_0" | "decode-q4_1" => {
+            let prompt = text_tokens(ck, 32)?;
+            let n = 64;
+            timing.tokens = n;
+            timing.flops = forward_flops(model, n, 32 + n / 2);
+            let e = ParamStore::new();
+            let none = DeltaSet::none();
+            let once = || -> Result<f64> {
+                let mut decoder = crate::generate::Decoder::new(model, &ck.params, &none, &e);
+                let mut id = crate::generate::argmax(&decoder.next_logits(&prompt)?);
+                let s = Instant::now();
+                for _ in 0..n {
+                    id = crate::generate::argmax(&decoder.next_logits(&[id])?);
+                }
+                Ok(s.elapsed().as_secs_f64())
+            };
+            for _ in 0..warmup {
+                once()?;
+            }
+            timing.seconds = (0..runs).map(|_| once()).collect::<Result<_>>()?;
         }
         "generate" | "generate-q8_0" | "generate-q4_1" => {
             let prompt = text_tokens(ck, 32)?;

@@ -9,6 +9,7 @@ use candle_core::{DType, Device, IndexOp, Tensor};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde::Serialize;
 
+use crate::model::fused_decode::{self, FusedDecoder};
 use crate::model::{KvCache, Llama, TextTokenizer};
 use crate::params::ParamStore;
 use crate::peft::DeltaSet;
@@ -142,7 +143,8 @@ pub fn generate(
 }
 
 /// Next-token logits for a growing sequence: from a KV cache, or by recomputing the whole
-/// sequence when a delta mixes positions ([`DeltaSet::mixes_positions`]).
+/// sequence when a delta mixes positions ([`DeltaSet::mixes_positions`]). The base model decodes
+/// single tokens after the prompt with [`FusedDecoder`] when its weights allow.
 pub(crate) struct Decoder<'a> {
     model: &'a Llama,
     params: &'a ParamStore,
@@ -150,6 +152,16 @@ pub(crate) struct Decoder<'a> {
     delta_params: &'a ParamStore,
     cache: Option<KvCache>,
     ids: Vec<u32>,
+    fused: Fused,
+}
+
+enum Fused {
+    /// Not for this model (or turned off).
+    No,
+    /// Ready to take over from the tensor path's cache after the prompt.
+    Ready(Box<FusedDecoder>),
+    /// Holds the sequence's cache now.
+    Active(Box<FusedDecoder>),
 }
 
 impl<'a> Decoder<'a> {
@@ -160,6 +172,12 @@ impl<'a> Decoder<'a> {
         delta_params: &'a ParamStore,
     ) -> Self {
         let cache = (!deltas.mixes_positions()).then(|| KvCache::new(model.cfg.num_hidden_layers));
+        let fused = match cache.is_some() && deltas.is_empty() && fused_decode::enabled() {
+            true => {
+                FusedDecoder::new(model, params).map_or(Fused::No, |f| Fused::Ready(Box::new(f)))
+            }
+            false => Fused::No,
+        };
         Self {
             model,
             params,
@@ -167,11 +185,29 @@ impl<'a> Decoder<'a> {
             delta_params,
             cache,
             ids: vec![],
+            fused,
         }
     }
 
     /// Append `new` tokens; the logits `[vocab]` of the token after them.
     pub(crate) fn next_logits(&mut self, new: &[u32]) -> Result<Vec<f32>> {
+        let prompt_done = self.cache.as_ref().is_some_and(|c| !c.is_empty());
+        if prompt_done {
+            if let Fused::Ready(_) = self.fused {
+                let Fused::Ready(f) = std::mem::replace(&mut self.fused, Fused::No) else {
+                    unreachable!()
+                };
+                let cache = self.cache.take().expect("checked above");
+                self.fused = Fused::Active(Box::new(f.with_cache(&cache)?));
+            }
+        }
+        if let Fused::Active(f) = &mut self.fused {
+            let mut logits = vec![];
+            for &id in new {
+                logits = f.step(id)?;
+            }
+            return Ok(logits);
+        }
         let (m, p, d, dp) = (self.model, self.params, self.deltas, self.delta_params);
         let device = Device::Cpu;
         let ids = &mut self.ids;

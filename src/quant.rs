@@ -184,10 +184,21 @@ impl QWeight {
         Ok(Tensor::from_vec(out, od, x.device())?)
     }
 
+    /// `out[j - rows.start] = W[j] . x` for the weight rows in `rows`, one quantized input row
+    /// (the fused decoder's per-thread share of a matrix-vector product).
+    pub(crate) fn dot_rows(&self, xq: &[Q8Block], rows: std::ops::Range<usize>, out: &mut [f32]) {
+        debug_assert_eq!(xq.len(), self.k / BLOCK);
+        let dot = dot_fn(self.kind);
+        for (j, y) in rows.zip(out) {
+            *y = dot(self.row(j), xq);
+        }
+    }
+
     /// `[m, n]` = `x [m, k]` times the transposed weight.
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
         let nb = self.k / BLOCK;
-        let xq: Vec<Q8Block> = x.chunks_exact(BLOCK).map(quantize_block).collect();
+        let mut xq = Vec::new();
+        quantize_input(x, &mut xq);
         let dot = dot_fn(self.kind);
         let dot4 = dot4_fn(self.kind);
         let rb = self.row_bytes();
@@ -229,12 +240,28 @@ impl QWeight {
 /// An input block quantized to 8 bits: x ~ d q; `s = d * sum(q)` (for Q4_1's offset term).
 #[derive(Clone, Copy)]
 #[repr(C, align(32))]
-struct Q8Block {
+pub(crate) struct Q8Block {
     q: [i8; BLOCK],
     d: f32,
     s: f32,
 }
 
+/// `x` (whole blocks) as 8-bit blocks in `out`, the input side of [`QWeight::dot_rows`].
+pub(crate) fn quantize_input(x: &[f32], out: &mut Vec<Q8Block>) {
+    out.clear();
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 is present.
+        out.extend(
+            x.chunks_exact(BLOCK)
+                .map(|b| unsafe { quantize_block_avx2(b) }),
+        );
+        return;
+    }
+    out.extend(x.chunks_exact(BLOCK).map(quantize_block));
+}
+
+/// Rounds half to even, like the AVX2 version's conversion.
 fn quantize_block(x: &[f32]) -> Q8Block {
     let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
     let d = amax / 127.0;
@@ -242,7 +269,7 @@ fn quantize_block(x: &[f32]) -> Q8Block {
     let mut q = [0i8; BLOCK];
     let mut sum = 0i32;
     for (o, v) in q.iter_mut().zip(x) {
-        *o = (v * inv).round() as i8;
+        *o = (v * inv).round_ties_even() as i8;
         sum += *o as i32;
     }
     Q8Block {
@@ -250,6 +277,50 @@ fn quantize_block(x: &[f32]) -> Q8Block {
         d,
         s: d * sum as f32,
     }
+}
+
+/// [`quantize_block`] in AVX2 (the scalar version's `round` was a libm call per element).
+///
+/// # Safety
+/// Needs AVX2; `x` has `BLOCK` elements.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn quantize_block_avx2(x: &[f32]) -> Q8Block {
+    use std::arch::x86_64::*;
+    debug_assert_eq!(x.len(), BLOCK);
+    let p = x.as_ptr();
+    let v = [0, 8, 16, 24].map(|o| _mm256_loadu_ps(p.add(o)));
+    let sign = _mm256_set1_ps(-0.0);
+    let abs = v.map(|v| _mm256_andnot_ps(sign, v));
+    let m = _mm256_max_ps(_mm256_max_ps(abs[0], abs[1]), _mm256_max_ps(abs[2], abs[3]));
+    let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    let m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+    let amax = _mm_cvtss_f32(m);
+    let d = amax / 127.0;
+    let inv = _mm256_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+    // Converting rounds to nearest, ties to even (the default MXCSR mode).
+    let i = v.map(|v| _mm256_cvtps_epi32(_mm256_mul_ps(v, inv)));
+    let sum = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
+    let sum = _mm_add_epi32(
+        _mm256_castsi256_si128(sum),
+        _mm256_extracti128_si256(sum, 1),
+    );
+    let sum = _mm_add_epi32(sum, _mm_shuffle_epi32(sum, 0b01_00_11_10));
+    let sum = _mm_add_epi32(sum, _mm_shuffle_epi32(sum, 0b10_11_00_01));
+    let sum = _mm_cvtsi128_si32(sum);
+    // Pack 32 x i32 -> 32 x i8; the packs interleave 128-bit lanes, the permute restores order.
+    let w01 = _mm256_packs_epi32(i[0], i[1]);
+    let w23 = _mm256_packs_epi32(i[2], i[3]);
+    let b = _mm256_packs_epi16(w01, w23);
+    let b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    let mut out = Q8Block {
+        q: [0; BLOCK],
+        d,
+        s: d * sum as f32,
+    };
+    _mm256_storeu_si256(out.q.as_mut_ptr() as *mut __m256i, b);
+    out
 }
 
 type QDot = fn(&[u8], &[Q8Block]) -> f32;
@@ -487,6 +558,54 @@ mod tests {
                 };
                 let fast = dot_fn(kind)(w.row(0), &xq[..nb]);
                 assert!((scalar - fast).abs() < 1e-3 * (1.0 + scalar.abs()));
+            }
+        }
+        Ok(())
+    }
+
+    /// The decoder's row-range product against one row at a time with the scalar kernels.
+    #[test]
+    fn row_ranges_match_the_scalar_kernels() -> Result<()> {
+        for kind in [QKind::Q8_0, QKind::Q4_1] {
+            for k in [32, 96, 576] {
+                let w = QWeight::quantize(&randn(23, k, 7)?, kind)?;
+                let x = randn(1, k, 8)?.flatten_all()?.to_vec1::<f32>()?;
+                let mut xq = Vec::new();
+                quantize_input(&x, &mut xq);
+                for rows in [0..23, 3..10, 5..6, 7..7] {
+                    let mut got = vec![f32::NAN; rows.len()];
+                    w.dot_rows(&xq, rows.clone(), &mut got);
+                    for (j, g) in rows.zip(&got) {
+                        let want = match kind {
+                            QKind::Q8_0 => dot_q8_0_scalar(w.row(j), &xq),
+                            QKind::Q4_1 => dot_q4_1_scalar(w.row(j), &xq),
+                        };
+                        assert!(
+                            (want - g).abs() < 1e-4 * (1.0 + want.abs()),
+                            "{kind:?} k {k} row {j}: {g} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn vector_and_scalar_activation_quantization_agree() -> Result<()> {
+        let mut x = randn(1, 32 * 40, 5)?.flatten_all()?.to_vec1::<f32>()?;
+        // An all-zero block, and one whose scaled values are exact halves (ties round to even).
+        x[..32].copy_from_slice(&[0.0; 32]);
+        for (i, v) in x[32..64].iter_mut().enumerate() {
+            *v = if i == 0 { 127.0 } else { i as f32 + 0.5 };
+        }
+        let mut fast = Vec::new();
+        quantize_input(&x, &mut fast);
+        for (b, f) in x.chunks_exact(BLOCK).zip(&fast) {
+            let s = quantize_block(b);
+            assert_eq!((s.q, s.d, s.s), (f.q, f.d, f.s));
+            for (&q, &v) in s.q.iter().zip(b) {
+                assert!((q as f32 * s.d - v).abs() <= 0.5 * s.d + 1e-6);
             }
         }
         Ok(())

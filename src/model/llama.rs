@@ -89,6 +89,15 @@ impl KvCache {
         Ok((kb.narrow(2, 0, need)?, vb.narrow(2, 0, need)?))
     }
 
+    /// Layer `i`'s keys and values so far, `[b, h_kv, len, d]` each (`None` before the first
+    /// append).
+    pub(crate) fn layer(&self, i: usize) -> Result<Option<(Tensor, Tensor)>> {
+        match self.layers.get(i) {
+            Some(Some((k, v))) => Ok(Some((k.narrow(2, 0, self.len)?, v.narrow(2, 0, self.len)?))),
+            _ => Ok(None),
+        }
+    }
+
     fn advance(&mut self, t: usize) {
         self.len += t;
     }
@@ -119,6 +128,15 @@ impl Llama {
     pub fn with_activation_checkpointing(mut self, on: bool) -> Self {
         self.checkpoint_layers = on;
         self
+    }
+
+    /// RoPE's `cos` and `sin` (`head_dim / 2` each) at position `pos`.
+    pub(crate) fn rope_window(&self, pos: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+        let (cos, sin) = self.rope.window(pos, 1)?;
+        Ok((
+            cos.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?,
+            sin.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?,
+        ))
     }
 
     pub fn activation_checkpointing(&self) -> bool {

@@ -4,6 +4,7 @@
 pub mod bert;
 mod checkpointing;
 pub mod config;
+pub(crate) mod fused_decode;
 pub mod llama;
 pub mod load;
 pub mod tokenizer;

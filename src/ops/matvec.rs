@@ -54,9 +54,9 @@ pub(crate) fn matvec_f32(x: &[f32], m: usize, w: &[f32], n: usize, k: usize, out
     }
 }
 
-type DotFn = fn(&[f32], &[f32]) -> f32;
+pub(crate) type DotFn = fn(&[f32], &[f32]) -> f32;
 
-fn dot_fn() -> DotFn {
+pub(crate) fn dot_fn() -> DotFn {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")

@@ -397,22 +397,30 @@ fn integer_kernel(x: &Tensor, w: &QuantizedWeight) -> Option<crate::quant::QWeig
     {
         return None;
     }
-    let kind = match w.dtype {
-        GgmlDType::Q8_0 => crate::quant::QKind::Q8_0,
-        GgmlDType::Q4_1 => crate::quant::QKind::Q4_1,
-        _ => return None,
-    };
-    Some(crate::quant::QWeight::from_shared(
-        kind,
-        w.rows,
-        w.cols,
-        w.bytes.clone(),
-    ))
+    w.integer_view()
+}
+
+impl QuantizedWeight {
+    /// The same blocks as a [`crate::quant::QWeight`] (no copy), for the block types with
+    /// integer kernels (Q8_0, Q4_1).
+    pub(crate) fn integer_view(&self) -> Option<crate::quant::QWeight> {
+        let kind = match self.dtype {
+            GgmlDType::Q8_0 => crate::quant::QKind::Q8_0,
+            GgmlDType::Q4_1 => crate::quant::QKind::Q4_1,
+            _ => return None,
+        };
+        Some(crate::quant::QWeight::from_shared(
+            kind,
+            self.rows,
+            self.cols,
+            self.bytes.clone(),
+        ))
+    }
 }
 
 /// Logits within this much of a row's maximum are recomputed exactly by [`quantized_logits`].
 /// The 8-bit activations move SmolLM2's logits by at most 0.26 (measured on its Q8_0 head).
-const RESCORE_MARGIN: f32 = 1.0;
+pub(crate) const RESCORE_MARGIN: f32 = 1.0;
 
 /// Logits `x W^T` by a quantized LM head. Where [`quantized_linear`] would take the integer
 /// kernels (decoding), it does, and then recomputes exactly every logit within `RESCORE_MARGIN`
