@@ -172,10 +172,9 @@ impl<'a> Decoder<'a> {
         delta_params: &'a ParamStore,
     ) -> Self {
         let cache = (!deltas.mixes_positions()).then(|| KvCache::new(model.cfg.num_hidden_layers));
-        let fused = match cache.is_some() && deltas.is_empty() && fused_decode::enabled() {
-            true => {
-                FusedDecoder::new(model, params).map_or(Fused::No, |f| Fused::Ready(Box::new(f)))
-            }
+        let fused = match cache.is_some() && fused_decode::enabled() {
+            true => fused_decoder(model, params, deltas, delta_params)
+                .map_or(Fused::No, |f| Fused::Ready(Box::new(f))),
             false => Fused::No,
         };
         Self {
@@ -187,6 +186,12 @@ impl<'a> Decoder<'a> {
             ids: vec![],
             fused,
         }
+    }
+
+    /// Whether single tokens after the prompt go through the fused decoder.
+    #[cfg(test)]
+    pub(crate) fn is_fused(&self) -> bool {
+        !matches!(self.fused, Fused::No)
     }
 
     /// Append `new` tokens; the logits `[vocab]` of the token after them.
@@ -228,6 +233,28 @@ impl<'a> Decoder<'a> {
         })?;
         Ok(logits.squeeze(0)?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
     }
+}
+
+/// The fused decoder for the base model, or for the base with the deltas merged into a copy of
+/// its weights when every delta can be (LoRA, (IA)3, BitFit, TARP bilinear...; equal to the
+/// unmerged model up to f32 rounding). Merging copies each matrix a delta touches, for the
+/// length of the generation. Anything else decodes on the tensor path.
+fn fused_decoder(
+    model: &Llama,
+    params: &ParamStore,
+    deltas: &DeltaSet,
+    delta_params: &ParamStore,
+) -> Option<FusedDecoder> {
+    // Cheap checks first: a base the decoder cannot read is not worth merging into.
+    let base = FusedDecoder::new(model, params)?;
+    if deltas.is_empty() {
+        return Some(base);
+    }
+    if deltas.is_stochastic() {
+        return None;
+    }
+    let merged = deltas.merge(params, delta_params).ok()?;
+    FusedDecoder::new(model, &merged)
 }
 
 /// Pick the next token: argmax at temperature 0, else sample after temperature, top-k and top-p.

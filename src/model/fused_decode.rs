@@ -460,7 +460,9 @@ pub(crate) struct FusedDecoder {
     cache: Vec<LayerCache>,
     capacity: usize,
     len: usize,
-    team: Team,
+    /// Spawned at the first step (deciding whether a model can be decoded here is cheap).
+    team: Option<Team>,
+    threads: usize,
     // Step buffers.
     x: Shared,
     qkv: Shared,
@@ -518,7 +520,8 @@ impl FusedDecoder {
             cache: vec![],
             capacity: 0,
             len: 0,
-            team: Team::new(rayon::current_num_threads().max(1)),
+            team: None,
+            threads: rayon::current_num_threads().max(1),
             x: Shared::zeros(d),
             qkv: Shared::zeros(nq + 2 * nkv),
             attn: Shared::zeros(nq),
@@ -595,6 +598,9 @@ impl FusedDecoder {
             )));
         }
         self.reserve(self.len + 1)?;
+        if self.team.is_none() {
+            self.team = Some(Team::new(self.threads));
+        }
         let pos = self.len;
         let (cos, sin) = self.model.rope_window(pos)?;
         // The token's embedding row.
@@ -642,11 +648,12 @@ impl FusedDecoder {
                 _ => unreachable!("a guard exactly for each f32 matrix"),
             });
         }
+        let team = self.team.as_ref().expect("spawned above");
         let this = &*self;
         let job = |t: usize, nt: usize, barrier: &SpinBarrier| {
             this.run(t, nt, &views, pos, &cos, &sin, barrier)
         };
-        self.team.run(&job);
+        team.run(&job);
         drop(views);
         drop(guards);
         self.len += 1;
@@ -981,6 +988,64 @@ mod tests {
         };
         team.run(&job);
         assert_eq!(hits.load(Ordering::SeqCst), 6);
+    }
+
+    /// Generation with mergeable deltas decodes fused on merged weights; the others stay on the
+    /// tensor path. Both must give the tensor path's logits with the deltas applied.
+    #[test]
+    fn generation_with_deltas_matches_the_tensor_path() -> Result<()> {
+        use crate::model::Arch;
+        use crate::peft::lora::LoraConfig;
+        use crate::peft::prefix::PrefixTuningConfig;
+        use crate::peft::DeltaConfig;
+        let (m, p) = model(false, true)?;
+        let arch = Arch::Llama(m.cfg.clone());
+        let configs = [
+            (
+                DeltaConfig::Lora(LoraConfig::new(4, 8.0, &["q_proj", "v_proj", "down_proj"])),
+                true,
+            ),
+            (
+                DeltaConfig::PrefixTuning(PrefixTuningConfig {
+                    num_virtual_tokens: 2,
+                    prefix_projection: false,
+                    encoder_hidden_size: 8,
+                }),
+                false,
+            ),
+        ];
+        for (cfg, fused) in configs {
+            let a = cfg.init(&arch, &p, 5)?;
+            // Away from the identity (LoRA's B starts at zero).
+            let mut dp = ParamStore::new();
+            for (i, (name, t)) in a.params.iter().enumerate() {
+                let t = t.tensor();
+                let noise = crate::ops::gradcheck::randn_f64(t.dims(), 40 + i as u64, 0.2)?;
+                dp.insert_frozen(name, (t + noise.to_dtype(t.dtype())?)?);
+            }
+            let d = a.attach(&arch, &p)?;
+            let mut decoder = crate::generate::Decoder::new(&m, &p, &d, &dp);
+            assert_eq!(decoder.is_fused(), fused, "{}", cfg.method());
+            let mut cache = KvCache::new(m.cfg.num_hidden_layers);
+            let ids = Tensor::new(&PROMPT, &Device::Cpu)?.unsqueeze(0)?;
+            let first = m.forward_last(&p, &d, &dp, &ids, &mut cache)?;
+            let got = decoder.next_logits(&PROMPT)?;
+            assert!(max_diff(&first.flatten_all()?.to_vec1::<f32>()?, &got) < 1e-4);
+            for (step, id) in continuation().into_iter().take(12).enumerate() {
+                let ids = Tensor::new(&[id], &Device::Cpu)?.unsqueeze(0)?;
+                let want = m.forward_last(&p, &d, &dp, &ids, &mut cache)?;
+                let want = want.flatten_all()?.to_vec1::<f32>()?;
+                let got = decoder.next_logits(&[id])?;
+                let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+                let diff = max_diff(&want, &got);
+                assert!(
+                    diff <= 1e-4 * (1.0 + scale),
+                    "{} step {step}: max |diff| {diff}",
+                    cfg.method()
+                );
+            }
+        }
+        Ok(())
     }
 
     #[test]
