@@ -12,7 +12,7 @@ use crate::peft::lora::{Lora, LoraConfig};
 use crate::peft::DeltaSet;
 use crate::{Error, Result};
 
-pub const WORKLOADS: [(&str, &str); 30] = [
+pub const WORKLOADS: [(&str, &str); 31] = [
     (
         "matmul",
         "f32 1024 x 1024 x 1024 matmul: the machine's matmul peak, for the % column",
@@ -89,6 +89,7 @@ pub const WORKLOADS: [(&str, &str); 30] = [
     ),
     ("decode-q8_0", "decode only, from Q8_0 weights"),
     ("decode-q4_1", "decode only, from the GGUF's Q4_1 blocks"),
+    ("decode-bf16", "decode only, from a bf16 copy of the weights"),
     ("prefill", "prefill: 128-token prompt into a KV cache, last logits"),
     ("prefill-q8_0", "prefill from Q8_0 weights, 128-token prompt"),
     ("prefill-q4_1", "prefill from Q4_1 weights, 128-token prompt"),
@@ -417,7 +418,7 @@ pub fn run(
                 Ok(())
             })?;
         }
-        "decode" | "decode-q8_0" | "decode-q4_1" => {
+        "decode" | "decode-q8_0" | "decode-q4_1" | "decode-bf16" => {
             let prompt = text_tokens(ck, 32)?;
             let n = 64;
             timing.tokens = n;

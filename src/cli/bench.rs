@@ -13,7 +13,7 @@ lora-all  LoRA r=8 on all 7 linears: train step, 4 x 128\n  lora-qv-bf16  lora-q
 lora-qv-ckpt, lora-all-ckpt, lora-qv-gguf-ckpt, fomaml-ckpt, minilm-lora-ckpt, full-ckpt  the same with activation checkpointing (less memory, one more forward)\n  minilm-lora  all-MiniLM-L6-v2 + LoRA r=8 (query, value) classifier step, 16 x 64 (always MiniLM)\n  startup   load checkpoint + tokenizer + model + LoRA (everything before the first step)\n  full      full fine-tuning step, 4 x 128\n  \
 forward   forward pass, 1 x 128\n  generate  greedy generation, 32-token prompt + 64 new tokens\n  \
 generate-q8_0, generate-q4_1  the same from quantized weights (requantized from the file as needed)\n  \
-decode, decode-q8_0, decode-q4_1  the 64 new tokens alone (tok/s of decoding; the prompt is not timed)\n  \
+decode, decode-q8_0, decode-q4_1, decode-bf16  the 64 new tokens alone (tok/s of decoding; the prompt is not timed)\n  \
 prefill, prefill-q8_0, prefill-q4_1  a 128-token prompt into an empty KV cache, last logits\n  \
 fomaml    FOMAML episode: 5 inner steps on 4 x 128 + query 4 x 128 (LoRA q,v)\n  \
 maml-exact  exact second-order MAML episode, 1 inner step\n  maml-hf   Hessian-free MAML episode, 1 inner step\n  \

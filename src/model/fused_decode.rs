@@ -35,8 +35,8 @@ pub(crate) fn enabled() -> bool {
 
 /// A weight matrix `[n, k]` as the decoder reads it.
 enum Matrix {
-    /// Contiguous f32 storage, read in place.
-    F32 { t: Tensor, n: usize, k: usize },
+    /// Contiguous f32, bf16 or f16 storage, read in place (half precision widened per row).
+    Dense { t: Tensor, n: usize, k: usize },
     /// Q8_0 / Q4_1 blocks.
     Quant(QWeight),
 }
@@ -48,11 +48,11 @@ impl Matrix {
             return (q.n == n && q.k == k).then_some(Matrix::Quant(q));
         }
         let t = p.get(name).ok()?;
-        let ok = t.dtype() == DType::F32
+        let ok = matches!(t.dtype(), DType::F32 | DType::BF16 | DType::F16)
             && t.device().is_cpu()
             && t.is_contiguous()
             && t.dims() == [n, k];
-        ok.then(|| Matrix::F32 { t: t.clone(), n, k })
+        ok.then(|| Matrix::Dense { t: t.clone(), n, k })
     }
 
     fn is_quantized(&self) -> bool {
@@ -386,6 +386,8 @@ fn within(rows: &Range<usize>, seg: Range<usize>) -> Range<usize> {
 /// A matrix as one step reads it.
 enum MatrixView<'a> {
     F32 { w: &'a [f32], k: usize },
+    Bf16 { w: &'a [half::bf16], k: usize },
+    F16 { w: &'a [half::f16], k: usize },
     Quant(&'a QWeight),
 }
 
@@ -416,6 +418,18 @@ impl MatrixView<'_> {
     fn rows(&self, dot: DotFn, x: &Activation, rows: Range<usize>, out: &mut [f32]) {
         match self {
             MatrixView::F32 { w, k } => {
+                for (j, y) in rows.zip(out) {
+                    *y = dot(&x.f, &w[j * k..(j + 1) * k]);
+                }
+            }
+            MatrixView::Bf16 { w, k } => {
+                let dot = crate::ops::matvec::dot_bf16_fn();
+                for (j, y) in rows.zip(out) {
+                    *y = dot(&x.f, &w[j * k..(j + 1) * k]);
+                }
+            }
+            MatrixView::F16 { w, k } => {
+                let dot = crate::ops::matvec::dot_f16_fn();
                 for (j, y) in rows.zip(out) {
                     *y = dot(&x.f, &w[j * k..(j + 1) * k]);
                 }
@@ -607,8 +621,11 @@ impl FusedDecoder {
         {
             let x = self.x.get_mut();
             match &self.embed {
-                Matrix::F32 { t, .. } => {
-                    let row = t.get(token as usize)?.to_vec1::<f32>()?;
+                Matrix::Dense { t, .. } => {
+                    let row = t
+                        .get(token as usize)?
+                        .to_dtype(DType::F32)?
+                        .to_vec1::<f32>()?;
                     x.copy_from_slice(&row);
                 }
                 Matrix::Quant(q) => q.dequantize_row(token as usize, x),
@@ -625,23 +642,33 @@ impl FusedDecoder {
         let guards: Vec<_> = matrices
             .iter()
             .map(|m| match m {
-                Matrix::F32 { t, .. } => Some(t.storage_and_layout()),
+                Matrix::Dense { t, .. } => Some(t.storage_and_layout()),
                 Matrix::Quant(_) => None,
             })
             .collect();
         let mut views = Vec::with_capacity(matrices.len());
         for (m, g) in matrices.iter().zip(&guards) {
             views.push(match (m, g) {
-                (Matrix::F32 { n, k, .. }, Some((storage, layout))) => {
-                    let Storage::Cpu(CpuStorage::F32(all)) = &**storage else {
-                        return Err(Error::invalid(
-                            "fused decoding: a weight left f32 CPU storage",
-                        ));
-                    };
-                    let at = layout.start_offset();
-                    MatrixView::F32 {
-                        w: &all[at..at + n * k],
-                        k: *k,
+                (Matrix::Dense { n, k, .. }, Some((storage, layout))) => {
+                    let (at, len, k) = (layout.start_offset(), n * k, *k);
+                    match &**storage {
+                        Storage::Cpu(CpuStorage::F32(all)) => MatrixView::F32 {
+                            w: &all[at..at + len],
+                            k,
+                        },
+                        Storage::Cpu(CpuStorage::BF16(all)) => MatrixView::Bf16 {
+                            w: &all[at..at + len],
+                            k,
+                        },
+                        Storage::Cpu(CpuStorage::F16(all)) => MatrixView::F16 {
+                            w: &all[at..at + len],
+                            k,
+                        },
+                        _ => {
+                            return Err(Error::invalid(
+                                "fused decoding: a weight left f32/bf16/f16 CPU storage",
+                            ))
+                        }
                     }
                 }
                 (Matrix::Quant(q), _) => MatrixView::Quant(q),
@@ -915,18 +942,26 @@ mod tests {
             .fold(0.0, f32::max)
     }
 
+    /// f32 compute on f32, bf16 or f16 weights (the tensor path widens half precision too).
     #[test]
     fn equals_the_tensor_path_in_f32_on_any_number_of_threads() -> Result<()> {
         for (tie, bias) in [(false, false), (true, true)] {
             let (m, p) = model(tie, bias)?;
-            for threads in [1, 2, 3] {
+            for (threads, dtype) in [
+                (1, DType::F32),
+                (2, DType::F32),
+                (3, DType::F32),
+                (2, DType::BF16),
+                (3, DType::F16),
+            ] {
+                let p = p.frozen_matrices_to(dtype)?;
                 for (step, (want, got)) in both(&m, &p, false, threads)?.iter().enumerate() {
                     let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
                     let diff = max_diff(want, got);
                     assert!(
                         diff <= 1e-5 * (1.0 + scale),
-                        "tie {tie} bias {bias}, {threads} threads, step {step}: max |diff| \
-                         {diff} (logits up to {scale})"
+                        "tie {tie} bias {bias}, {dtype:?}, {threads} threads, step {step}: max \
+                         |diff| {diff} (logits up to {scale})"
                     );
                 }
             }
@@ -1052,7 +1087,8 @@ mod tests {
     fn other_weight_forms_are_left_to_the_tensor_path() -> Result<()> {
         let (m, p) = model(false, false)?;
         assert!(FusedDecoder::new(&m, &p).is_some());
-        assert!(FusedDecoder::new(&m, &p.frozen_matrices_to(DType::BF16)?).is_none());
+        assert!(FusedDecoder::new(&m, &p.frozen_matrices_to(DType::BF16)?).is_some());
+        assert!(FusedDecoder::new(&m, &p.to_dtype(DType::F64)?).is_none());
         // Q4_0 blocks have no integer kernel here.
         assert!(FusedDecoder::new(&m, &p.quantize_matrices(GgmlDType::Q4_0)?).is_none());
         Ok(())
