@@ -21,7 +21,7 @@ use candle_core::{CpuStorage, DType, Storage, Tensor};
 
 use super::llama::{KvCache, Llama};
 use crate::ops::matvec::{dot_fn, DotFn};
-use crate::ops::quantized_linear::RESCORE_MARGIN;
+use crate::ops::quantized_linear::rescore_near_top;
 use crate::params::ParamStore;
 use crate::quant::{quantize_input, Q8Block, QWeight};
 use crate::{Error, Result};
@@ -83,6 +83,13 @@ impl Projection {
             false => None,
         };
         Some(Self { w, bias })
+    }
+
+    /// `out += bias[rows]`, if there is a bias.
+    fn add_bias(&self, out: &mut [f32], rows: Range<usize>) {
+        if let Some(b) = &self.bias {
+            out.iter_mut().zip(&b[rows]).for_each(|(y, b)| *y += b);
+        }
     }
 }
 
@@ -604,8 +611,8 @@ impl FusedDecoder {
 
     /// Append `token` at the next position; the logits `[vocab]` of the token after it.
     pub(crate) fn step(&mut self, token: u32) -> Result<Vec<f32>> {
-        let c = self.model.cfg.clone();
-        let (d, vocab) = (c.hidden_size, c.vocab_size);
+        let c = &self.model.cfg;
+        let (d, vocab, eps) = (c.hidden_size, c.vocab_size, c.rms_norm_eps);
         if token as usize >= vocab {
             return Err(Error::invalid(format!(
                 "token id {token} is outside the vocabulary ({vocab})"
@@ -686,12 +693,39 @@ impl FusedDecoder {
         self.len += 1;
         let mut logits = self.logits.get_mut().to_vec();
         if let Matrix::Quant(q) = &self.head {
+            // As `ops::quantized_logits` on the tensor path: the 8-bit activations must not
+            // flip a near-tie.
             let mut xn = Vec::new();
-            rms_norm(self.x.get_mut(), &self.final_norm, c.rms_norm_eps, &mut xn);
-            rescore(q, &xn, &mut logits);
+            rms_norm(self.x.get_mut(), &self.final_norm, eps, &mut xn);
+            rescore_near_top(&mut logits, &xn, |j, row| {
+                q.dequantize_row(j, row);
+                Ok(())
+            })?;
         }
         debug_assert_eq!(self.x.len(), d);
         Ok(logits)
+    }
+
+    /// `x[rows] += W[rows] . act (+ bias[rows])`: this thread's rows of a projection back into
+    /// the residual stream.
+    ///
+    /// # Safety
+    /// No other thread touches `x[rows]` until the caller's next barrier.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn add_to_residual(
+        &self,
+        w: &MatrixView,
+        proj: &Projection,
+        dot: DotFn,
+        act: &Activation,
+        rows: Range<usize>,
+        tmp: &mut [f32],
+    ) {
+        let out = &mut tmp[..rows.len()];
+        w.rows(dot, act, rows.clone(), out);
+        proj.add_bias(out, rows.clone());
+        let x = self.x.slice_mut(rows);
+        x.iter_mut().zip(out.iter()).for_each(|(x, y)| *x += y);
     }
 
     /// Thread `t` of `nt`'s part of one step.
@@ -750,9 +784,7 @@ impl FusedDecoder {
                     }
                     let out = self.qkv.slice_mut(seg.start + r.start..seg.start + r.end);
                     view.rows(dot, &act, r.clone(), out);
-                    if let Some(b) = &proj.bias {
-                        out.iter_mut().zip(&b[r]).for_each(|(y, b)| *y += b);
-                    }
+                    proj.add_bias(out, r);
                 }
                 barrier.wait();
                 // This thread's key/value heads into the cache, keys rotated.
@@ -792,11 +824,7 @@ impl FusedDecoder {
                 barrier.wait();
                 // Output projection into the residual stream, this thread's rows.
                 act.set_from(self.attn.slice(0..nq));
-                let r = share(d, t, nt);
-                let out = &mut tmp[..r.len()];
-                wo.rows(dot, &act, r.clone(), out);
-                let x = self.x.slice_mut(r.clone());
-                add_bias_into(x, out, layer.o.bias.as_deref().map(|b| &b[r.clone()]));
+                self.add_to_residual(wo, &layer.o, dot, &act, share(d, t, nt), &mut tmp);
                 barrier.wait();
                 // Feed-forward: gate and up rows of this thread, silu(gate) * up.
                 rms_norm(self.x.slice(0..d), &layer.ffn_norm, eps, &mut act.f);
@@ -806,23 +834,15 @@ impl FusedDecoder {
                 let (g, u) = tmp[..2 * n].split_at_mut(n);
                 wg.rows(dot, &act, r.clone(), g);
                 wu.rows(dot, &act, r.clone(), u);
-                if let Some(b) = &layer.gate.bias {
-                    g.iter_mut().zip(&b[r.clone()]).for_each(|(y, b)| *y += b);
-                }
-                if let Some(b) = &layer.up.bias {
-                    u.iter_mut().zip(&b[r.clone()]).for_each(|(y, b)| *y += b);
-                }
+                layer.gate.add_bias(g, r.clone());
+                layer.up.add_bias(u, r.clone());
                 let h = self.ffn.slice_mut(r);
                 for ((h, &g), &u) in h.iter_mut().zip(g.iter()).zip(u.iter()) {
                     *h = g / (1.0 + (-g).exp()) * u;
                 }
                 barrier.wait();
                 act.set_from(self.ffn.slice(0..f));
-                let r = share(d, t, nt);
-                let out = &mut tmp[..r.len()];
-                wd.rows(dot, &act, r.clone(), out);
-                let x = self.x.slice_mut(r.clone());
-                add_bias_into(x, out, layer.down.bias.as_deref().map(|b| &b[r.clone()]));
+                self.add_to_residual(wd, &layer.down, dot, &act, share(d, t, nt), &mut tmp);
                 barrier.wait();
             }
             // Final norm and this thread's rows of the head.
@@ -831,32 +851,6 @@ impl FusedDecoder {
             let r = share(c.vocab_size, t, nt);
             views[views.len() - 1].rows(dot, &act, r.clone(), self.logits.slice_mut(r));
         }
-    }
-}
-
-/// The exact product for every logit within `RESCORE_MARGIN` of the maximum, as
-/// `ops::quantized_logits` does on the tensor path (a near-tie is not flipped by the 8-bit
-/// activations). `xn`: the normed final hidden state.
-fn rescore(q: &QWeight, xn: &[f32], logits: &mut [f32]) {
-    let top = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut row = vec![0f32; q.k];
-    for (j, v) in logits.iter_mut().enumerate() {
-        if *v >= top - RESCORE_MARGIN {
-            q.dequantize_row(j, &mut row);
-            *v = row.iter().zip(xn).map(|(a, b)| a * b).sum();
-        }
-    }
-}
-
-/// `x += y (+ b)`.
-fn add_bias_into(x: &mut [f32], y: &[f32], b: Option<&[f32]>) {
-    match b {
-        Some(b) => x
-            .iter_mut()
-            .zip(y)
-            .zip(b)
-            .for_each(|((x, y), b)| *x += y + b),
-        None => x.iter_mut().zip(y).for_each(|(x, y)| *x += y),
     }
 }
 

@@ -101,34 +101,36 @@ pub(crate) fn dot_f16_fn() -> DotHalfFn<half::f16> {
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dot_bf16_avx2(a: &[f32], b: &[half::bf16]) -> f32 {
     use std::arch::x86_64::*;
-    let k = a.len().min(b.len());
-    let (pa, pb) = (a.as_ptr(), b.as_ptr() as *const u16);
-    let widen = |p: *const u16| {
+    dot_widened(a, b, |p| {
         let h = _mm_loadu_si128(p as *const __m128i);
         _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
-    };
-    let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-    let mut i = 0;
-    while i + 16 <= k {
-        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), widen(pb.add(i)), s0);
-        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i + 8)), widen(pb.add(i + 8)), s1);
-        i += 16;
-    }
-    let mut s = hsum256(_mm256_add_ps(s0, s1));
-    while i < k {
-        s += *pa.add(i) * b[i].to_f32();
-        i += 1;
-    }
-    s
+    })
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_f16_avx2(a: &[f32], b: &[half::f16]) -> f32 {
     use std::arch::x86_64::*;
+    dot_widened(a, b, |p| {
+        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    })
+}
+
+/// `a . b` for 16-bit `b`, `widen` turning 8 of its elements at a pointer into f32 lanes.
+/// Inlined into the callers above, so it is compiled with their target features.
+///
+/// # Safety
+/// The callers' features are present; `H` is a 16-bit float.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn dot_widened<H: Copy + Into<f32>>(
+    a: &[f32],
+    b: &[H],
+    widen: impl Fn(*const u16) -> std::arch::x86_64::__m256,
+) -> f32 {
+    use std::arch::x86_64::*;
     let k = a.len().min(b.len());
     let (pa, pb) = (a.as_ptr(), b.as_ptr() as *const u16);
-    let widen = |p: *const u16| _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
     let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
     let mut i = 0;
     while i + 16 <= k {
@@ -138,7 +140,7 @@ unsafe fn dot_f16_avx2(a: &[f32], b: &[half::f16]) -> f32 {
     }
     let mut s = hsum256(_mm256_add_ps(s0, s1));
     while i < k {
-        s += *pa.add(i) * b[i].to_f32();
+        s += a[i] * b[i].into();
         i += 1;
     }
     s

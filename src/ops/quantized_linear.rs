@@ -234,81 +234,23 @@ struct QuantizedMatmul {
 }
 
 impl QuantizedMatmul {
+    /// The tiles are the parallel tasks: each dequantizes its own tile and multiplies it on its
+    /// own thread. One fork-join per product instead of two per tile (one to dequantize, one for
+    /// gemm), which dominated short prompts: a 32-token prompt through SmolLM2 is ~1700 tiles.
     fn product(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
-        if rayon::current_num_threads() > 1 {
-            return match self.transposed {
-                false => self.product_parallel_tiles(x, m),
-                true => self.product_t_parallel_tiles(x, m),
-            };
+        match self.transposed {
+            false => self.product_by_columns(x, m),
+            true => self.product_t_by_partial_sums(x, m),
         }
-        let (n_rows, k) = (self.w.rows, self.w.cols);
-        let out_cols = if self.transposed { k } else { n_rows };
-        let in_cols = if self.transposed { n_rows } else { k };
-        let mut y = vec![0f32; m * out_cols];
-        let mut tile = vec![0f32; TILE_ROWS * k];
-        let par = match rayon::current_num_threads() {
-            0 | 1 => gemm::Parallelism::None,
-            t => gemm::Parallelism::Rayon(t),
-        };
-        let mut r0 = 0;
-        while r0 < n_rows {
-            let r = TILE_ROWS.min(n_rows - r0);
-            let t = &mut tile[..r * k];
-            self.w.dequantize_rows(r0, r, t)?;
-            // SAFETY: every pointer/stride pair below addresses inside `y`, `x` or `t`, with
-            // the shapes stated; the buffers outlive the call and `y` is not aliased.
-            unsafe {
-                if self.transposed {
-                    // y[m, k] += x[:, r0..r0+r] · t[r, k]
-                    gemm::gemm(
-                        m,
-                        k,
-                        r,
-                        y.as_mut_ptr(),
-                        1,
-                        k as isize,
-                        r0 > 0,
-                        x.as_ptr().add(r0),
-                        1,
-                        in_cols as isize,
-                        t.as_ptr(),
-                        1,
-                        k as isize,
-                        1.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        par,
-                    );
-                } else {
-                    // y[:, r0..r0+r] = x[m, k] · t[r, k]^T
-                    gemm::gemm(
-                        m,
-                        r,
-                        k,
-                        y.as_mut_ptr().add(r0),
-                        1,
-                        out_cols as isize,
-                        false,
-                        x.as_ptr(),
-                        1,
-                        in_cols as isize,
-                        t.as_ptr(),
-                        k as isize,
-                        1,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        par,
-                    );
-                }
-            }
-            r0 += r;
-        }
-        Ok(y)
+    }
+
+    /// Rows per tile: enough tiles to balance the threads, each still big enough for gemm.
+    fn tile_rows(&self) -> usize {
+        self.w
+            .rows
+            .div_ceil(rayon::current_num_threads().max(1) * 4)
+            .next_multiple_of(16)
+            .clamp(16, TILE_ROWS)
     }
 }
 
@@ -326,14 +268,11 @@ impl SharedOut {
 }
 
 impl QuantizedMatmul {
-    /// `x W^T` with the tiles spread over the threads: each task dequantizes its own tile and
-    /// multiplies it on its own thread, writing its block of output columns. One fork-join per
-    /// product instead of two per tile, which dominated short prompts (a 32-token prompt through
-    /// SmolLM2 is ~1700 tiles).
-    fn product_parallel_tiles(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
+    /// `x W^T`: each tile's task writes its own block of output columns.
+    fn product_by_columns(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
         let (n_rows, k) = (self.w.rows, self.w.cols);
         let mut y = vec![0f32; m * n_rows];
-        let tile_rows = self.parallel_tile_rows();
+        let tile_rows = self.tile_rows();
         let out = SharedOut(y.as_mut_ptr());
         (0..n_rows.div_ceil(tile_rows))
             .into_par_iter()
@@ -374,27 +313,15 @@ impl QuantizedMatmul {
             )?;
         Ok(y)
     }
-}
 
-impl QuantizedMatmul {
-    /// Rows per tile when tiles are spread over the threads: enough tiles to balance them, each
-    /// still big enough for gemm.
-    fn parallel_tile_rows(&self) -> usize {
-        self.w
-            .rows
-            .div_ceil(rayon::current_num_threads() * 4)
-            .next_multiple_of(16)
-            .clamp(16, TILE_ROWS)
-    }
-
-    /// `x W` (`x: [m, out]`, the input-gradient direction) with the tiles spread over the
-    /// threads: every tile adds into all of `y`, so each thread sums its tiles into its own
-    /// `[m, in]` buffer and the buffers are added at the end.
-    fn product_t_parallel_tiles(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
+    /// `x W` (`x: [m, out]`, the input-gradient direction): every tile adds into all of `y`, so
+    /// each thread sums its tiles into its own `[m, in]` buffer and the buffers are added at the
+    /// end.
+    fn product_t_by_partial_sums(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
         let (n_rows, k) = (self.w.rows, self.w.cols);
-        let tile_rows = self.parallel_tile_rows();
+        let tile_rows = self.tile_rows();
         let tiles = n_rows.div_ceil(tile_rows);
-        let threads = rayon::current_num_threads();
+        let threads = rayon::current_num_threads().max(1);
         let partials = (0..tiles)
             .into_par_iter()
             // About one run of tiles (and one partial sum) per thread.
@@ -567,7 +494,7 @@ impl QuantizedWeight {
 
 /// Logits within this much of a row's maximum are recomputed exactly by [`quantized_logits`].
 /// The 8-bit activations move SmolLM2's logits by at most 0.26 (measured on its Q8_0 head).
-pub(crate) const RESCORE_MARGIN: f32 = 1.0;
+const RESCORE_MARGIN: f32 = 1.0;
 
 /// Logits `x W^T` by a quantized LM head. Where [`quantized_linear`] would take the integer
 /// kernels (decoding), it does, and then recomputes exactly every logit within `RESCORE_MARGIN`
@@ -583,17 +510,31 @@ pub fn quantized_logits(x: &Tensor, w: &QuantizedWeight) -> Result<Tensor> {
     let dims = y.dims().to_vec();
     let mut yv = y.flatten_all()?.to_vec1::<f32>()?;
     let xv = x.flatten_all()?.to_vec1::<f32>()?;
-    let (rb, mut row) = (w.row_bytes(), vec![0f32; w.cols]);
+    let rb = w.row_bytes();
     for (yr, xr) in yv.chunks_mut(w.rows).zip(xv.chunks(w.cols)) {
-        let top = yr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        for (j, v) in yr.iter_mut().enumerate() {
-            if *v >= top - RESCORE_MARGIN {
-                w.row_to_f32(&w.bytes[j * rb..(j + 1) * rb], &mut row)?;
-                *v = row.iter().zip(xr).map(|(a, b)| a * b).sum();
-            }
-        }
+        rescore_near_top(yr, xr, |j, row| {
+            w.row_to_f32(&w.bytes[j * rb..(j + 1) * rb], row)
+        })?;
     }
     Tensor::from_vec(yv, dims, x.device())
+}
+
+/// Recompute exactly (`x . W[j]`, with `row` writing `W[j]` in f32) every logit of one row within
+/// `RESCORE_MARGIN` of its maximum. Shared by the tensor path and the fused decoder.
+pub(crate) fn rescore_near_top(
+    logits: &mut [f32],
+    x: &[f32],
+    mut row: impl FnMut(usize, &mut [f32]) -> Result<()>,
+) -> Result<()> {
+    let top = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut w = vec![0f32; x.len()];
+    for (j, v) in logits.iter_mut().enumerate() {
+        if *v >= top - RESCORE_MARGIN {
+            row(j, &mut w)?;
+            *v = w.iter().zip(x).map(|(a, b)| a * b).sum();
+        }
+    }
+    Ok(())
 }
 
 /// `x W` for `x: [..., out]`: the input-gradient direction of [`quantized_linear`], itself
