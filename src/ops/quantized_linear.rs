@@ -4,7 +4,8 @@
 //! The weight lives inside the op, not in the graph, as the GGUF's raw blocks. Each product walks
 //! the weight in tiles of rows: a tile is dequantized into a small f32 buffer and multiplied with
 //! `gemm`, so the matmul runs at f32 speed on exactly the dequantized weight (gradients equal the
-//! dequantized f32 model's up to summation order), and memory holds the blocks plus one tile.
+//! dequantized f32 model's up to summation order), and memory holds the blocks plus one tile per
+//! thread (and, for `g W`, one `[rows, in]` partial sum per thread).
 //! The backward is the same op in the other orientation (`g W`), itself differentiable, so
 //! second-order MAML works on a quantized base too.
 
