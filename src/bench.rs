@@ -427,10 +427,10 @@ pub fn run(
             let none = DeltaSet::none();
             let once = || -> Result<f64> {
                 let mut decoder = crate::generate::Decoder::new(model, &ck.params, &none, &e);
-                let mut id = crate::generate::argmax(&decoder.next_logits(&prompt)?);
+                let mut id = decoder.next_greedy(&prompt)?;
                 let s = Instant::now();
                 for _ in 0..n {
-                    id = crate::generate::argmax(&decoder.next_logits(&[id])?);
+                    id = decoder.next_greedy(&[id])?;
                 }
                 Ok(s.elapsed().as_secs_f64())
             };

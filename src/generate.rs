@@ -95,12 +95,19 @@ pub fn generate(
     let mut text = String::new();
     let mut finish = "length";
     let mut input = prompt_ids.to_vec();
+    // Greedy decoding without log-probabilities needs only each step's argmax.
+    let argmax_only = opts.temperature == 0.0 && opts.logprobs == 0;
     for _ in 0..opts.max_new_tokens {
-        let logits = decoder.next_logits(&input)?;
-        let next = choose(&logits, opts, &mut rng);
-        if opts.logprobs > 0 {
-            steps.push(top_logprobs(&logits, opts.logprobs));
-        }
+        let next = match argmax_only {
+            true => decoder.next_greedy(&input)?,
+            false => {
+                let logits = decoder.next_logits(&input)?;
+                if opts.logprobs > 0 {
+                    steps.push(top_logprobs(&logits, opts.logprobs));
+                }
+                choose(&logits, opts, &mut rng)
+            }
+        };
         generated.push(next);
         if opts.stop_at_eos && tokenizer.eos_ids.contains(&next) {
             finish = "eos";
@@ -194,8 +201,22 @@ impl<'a> Decoder<'a> {
         !matches!(self.fused, Fused::No)
     }
 
-    /// Append `new` tokens; the logits `[vocab]` of the token after them.
-    pub(crate) fn next_logits(&mut self, new: &[u32]) -> Result<Vec<f32>> {
+    /// Append `new` tokens; the greedy token after them: `argmax(next_logits(new))`, computed
+    /// without every logit where the fused decoder can (see `model::head_screen`).
+    pub(crate) fn next_greedy(&mut self, new: &[u32]) -> Result<u32> {
+        self.fused_takes_over()?;
+        if let Fused::Active(f) = &mut self.fused {
+            let mut next = None;
+            for &id in new {
+                next = Some(f.step_greedy(id)?);
+            }
+            return next.ok_or_else(|| Error::invalid("no new tokens to decode"));
+        }
+        Ok(argmax(&self.next_logits(new)?))
+    }
+
+    /// After the prompt, the fused decoder (if any) takes over the tensor path's cache.
+    fn fused_takes_over(&mut self) -> Result<()> {
         let prompt_done = self.cache.as_ref().is_some_and(|c| !c.is_empty());
         if prompt_done {
             if let Fused::Ready(_) = self.fused {
@@ -206,6 +227,12 @@ impl<'a> Decoder<'a> {
                 self.fused = Fused::Active(Box::new(f.with_cache(&cache)?));
             }
         }
+        Ok(())
+    }
+
+    /// Append `new` tokens; the logits `[vocab]` of the token after them.
+    pub(crate) fn next_logits(&mut self, new: &[u32]) -> Result<Vec<f32>> {
+        self.fused_takes_over()?;
         if let Fused::Active(f) = &mut self.fused {
             let mut logits = vec![];
             for &id in new {

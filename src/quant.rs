@@ -261,6 +261,17 @@ pub(crate) fn quantize_input(x: &[f32], out: &mut Vec<Q8Block>) {
     out.extend(x.chunks_exact(BLOCK).map(quantize_block));
 }
 
+/// `|x - x'|` (Euclidean), `x'` being `x` as the blocks `xq` that [`quantize_input`] made of it.
+pub(crate) fn q8_input_error_norm(x: &[f32], xq: &[Q8Block]) -> f64 {
+    let mut sum = 0f64;
+    for (b, q) in x.chunks_exact(BLOCK).zip(xq) {
+        for (&v, &qi) in b.iter().zip(&q.q) {
+            sum += (v as f64 - (q.d * qi as f32) as f64).powi(2);
+        }
+    }
+    sum.sqrt()
+}
+
 /// Rounds half to even, like the AVX2 version's conversion.
 fn quantize_block(x: &[f32]) -> Q8Block {
     let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));

@@ -16,9 +16,11 @@
 use std::cell::UnsafeCell;
 use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use candle_core::{CpuStorage, DType, Storage, Tensor};
 
+use super::head_screen::{self, HeadScreen};
 use super::llama::{KvCache, Llama};
 use crate::ops::matvec::{dot_fn, DotFn};
 use crate::ops::quantized_linear::rescore_near_top;
@@ -31,6 +33,12 @@ use crate::{Error, Result};
 pub(crate) fn enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("METAPEFT_FUSED_DECODE").map_or(true, |v| v != "0"))
+}
+
+/// What a step gives back.
+enum Next {
+    Logits(Vec<f32>),
+    Token(u32),
 }
 
 /// A weight matrix `[n, k]` as the decoder reads it.
@@ -483,6 +491,8 @@ pub(crate) struct FusedDecoder {
     len: usize,
     /// Spawned at the first step (deciding whether a model can be decoded here is cheap).
     team: Option<Team>,
+    /// The head's screen for greedy steps, once looked for (`Some(None)`: none).
+    screen: Option<Option<Arc<HeadScreen>>>,
     threads: usize,
     // Step buffers.
     x: Shared,
@@ -542,6 +552,7 @@ impl FusedDecoder {
             capacity: 0,
             len: 0,
             team: None,
+            screen: None,
             threads: rayon::current_num_threads().max(1),
             x: Shared::zeros(d),
             qkv: Shared::zeros(nq + 2 * nkv),
@@ -611,6 +622,26 @@ impl FusedDecoder {
 
     /// Append `token` at the next position; the logits `[vocab]` of the token after it.
     pub(crate) fn step(&mut self, token: u32) -> Result<Vec<f32>> {
+        match self.advance(token, false)? {
+            Next::Logits(v) => Ok(v),
+            Next::Token(_) => unreachable!("asked for logits"),
+        }
+    }
+
+    /// Append `token` at the next position; the greedy token after it (the argmax of `step`'s
+    /// logits, computed through the head's screen when it is dense: see [`HeadScreen`]).
+    pub(crate) fn step_greedy(&mut self, token: u32) -> Result<u32> {
+        match self.advance(token, true)? {
+            Next::Token(t) => Ok(t),
+            Next::Logits(v) => Ok(crate::generate::argmax(&v)),
+        }
+    }
+
+    fn advance(&mut self, token: u32, greedy: bool) -> Result<Next> {
+        let screen = match greedy {
+            true => self.screen()?,
+            false => None,
+        };
         let c = &self.model.cfg;
         let (d, vocab, eps) = (c.hidden_size, c.vocab_size, c.rms_norm_eps);
         if token as usize >= vocab {
@@ -684,13 +715,24 @@ impl FusedDecoder {
         }
         let team = self.team.as_ref().expect("spawned above");
         let this = &*self;
+        let head = match &screen {
+            Some(s) => &MatrixView::Quant(&s.q),
+            None => &views[views.len() - 1],
+        };
         let job = |t: usize, nt: usize, barrier: &SpinBarrier| {
-            this.run(t, nt, &views, pos, &cos, &sin, barrier)
+            this.run(t, nt, &views, head, pos, &cos, &sin, barrier)
         };
         team.run(&job);
+        // SAFETY: the team is done with the step's buffers.
+        let token = screen
+            .as_ref()
+            .map(|s| unsafe { self.screened_argmax(s, &views[views.len() - 1]) });
         drop(views);
         drop(guards);
         self.len += 1;
+        if let Some(token) = token {
+            return Ok(Next::Token(token));
+        }
         let mut logits = self.logits.get_mut().to_vec();
         if let Matrix::Quant(q) = &self.head {
             // As `ops::quantized_logits` on the tensor path: the 8-bit activations must not
@@ -703,7 +745,59 @@ impl FusedDecoder {
             })?;
         }
         debug_assert_eq!(self.x.len(), d);
-        Ok(logits)
+        Ok(match greedy {
+            true => Next::Token(crate::generate::argmax(&logits)),
+            false => Next::Logits(logits),
+        })
+    }
+
+    /// The head's screen when greedy steps can use one (a dense head; made at the first).
+    fn screen(&mut self) -> Result<Option<Arc<HeadScreen>>> {
+        if self.screen.is_none() {
+            self.screen = Some(match (&self.head, head_screen::enabled()) {
+                (Matrix::Dense { t, .. }, true) => HeadScreen::of(t)?,
+                _ => None,
+            });
+        }
+        Ok(self.screen.clone().flatten())
+    }
+
+    /// The exact argmax of the dense `head` over the step's screen scores (in `logits`): the
+    /// rows the screen cannot rule out are computed as the full head computes them.
+    ///
+    /// # Safety
+    /// No other thread touches the step's buffers.
+    unsafe fn screened_argmax(&self, screen: &HeadScreen, head: &MatrixView) -> u32 {
+        let c = &self.model.cfg;
+        let (d, vocab) = (c.hidden_size, c.vocab_size);
+        let mut act = Activation {
+            f: Vec::with_capacity(d),
+            q: Vec::new(),
+            quantize: true,
+        };
+        rms_norm(
+            self.x.slice(0..d),
+            &self.final_norm,
+            c.rms_norm_eps,
+            &mut act.f,
+        );
+        act.quantized();
+        let dot = dot_fn();
+        let scores = self.logits.slice_mut(0..vocab);
+        let Some(rows) = screen.candidates(scores, &act.f, &act.q) else {
+            head.rows(dot, &act, 0..vocab, scores);
+            return crate::generate::argmax(scores);
+        };
+        let (mut best, mut best_logit) = (rows[0], f32::NEG_INFINITY);
+        let mut y = [0f32];
+        for j in rows {
+            head.rows(dot, &act, j..j + 1, &mut y);
+            // First of equal maxima, as `generate::argmax`.
+            if y[0] > best_logit {
+                (best, best_logit) = (j, y[0]);
+            }
+        }
+        best as u32
     }
 
     /// `x[rows] += W[rows] . act (+ bias[rows])`: this thread's rows of a projection back into
@@ -735,6 +829,7 @@ impl FusedDecoder {
         t: usize,
         nt: usize,
         views: &[MatrixView],
+        head: &MatrixView,
         pos: usize,
         cos: &[f32],
         sin: &[f32],
@@ -847,9 +942,10 @@ impl FusedDecoder {
             }
             // Final norm and this thread's rows of the head.
             rms_norm(self.x.slice(0..d), &self.final_norm, eps, &mut act.f);
+            act.quantize |= matches!(head, MatrixView::Quant(_));
             act.quantized();
             let r = share(c.vocab_size, t, nt);
-            views[views.len() - 1].rows(dot, &act, r.clone(), self.logits.slice_mut(r));
+            head.rows(dot, &act, r.clone(), self.logits.slice_mut(r));
         }
     }
 }
@@ -992,6 +1088,55 @@ mod tests {
                     tensor_err / exact.len() as f32
                 );
                 assert!(tensor_err > 0.0, "the integer kernels ran");
+            }
+        }
+        Ok(())
+    }
+
+    /// Greedy steps through the head's Q8_0 screen give exactly the argmax of the full logits,
+    /// including where the leading logits nearly tie (a head whose rows come in near-equal pairs).
+    #[test]
+    fn greedy_steps_through_the_screen_are_the_argmax_of_the_full_head() -> Result<()> {
+        let (m, p) = model(true, false)?;
+        let mut rows = p.get("model.embed_tokens.weight")?.to_vec2::<f32>()?;
+        for j in (0..rows.len()).step_by(2) {
+            rows[j + 1] = rows[j].iter().map(|v| v * (1.0 + 1e-6)).collect();
+        }
+        let mut paired = ParamStore::new();
+        for (name, t) in p.iter() {
+            paired.insert_frozen(name, t.tensor().clone());
+        }
+        paired.insert_frozen(
+            "model.embed_tokens.weight",
+            Tensor::new(rows, &Device::Cpu)?,
+        );
+        for (threads, dtype) in [(1, DType::F32), (2, DType::F32), (3, DType::BF16)] {
+            for p in [&p, &paired] {
+                let p = p.frozen_matrices_to(dtype)?;
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .expect("thread pool");
+                pool.install(|| -> Result<()> {
+                    let none = (DeltaSet::none(), ParamStore::new());
+                    let mut cache = KvCache::new(m.cfg.num_hidden_layers);
+                    let ids = Tensor::new(&PROMPT, &Device::Cpu)?.unsqueeze(0)?;
+                    m.forward_last(&p, &none.0, &none.1, &ids, &mut cache)?;
+                    let new = || FusedDecoder::new(&m, &p).expect("dense weights");
+                    let mut full = new().with_cache(&cache)?;
+                    let mut greedy = new().with_cache(&cache)?;
+                    assert!(greedy.screen()?.is_some(), "a dense head has a screen");
+                    // Teacher-forced, so that every step sees a different state.
+                    for (step, id) in continuation().into_iter().enumerate() {
+                        let want = crate::generate::argmax(&full.step(id)?);
+                        assert_eq!(
+                            greedy.step_greedy(id)?,
+                            want,
+                            "{dtype:?}, {threads} threads, step {step}"
+                        );
+                    }
+                    Ok(())
+                })?;
             }
         }
         Ok(())

@@ -5,6 +5,7 @@ pub mod bert;
 mod checkpointing;
 pub mod config;
 pub(crate) mod fused_decode;
+mod head_screen;
 pub mod llama;
 pub mod load;
 pub mod tokenizer;
