@@ -3,5 +3,5 @@ mod cli;
 fn main() -> std::process::ExitCode {
     metapeft::runtime::configure_threads();
     metapeft::runtime::configure_allocator();
-    cli::run()
+    metapeft::runtime::run_on_pool(cli::run)
 }

@@ -46,3 +46,28 @@ pub fn configure_allocator() {
         }
     }
 }
+
+/// Run `f` (the whole command) on one of rayon's worker threads instead of the main thread.
+///
+/// Every parallel kernel (gemm, our ops) called from outside the pool is injected into it: the
+/// caller sleeps on a latch, a worker is woken to run the job, and the caller is woken again at
+/// its end, so each op pays two or three futex wake-ups (`perf`, SmolLM2 forward 1 x 128: ~10% of
+/// the time in the kernel's wake-up path) and the caller's core idles meanwhile. Called from a
+/// worker, an op's halves go onto that worker's own deque and the caller works on one of them.
+/// `METAPEFT_MAIN_ON_POOL=0` keeps the main thread (for A/B timing).
+pub fn run_on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if std::env::var("METAPEFT_MAIN_ON_POOL").as_deref() == Ok("0") {
+        return f();
+    }
+    // The command's backward passes recurse over the graph: give the workers the stack the main
+    // thread would have had, and more (address space only; pages are touched as needed).
+    let built = rayon::ThreadPoolBuilder::new()
+        .stack_size(64 << 20)
+        .thread_name(|i| format!("metapeft-{i}"))
+        .build_global();
+    match built {
+        Ok(()) => rayon::scope(|_| f()),
+        // Someone built the pool first (with its own stack size): keep the main thread.
+        Err(_) => f(),
+    }
+}
