@@ -4,6 +4,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tenso
 use num_traits::Float;
 use rayon::prelude::*;
 
+use super::exp::ExpSlice;
 use super::{cpu_slice, fused_ok};
 
 const CHUNK: usize = 4096;
@@ -16,6 +17,26 @@ fn map<T: WithDType + Float>(x: &[T], f: impl Fn(T) -> T + Sync) -> Vec<T> {
     out
 }
 
+/// `f(x, exp(-x))` per element, the exponentials over whole chunks (vectorised).
+fn map_with_exp_neg<T: WithDType + Float + ExpSlice>(
+    x: &[T],
+    f: impl Fn(T, T) -> T + Sync,
+) -> Vec<T> {
+    let mut out = vec![T::zero(); x.len()];
+    out.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .for_each(|(o, xs)| {
+            o.iter_mut().zip(xs).for_each(|(o, &v)| *o = -v);
+            T::exp_in_place(o);
+            o.iter_mut().zip(xs).for_each(|(o, &v)| *o = f(v, *o));
+        });
+    out
+}
+
+fn silu_of<T: Float>(v: T, exp_neg: T) -> T {
+    v / (T::one() + exp_neg)
+}
+
 struct Silu;
 
 impl CustomOp1 for Silu {
@@ -26,10 +47,10 @@ impl CustomOp1 for Silu {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let out = match s {
             CpuStorage::F32(_) => {
-                f32::to_cpu_storage_owned(map(cpu_slice::<f32>(s, l)?, |v| v / (1.0 + (-v).exp())))
+                f32::to_cpu_storage_owned(map_with_exp_neg(cpu_slice::<f32>(s, l)?, silu_of))
             }
             CpuStorage::F64(_) => {
-                f64::to_cpu_storage_owned(map(cpu_slice::<f64>(s, l)?, |v| v / (1.0 + (-v).exp())))
+                f64::to_cpu_storage_owned(map_with_exp_neg(cpu_slice::<f64>(s, l)?, silu_of))
             }
             _ => candle_core::bail!("silu: unsupported dtype"),
         };
@@ -45,8 +66,8 @@ impl CustomOp1 for Silu {
 /// (`silu''(x) = s (1 - s) (2 + x (1 - 2 s))`), so higher-order gradients stay right.
 struct SiluPrime;
 
-fn silu_prime_of<T: Float>(v: T) -> T {
-    let s = T::one() / (T::one() + (-v).exp());
+fn silu_prime_of<T: Float>(v: T, exp_neg: T) -> T {
+    let s = T::one() / (T::one() + exp_neg);
     s * (T::one() + v * (T::one() - s))
 }
 
@@ -58,10 +79,10 @@ impl CustomOp1 for SiluPrime {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let out = match s {
             CpuStorage::F32(_) => {
-                f32::to_cpu_storage_owned(map(cpu_slice::<f32>(s, l)?, silu_prime_of))
+                f32::to_cpu_storage_owned(map_with_exp_neg(cpu_slice::<f32>(s, l)?, silu_prime_of))
             }
             CpuStorage::F64(_) => {
-                f64::to_cpu_storage_owned(map(cpu_slice::<f64>(s, l)?, silu_prime_of))
+                f64::to_cpu_storage_owned(map_with_exp_neg(cpu_slice::<f64>(s, l)?, silu_prime_of))
             }
             _ => candle_core::bail!("silu: unsupported dtype"),
         };
@@ -103,13 +124,16 @@ impl CustomOp2 for SwiGlu {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        fn go<T: WithDType + Float>(g: &[T], u: &[T]) -> Vec<T> {
+        fn go<T: WithDType + Float + ExpSlice>(g: &[T], u: &[T]) -> Vec<T> {
             let mut out = vec![T::zero(); g.len()];
             out.par_chunks_mut(CHUNK)
                 .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
                 .for_each(|(o, (gs, us))| {
+                    // o = exp(-a), then a / (1 + exp(-a)) * b.
+                    o.iter_mut().zip(gs).for_each(|(o, &a)| *o = -a);
+                    T::exp_in_place(o);
                     for ((o, &a), &b) in o.iter_mut().zip(gs).zip(us) {
-                        *o = a / (T::one() + (-a).exp()) * b;
+                        *o = a / (T::one() + *o) * b;
                     }
                 });
             out

@@ -19,6 +19,7 @@ use candle_core::{
 use num_traits::Float;
 use rayon::prelude::*;
 
+use super::exp::ExpSlice;
 use super::{cross_entropy, fused_ok, linear, softmax_last_dim};
 use crate::ops::frozen_linear::{frozen_linear, frozen_matmul};
 use crate::ops::quantized_linear::{
@@ -39,7 +40,14 @@ struct LmHeadCe {
 
 /// Owned data of a CPU storage of a known dtype.
 trait Owned:
-    WithDType + Float + std::ops::AddAssign + std::ops::MulAssign + std::ops::SubAssign + Send + Sync
+    WithDType
+    + Float
+    + ExpSlice
+    + std::ops::AddAssign
+    + std::ops::MulAssign
+    + std::ops::SubAssign
+    + Send
+    + Sync
 {
     fn take(s: CpuStorage) -> Result<Vec<Self>>;
 }
@@ -138,17 +146,10 @@ impl LmHeadCe {
                     let t = t as usize;
                     let picked = WithDType::to_f64(row[t]);
                     let max = row.iter().fold(T::neg_infinity(), |a, &v| Float::max(a, v));
-                    let mut sum = T::zero();
-                    if want {
-                        for v in row.iter_mut() {
-                            *v = (*v - max).exp();
-                            sum += *v;
-                        }
-                    } else {
-                        for &v in row.iter() {
-                            sum += (v - max).exp();
-                        }
-                    }
+                    // In place: the block's logits are not needed afterwards.
+                    row.iter_mut().for_each(|v| *v -= max);
+                    T::exp_in_place(row);
+                    let sum = row.iter().fold(T::zero(), |s, &v| s + v);
                     let lse = WithDType::to_f64(max) + WithDType::to_f64(sum).ln();
                     if want {
                         let k = T::from(scale).unwrap_or_else(T::nan) / sum;

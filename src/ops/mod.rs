@@ -11,6 +11,7 @@ pub mod activation;
 pub mod attention;
 pub mod checkpoint;
 pub mod cross_entropy;
+pub(crate) mod exp;
 pub mod frozen_linear;
 pub mod gradcheck;
 pub mod layer_norm;

@@ -4,11 +4,12 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, WithDTyp
 use num_traits::Float;
 use rayon::prelude::*;
 
+use super::exp::ExpSlice;
 use super::{cpu_slice, fused_ok, rows_per_task};
 
 struct Softmax;
 
-fn fwd<T: WithDType + Float + std::ops::AddAssign + std::ops::MulAssign>(
+fn fwd<T: WithDType + Float + ExpSlice + std::ops::AddAssign + std::ops::MulAssign>(
     x: &[T],
     dim: usize,
 ) -> Vec<T> {
@@ -18,11 +19,9 @@ fn fwd<T: WithDType + Float + std::ops::AddAssign + std::ops::MulAssign>(
         .with_min_len(rows_per_task(dim))
         .for_each(|(o, xr)| {
             let max = xr.iter().fold(T::neg_infinity(), |m, &v| Float::max(m, v));
-            let mut sum = 0f64;
-            for (o, &v) in o.iter_mut().zip(xr) {
-                *o = (v - max).exp();
-                sum += WithDType::to_f64(*o);
-            }
+            o.iter_mut().zip(xr).for_each(|(o, &v)| *o = v - max);
+            T::exp_in_place(o);
+            let sum = o.iter().map(|&v| WithDType::to_f64(v)).sum::<f64>();
             let inv = T::from(sum.recip()).unwrap_or_else(T::nan);
             o.iter_mut().for_each(|o| *o *= inv);
         });
