@@ -17,20 +17,34 @@ fn map<T: WithDType + Float>(x: &[T], f: impl Fn(T) -> T + Sync) -> Vec<T> {
     out
 }
 
-/// `f(x, exp(-x))` per element, the exponentials over whole chunks (vectorised).
-fn map_with_exp_neg<T: WithDType + Float + ExpSlice>(
+/// `f(x, exp(arg(x)))` per element, the exponentials over whole chunks (vectorised).
+fn map_with_exp<T: WithDType + Float + ExpSlice>(
     x: &[T],
+    arg: impl Fn(T) -> T + Sync,
     f: impl Fn(T, T) -> T + Sync,
 ) -> Vec<T> {
     let mut out = vec![T::zero(); x.len()];
     out.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
         .for_each(|(o, xs)| {
-            o.iter_mut().zip(xs).for_each(|(o, &v)| *o = -v);
+            o.iter_mut().zip(xs).for_each(|(o, &v)| *o = arg(v));
             T::exp_in_place(o);
             o.iter_mut().zip(xs).for_each(|(o, &v)| *o = f(v, *o));
         });
     out
+}
+
+/// `f(x, exp(-x))` per element.
+fn map_with_exp_neg<T: WithDType + Float + ExpSlice>(
+    x: &[T],
+    f: impl Fn(T, T) -> T + Sync,
+) -> Vec<T> {
+    map_with_exp(x, |v| -v, f)
+}
+
+/// `f(x, exp(-x^2 / 2))` per element, in f32: GELU's `erf(x / sqrt 2)` and `phi(x)` share it.
+fn map_with_gauss_f32(x: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
+    map_with_exp(x, |v| -0.5 * v * v, f)
 }
 
 fn silu_of<T: Float>(v: T, exp_neg: T) -> T {
@@ -186,14 +200,25 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
 
 /// erf in f32 by Abramowitz & Stegun 7.1.26 (absolute error < 1.5e-7 in exact arithmetic, about
 /// 4e-7 in f32: the resolution of `1 + erf`), several times cheaper than candle's f64 series.
+#[cfg(test)]
 fn erf_f32(x: f32) -> f32 {
+    erf_given_exp(x, (-x * x).exp())
+}
+
+/// [`erf_f32`] with `exp(-x^2)` computed by the caller.
+fn erf_given_exp(x: f32, exp_neg_x2: f32) -> f32 {
     let a = x.abs();
     let t = 1.0 / (1.0 + 0.327_591_1 * a);
     let poly = t
         * (0.254_829_6
             + t * (-0.284_496_72 + t * (1.421_413_8 + t * (-1.453_152_1 + t * 1.061_405_4))));
-    let y = 1.0 - poly * (-a * a).exp();
+    let y = 1.0 - poly * exp_neg_x2;
     y.copysign(x)
+}
+
+/// `Phi(v) = (1 + erf(v / sqrt 2)) / 2` given `e = exp(-v^2 / 2)`.
+fn gauss_cdf_f32(v: f32, e: f32) -> f32 {
+    0.5 * (1.0 + erf_given_exp(v * std::f32::consts::FRAC_1_SQRT_2, e))
 }
 
 const FRAC_1_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
@@ -209,9 +234,11 @@ impl CustomOp1 for Gelu {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let out = match s {
-            CpuStorage::F32(_) => f32::to_cpu_storage_owned(map(cpu_slice::<f32>(s, l)?, |v| {
-                0.5 * v * (1.0 + erf_f32(v * std::f32::consts::FRAC_1_SQRT_2))
-            })),
+            CpuStorage::F32(_) => {
+                f32::to_cpu_storage_owned(map_with_gauss_f32(cpu_slice::<f32>(s, l)?, |v, e| {
+                    v * gauss_cdf_f32(v, e)
+                }))
+            }
             CpuStorage::F64(_) => f64::to_cpu_storage_owned(map(cpu_slice::<f64>(s, l)?, |v| {
                 0.5 * v * (1.0 + erf_f64(v / std::f64::consts::SQRT_2))
             })),
@@ -236,10 +263,11 @@ impl CustomOp1 for GeluPrime {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let out = match s {
-            CpuStorage::F32(_) => f32::to_cpu_storage_owned(map(cpu_slice::<f32>(s, l)?, |v| {
-                let cdf = 0.5 * (1.0 + erf_f32(v * std::f32::consts::FRAC_1_SQRT_2));
-                cdf + v * (FRAC_1_SQRT_2PI as f32) * (-0.5 * v * v).exp()
-            })),
+            CpuStorage::F32(_) => {
+                f32::to_cpu_storage_owned(map_with_gauss_f32(cpu_slice::<f32>(s, l)?, |v, e| {
+                    gauss_cdf_f32(v, e) + v * (FRAC_1_SQRT_2PI as f32) * e
+                }))
+            }
             CpuStorage::F64(_) => f64::to_cpu_storage_owned(map(cpu_slice::<f64>(s, l)?, |v| {
                 let cdf = 0.5 * (1.0 + erf_f64(v / std::f64::consts::SQRT_2));
                 cdf + v * FRAC_1_SQRT_2PI * (-0.5 * v * v).exp()

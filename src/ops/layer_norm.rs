@@ -4,6 +4,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, WithDTyp
 use num_traits::Float;
 use rayon::prelude::*;
 
+use super::norm_grad::fused_norm_backward;
 use super::{cpu_slice, fused_ok, rows_per_task};
 
 struct LayerNorm {
@@ -76,6 +77,12 @@ impl CustomOp3 for LayerNorm {
         _y: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (want_w, want_b) = (w.track_op(), b.track_op());
+        if let Some(f) = fused_norm_backward(x, w, g, self.eps, true, want_w || want_b)? {
+            let dw = f.dw.filter(|_| want_w);
+            let db = f.db.filter(|_| want_b);
+            return Ok((Some(f.dx), dw, db));
+        }
         let xc = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
         let r = (xc.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?
             .sqrt()?
@@ -88,13 +95,22 @@ impl CustomOp3 for LayerNorm {
             .broadcast_sub(&m1)?
             .sub(&xhat.broadcast_mul(&m2)?)?
             .broadcast_mul(&r)?;
+        // Frozen parameters get no gradient (candle would keep it until the backward ends).
         let dim = w.elem_count();
-        let dw = (g * &xhat)?
-            .reshape(((), dim))?
-            .sum(0)?
-            .reshape(w.shape())?;
-        let db = g.reshape(((), dim))?.sum(0)?.reshape(b.shape())?;
-        Ok((Some(dx), Some(dw), Some(db)))
+        let dw = match want_w {
+            true => Some(
+                (g * &xhat)?
+                    .reshape(((), dim))?
+                    .sum(0)?
+                    .reshape(w.shape())?,
+            ),
+            false => None,
+        };
+        let db = match want_b {
+            true => Some(g.reshape(((), dim))?.sum(0)?.reshape(b.shape())?),
+            false => None,
+        };
+        Ok((Some(dx), dw, db))
     }
 }
 

@@ -17,6 +17,7 @@ pub mod gradcheck;
 pub mod layer_norm;
 pub mod lm_head_loss;
 pub(crate) mod matvec;
+pub(crate) mod norm_grad;
 pub mod quantized_linear;
 pub mod rms_norm;
 pub mod rope;

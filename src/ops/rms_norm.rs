@@ -4,6 +4,7 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, WithDTyp
 use num_traits::Float;
 use rayon::prelude::*;
 
+use super::norm_grad::fused_norm_backward;
 use super::{cpu_slice, fused_ok, rows_per_task};
 
 struct RmsNorm {
@@ -63,6 +64,9 @@ impl CustomOp2 for RmsNorm {
         _y: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        if let Some(f) = fused_norm_backward(x, w, g, self.eps, false, w.track_op())? {
+            return Ok((Some(f.dx), f.dw));
+        }
         let r = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?
             .sqrt()?
             .recip()?;
