@@ -1,5 +1,5 @@
-//! The language-model head and the mean cross-entropy as one op: `loss = CE(h W^T, targets)` for a
-//! frozen `W: [vocab, d]`, computed a block of rows at a time so the `[tokens, vocab]` logits
+//! The language-model head and the mean cross-entropy as one op: `loss = CE(h W^T, targets)` for
+//! `W: [vocab, d]`, computed a block of rows at a time so the `[tokens, vocab]` logits
 //! (100 MB for 4 x 128 tokens over SmolLM2's 49152 classes) are never materialised, nor their
 //! gradient, softmax, one-hot and the other full-size temporaries of the unfused backward.
 //!
@@ -8,7 +8,8 @@
 //! the backward only scales it by the incoming gradient. On a thread that keeps the graph of
 //! gradients (second-order MAML), or if the op is differentiated twice, the backward is instead
 //! built from differentiable ops (frozen matmuls and our softmax), so gradients of gradients stay
-//! exact. A trainable `W` (full fine-tuning of a tied head) takes the unfused path.
+//! exact. A trainable `W` (full fine-tuning of a tied head) gets its gradient `sum over blocks of
+//! dlogits^T h` in the same loop; with a graph of gradients kept it takes the unfused path.
 
 use std::sync::Mutex;
 
@@ -36,7 +37,13 @@ struct LmHeadCe {
     /// Compute the hidden-state gradient in the forward (first-order training).
     want_grad: bool,
     grad: Mutex<Option<Tensor>>,
+    /// Compute the weight's gradient in the forward too (a trainable head; needs `want_grad`).
+    want_w_grad: bool,
+    w_grad: Mutex<Option<Tensor>>,
 }
+
+/// The loss and, when wanted, the hidden states' and the weight's gradients.
+type BlockedGrads<T> = (T, Option<Vec<T>>, Option<Vec<T>>);
 
 /// Owned data of a CPU storage of a known dtype.
 trait Owned:
@@ -78,7 +85,7 @@ impl LmHeadCe {
         lh: &Layout,
         w: &CpuStorage,
         lw: &Layout,
-    ) -> Result<(T, Option<Vec<T>>)> {
+    ) -> Result<BlockedGrads<T>> {
         let (n, d) = lh.shape().dims2()?;
         let (vocab, wd) = lw.shape().dims2()?;
         if wd != d {
@@ -87,29 +94,40 @@ impl LmHeadCe {
         let (h0, w0) = (lh.start_offset(), lw.start_offset());
         let w_t = Layout::contiguous_with_offset((vocab, d), w0).transpose(0, 1)?;
         let w_kn = Layout::contiguous_with_offset((vocab, d), w0);
-        self.blocks(
+        let dw = Mutex::new(self.want_w_grad.then(|| vec![T::zero(); vocab * d]));
+        let (loss, dh) = self.blocks(
             (n, d, vocab),
             BLOCK_ELEMS,
             |r0, m| {
                 let lhs = Layout::contiguous_with_offset((m, d), h0 + r0 * d);
                 T::take(h.matmul(w, (1, m, vocab, d), &lhs, &w_t)?)
             },
-            |dl, m| {
+            |dl, m, r0| {
                 let dl = T::to_cpu_storage_owned(dl);
                 let lay = Layout::contiguous((m, vocab));
+                if let Some(acc) = dw.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+                    // dW += dlogits^T h for this block's rows.
+                    let hb = Layout::contiguous_with_offset((m, d), h0 + r0 * d);
+                    let part =
+                        T::take(dl.matmul(h, (1, vocab, d, m), &lay.transpose(0, 1)?, &hb)?)?;
+                    acc.par_chunks_mut(1 << 16)
+                        .zip(part.par_chunks(1 << 16))
+                        .for_each(|(a, p)| a.iter_mut().zip(p).for_each(|(a, &p)| *a += p));
+                }
                 T::take(dl.matmul(w, (1, m, d, vocab), &lay, &w_kn)?)
             },
-        )
+        )?;
+        Ok((loss, dh, dw.into_inner().unwrap_or_else(|e| e.into_inner())))
     }
 
     /// The blocked loop over `block_elems / vocab` rows at a time: `logits(r0, m)` gives a block's
-    /// `[m, vocab]` logits, `grad(dlogits, m)` its `[m, d]` hidden-state gradient.
+    /// `[m, vocab]` logits, `grad(dlogits, m, r0)` its `[m, d]` hidden-state gradient.
     fn blocks<T: Owned>(
         &self,
         (n, d, vocab): (usize, usize, usize),
         block_elems: usize,
         logits_of: impl Fn(usize, usize) -> Result<Vec<T>>,
-        grad_of: impl Fn(Vec<T>, usize) -> Result<Vec<T>>,
+        grad_of: impl Fn(Vec<T>, usize, usize) -> Result<Vec<T>>,
     ) -> Result<(T, Option<Vec<T>>)> {
         let rows = (block_elems / vocab.max(1)).clamp(1, n.max(1));
         let scale = 1.0 / self.count.max(1) as f64;
@@ -160,7 +178,7 @@ impl LmHeadCe {
                 })
                 .sum::<f64>();
             if let Some(dh) = dh.as_mut() {
-                let g = grad_of(logits, m)?;
+                let g = grad_of(logits, m, r0)?;
                 dh[r0 * d..(r0 + m) * d].copy_from_slice(&g);
             }
             r0 += m;
@@ -177,9 +195,13 @@ impl LmHeadCe {
         lw: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (n, d) = lh.shape().dims2()?;
-        let (loss, dh) = self.run::<T>(h, lh, w, lw)?;
+        let (loss, dh, dw) = self.run::<T>(h, lh, w, lw)?;
         if let Some(dh) = dh {
             self.store_grad(Tensor::from_vec(dh, (n, d), &Device::Cpu)?);
+        }
+        if let Some(dw) = dw {
+            let dw = Tensor::from_vec(dw, lw.shape(), &Device::Cpu)?;
+            *self.w_grad.lock().unwrap_or_else(|e| e.into_inner()) = Some(dw);
         }
         Ok((T::to_cpu_storage_owned(vec![loss]), Shape::from(())))
     }
@@ -215,11 +237,20 @@ impl CustomOp2 for LmHeadCe {
             return Ok((Some(h.zeros_like()?), None));
         }
         if let Some(dh) = self.cached_grad() {
-            return Ok((Some(dh.broadcast_mul(g)?), None));
+            let dw = self.w_grad.lock().unwrap_or_else(|e| e.into_inner()).take();
+            let dw = match dw {
+                Some(dw) => Some(dw.broadcast_mul(g)?),
+                None => None,
+            };
+            return Ok((Some(dh.broadcast_mul(g)?), dw));
         }
         // Differentiable form (second order): (softmax(h W^T) - onehot) * keep W.
         let dl = self.dlogits(h, &frozen_linear(h, w)?, g)?;
-        Ok((Some(frozen_matmul(&dl, w)?), None))
+        let dw = match w.track_op() {
+            true => Some(dl.t()?.matmul(h)?),
+            false => None,
+        };
+        Ok((Some(frozen_matmul(&dl, w)?), dw))
     }
 }
 
@@ -283,7 +314,7 @@ impl CustomOp1 for QuantizedLmHeadCe {
             (n, d, vocab),
             QUANTIZED_BLOCK_ELEMS,
             |r0, m| quantized_product(&self.w, &x[r0 * d..(r0 + m) * d], m, false),
-            |dl, m| quantized_product(&self.w, &dl, m, true),
+            |dl, m, _| quantized_product(&self.w, &dl, m, true),
         )?;
         if let Some(dh) = dh {
             self.ce
@@ -329,7 +360,8 @@ pub fn quantized_lm_head_cross_entropy(
 /// Mean cross-entropy of the logits `hidden W^T` (`hidden: [..., d]`, `W: [vocab, d]`) against
 /// `targets: [...]`, skipping `ignore_index`; the same value and gradients as
 /// `cross_entropy(&linear(hidden, w, None), targets, ignore_index)` without materialising the
-/// logits when `W` is frozen and the tensors are on the CPU in f32/f64.
+/// logits when the tensors are on the CPU in f32/f64 (and, for a trainable `W`, the hidden
+/// states are trained too and no graph of gradients is kept).
 pub fn lm_head_cross_entropy(
     hidden: &Tensor,
     w: &Tensor,
@@ -338,16 +370,21 @@ pub fn lm_head_cross_entropy(
 ) -> Result<Tensor> {
     let d = hidden.dim(candle_core::D::Minus1)?;
     let h = hidden.reshape(((), d))?;
-    if !fused_ok(&h) || w.track_op() {
+    let mut ce = LmHeadCe::new(&h, targets, ignore_index)?;
+    if !fused_ok(&h) || (w.track_op() && !ce.want_grad) {
         return cross_entropy(&linear(&h, w, None)?, targets, ignore_index);
     }
-    let ce = LmHeadCe::new(&h, targets, ignore_index)?;
+    ce.want_w_grad = w.track_op();
     let w = if w.dtype() != h.dtype() {
         w.to_dtype(h.dtype())?
     } else {
         w.clone()
     };
-    h.contiguous()?.apply_op2(&w.contiguous()?.detach(), ce)
+    let w = match ce.want_w_grad {
+        true => w.contiguous()?,
+        false => w.contiguous()?.detach(),
+    };
+    h.contiguous()?.apply_op2(&w, ce)
 }
 
 impl LmHeadCe {
@@ -368,6 +405,8 @@ impl LmHeadCe {
             count,
             want_grad: h.track_op() && !crate::meta::second_order::keeps_grad_graph(),
             grad: Mutex::new(None),
+            want_w_grad: false,
+            w_grad: Mutex::new(None),
         })
     }
 }
@@ -384,6 +423,8 @@ fn with_mode(hidden: &Tensor, w: &Tensor, targets: &[i64], precompute: bool) -> 
             count,
             want_grad: precompute,
             grad: Mutex::new(None),
+            want_w_grad: false,
+            w_grad: Mutex::new(None),
         },
     )
 }
@@ -407,6 +448,38 @@ mod tests {
                 1e-6,
             )?;
             assert!(err < 1e-7, "precompute {precompute}: rel error {err}");
+        }
+        Ok(())
+    }
+
+    /// A trained head (full fine-tuning of a tied embedding): the weight's gradient accumulates
+    /// over blocks (5 here) and equals the unfused one, as do the value and the hidden states'.
+    #[test]
+    fn a_trained_head_gets_the_unfused_gradients() -> Result<()> {
+        let (n, vocab, d) = (1100, 16_000, 6);
+        let h = Var::from_tensor(&randn_f64(&[n, d], 87, 1.0)?)?;
+        let w = Var::from_tensor(&randn_f64(&[vocab, d], 88, 0.5)?)?;
+        let t: Vec<i64> = (0..n as i64)
+            .map(|i| {
+                if i % 7 == 3 {
+                    -100
+                } else {
+                    (i * 131) % vocab as i64
+                }
+            })
+            .collect();
+        let t = Tensor::new(t.as_slice(), &Device::Cpu)?;
+        let fused = lm_head_cross_entropy(h.as_tensor(), w.as_tensor(), &t, -100)?;
+        let plain = cross_entropy(&linear(h.as_tensor(), w.as_tensor(), None)?, &t, -100)?;
+        let (fv, pv) = (fused.to_scalar::<f64>()?, plain.to_scalar::<f64>()?);
+        assert!((fv - pv).abs() < 1e-12 * pv.abs(), "{fv} vs {pv}");
+        let (gf, gp) = ((fused * 3.0)?.backward()?, (plain * 3.0)?.backward()?);
+        for v in [&h, &w] {
+            let a = gf.get(v.as_tensor()).expect("fused gradient");
+            let b = gp.get(v.as_tensor()).expect("unfused gradient");
+            let scale = b.abs()?.max_all()?.to_scalar::<f64>()?;
+            let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f64>()?;
+            assert!(diff <= 1e-12 * scale, "max |diff| {diff} (scale {scale})");
         }
         Ok(())
     }
