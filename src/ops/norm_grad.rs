@@ -43,21 +43,31 @@ pub(crate) fn fused_norm_backward(
     {
         return Ok(None);
     }
+    let norm = Norm {
+        eps,
+        centered,
+        want_params,
+    };
     match x.dtype() {
-        candle_core::DType::F32 => run::<f32>(x, w, g, eps, centered, want_params).map(Some),
-        candle_core::DType::F64 => run::<f64>(x, w, g, eps, centered, want_params).map(Some),
+        candle_core::DType::F32 => run::<f32>([x, w, g], norm).map(Some),
+        candle_core::DType::F64 => run::<f64>([x, w, g], norm).map(Some),
         _ => Ok(None),
     }
 }
 
-fn run<T: WithDType + Float>(
-    x: &Tensor,
-    w: &Tensor,
-    g: &Tensor,
+#[derive(Clone, Copy)]
+struct Norm {
     eps: f64,
     centered: bool,
     want_params: bool,
-) -> Result<NormGrads> {
+}
+
+fn run<T: WithDType + Float>([x, w, g]: [&Tensor; 3], norm: Norm) -> Result<NormGrads> {
+    let Norm {
+        eps,
+        centered,
+        want_params,
+    } = norm;
     let (x, w, g) = (x.contiguous()?, w.contiguous()?, g.contiguous()?);
     let dim = w.elem_count();
     if dim == 0 || x.elem_count() != g.elem_count() || x.dims().last() != Some(&dim) {
