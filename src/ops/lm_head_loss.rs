@@ -103,17 +103,38 @@ impl LmHeadCe {
                 T::take(h.matmul(w, (1, m, vocab, d), &lhs, &w_t)?)
             },
             |dl, m, r0| {
+                if let Some(acc) = dw.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+                    // dW += dlogits^T h for this block's rows, in place: a product per block
+                    // would be a fresh 113 MB (SmolLM2) mapping, zeroed page by page.
+                    let hb = &h.as_slice::<T>()?[h0 + r0 * d..h0 + (r0 + m) * d];
+                    // SAFETY: `acc` is [vocab, d], `dl` [m, vocab] (read transposed) and `hb`
+                    // [m, d], all row-major, as the strides say.
+                    unsafe {
+                        gemm::gemm(
+                            vocab,
+                            d,
+                            m,
+                            acc.as_mut_ptr(),
+                            1,
+                            d as isize,
+                            true,
+                            dl.as_ptr(),
+                            vocab as isize,
+                            1,
+                            hb.as_ptr(),
+                            1,
+                            d as isize,
+                            T::one(),
+                            T::one(),
+                            false,
+                            false,
+                            false,
+                            gemm::Parallelism::Rayon(rayon::current_num_threads()),
+                        );
+                    }
+                }
                 let dl = T::to_cpu_storage_owned(dl);
                 let lay = Layout::contiguous((m, vocab));
-                if let Some(acc) = dw.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
-                    // dW += dlogits^T h for this block's rows.
-                    let hb = Layout::contiguous_with_offset((m, d), h0 + r0 * d);
-                    let part =
-                        T::take(dl.matmul(h, (1, vocab, d, m), &lay.transpose(0, 1)?, &hb)?)?;
-                    acc.par_chunks_mut(1 << 16)
-                        .zip(part.par_chunks(1 << 16))
-                        .for_each(|(a, p)| a.iter_mut().zip(p).for_each(|(a, &p)| *a += p));
-                }
                 T::take(dl.matmul(w, (1, m, d, vocab), &lay, &w_kn)?)
             },
         )?;
