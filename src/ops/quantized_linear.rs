@@ -269,6 +269,21 @@ impl SharedOut {
 }
 
 impl QuantizedMatmul {
+    /// Tile `i` of the weight dequantized into `tile`: its first row, its row count and its
+    /// `[rows, in]` values.
+    fn dequantized_tile<'t>(
+        &self,
+        i: usize,
+        tile: &'t mut [f32],
+    ) -> Result<(usize, usize, &'t [f32])> {
+        let tile_rows = self.tile_rows();
+        let r0 = i * tile_rows;
+        let r = tile_rows.min(self.w.rows - r0);
+        let t = &mut tile[..r * self.w.cols];
+        self.w.dequantize_rows_serial(r0, r, t)?;
+        Ok((r0, r, t))
+    }
+
     /// `x W^T`: each tile's task writes its own block of output columns.
     fn product_by_columns(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
         let (n_rows, k) = (self.w.rows, self.w.cols);
@@ -280,10 +295,7 @@ impl QuantizedMatmul {
             .try_for_each_init(
                 || vec![0f32; tile_rows * k],
                 |tile, i| -> Result<()> {
-                    let r0 = i * tile_rows;
-                    let r = tile_rows.min(n_rows - r0);
-                    let t = &mut tile[..r * k];
-                    self.w.dequantize_rows_serial(r0, r, t)?;
+                    let (r0, r, t) = self.dequantized_tile(i, tile)?;
                     // SAFETY: this task writes only the columns r0..r0+r of `y` ([m, n_rows]);
                     // `x` is [m, k] and `t` [r, k], as the strides say.
                     unsafe {
@@ -330,10 +342,7 @@ impl QuantizedMatmul {
             .try_fold(
                 || (vec![0f32; tile_rows * k], vec![0f32; m * k], false),
                 |(mut tile, mut acc, started), i| -> Result<_> {
-                    let r0 = i * tile_rows;
-                    let r = tile_rows.min(n_rows - r0);
-                    let t = &mut tile[..r * k];
-                    self.w.dequantize_rows_serial(r0, r, t)?;
+                    let (r0, r, t) = self.dequantized_tile(i, &mut tile)?;
                     // SAFETY: acc[m, k] += x[:, r0..r0+r] · t[r, k]; `x` is [m, n_rows].
                     unsafe {
                         gemm::gemm(
