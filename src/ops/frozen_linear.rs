@@ -73,12 +73,28 @@ impl CustomOp2 for FrozenMatmul {
                 return Ok((CpuStorage::F32(out), shape));
             }
         }
+        let mnk = (m, n, k);
         match (s1, s2) {
+            (CpuStorage::F32(_), CpuStorage::BF16(_) | CpuStorage::F16(_))
+                if !super::par_gemm::enabled() =>
+            {
+                let (w, rhs) = widen_weight(s2, l2, &rhs)?;
+                Ok((s1.matmul(&w, bmnk, &lhs, &rhs)?, shape))
+            }
+            _ if !super::par_gemm::enabled() => Ok((s1.matmul(s2, bmnk, &lhs, &rhs)?, shape)),
             (CpuStorage::F32(_), CpuStorage::BF16(_) | CpuStorage::F16(_)) => {
                 // A half-precision frozen weight is widened into a temporary that lives only for
                 // this product: the graph keeps the half-size weight, the matmul runs in f32.
                 let (w, rhs) = widen_weight(s2, l2, &rhs)?;
-                Ok((s1.matmul(&w, bmnk, &lhs, &rhs)?, shape))
+                let (x, w) = (s1.as_slice::<f32>()?, w.as_slice::<f32>()?);
+                let y = banded(mnk, x, &lhs, w, &rhs)?;
+                Ok((CpuStorage::F32(y), shape))
+            }
+            (CpuStorage::F32(x), CpuStorage::F32(w)) => {
+                Ok((CpuStorage::F32(banded(mnk, x, &lhs, w, &rhs)?), shape))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(w)) => {
+                Ok((CpuStorage::F64(banded(mnk, x, &lhs, w, &rhs)?), shape))
             }
             _ => Ok((s1.matmul(s2, bmnk, &lhs, &rhs)?, shape)),
         }
@@ -107,6 +123,22 @@ impl CustomOp2 for FrozenMatmul {
         };
         Ok((Some(g.contiguous()?.apply_op2(w, flipped)?), None))
     }
+}
+
+/// The product through [`super::par_gemm`] (one gemm per thread, output written once).
+fn banded<T: candle_core::WithDType>(
+    mnk: (usize, usize, usize),
+    x: &[T],
+    lx: &Layout,
+    w: &[T],
+    lw: &Layout,
+) -> Result<Vec<T>> {
+    use super::par_gemm::{matmul, Strided};
+    matmul(
+        mnk,
+        Strided::from_layout(x, lx)?,
+        Strided::from_layout(w, lw)?,
+    )
 }
 
 /// The contiguous bf16/f16 weight of layout `l` as f32, with `rhs` (a view of `l`) re-based onto

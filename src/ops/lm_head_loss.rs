@@ -23,6 +23,7 @@ use rayon::prelude::*;
 use super::exp::ExpSlice;
 use super::{cross_entropy, fused_ok, linear, softmax_last_dim};
 use crate::ops::frozen_linear::{frozen_linear, frozen_matmul};
+use crate::ops::par_gemm::{self, Strided};
 use crate::ops::quantized_linear::{
     quantized_linear_exact, quantized_linear_t, quantized_product, QuantizedWeight,
 };
@@ -100,38 +101,33 @@ impl LmHeadCe {
             BLOCK_ELEMS,
             |r0, m| {
                 let lhs = Layout::contiguous_with_offset((m, d), h0 + r0 * d);
+                if par_gemm::enabled() {
+                    let (hs, ws) = (h.as_slice::<T>()?, w.as_slice::<T>()?);
+                    let (hv, wv) = (
+                        Strided::from_layout(hs, &lhs)?,
+                        Strided::from_layout(ws, &w_t)?,
+                    );
+                    return par_gemm::matmul((m, vocab, d), hv, wv);
+                }
                 T::take(h.matmul(w, (1, m, vocab, d), &lhs, &w_t)?)
             },
             |dl, m, r0| {
                 if let Some(acc) = dw.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
                     // dW += dlogits^T h for this block's rows, in place: a product per block
                     // would be a fresh 113 MB (SmolLM2) mapping, zeroed page by page.
-                    let hb = &h.as_slice::<T>()?[h0 + r0 * d..h0 + (r0 + m) * d];
-                    // SAFETY: `acc` is [vocab, d], `dl` [m, vocab] (read transposed) and `hb`
-                    // [m, d], all row-major, as the strides say.
-                    unsafe {
-                        gemm::gemm(
-                            vocab,
-                            d,
-                            m,
-                            acc.as_mut_ptr(),
-                            1,
-                            d as isize,
-                            true,
-                            dl.as_ptr(),
-                            vocab as isize,
-                            1,
-                            hb.as_ptr(),
-                            1,
-                            d as isize,
-                            T::one(),
-                            T::one(),
-                            false,
-                            false,
-                            false,
-                            gemm::Parallelism::Rayon(rayon::current_num_threads()),
-                        );
-                    }
+                    let hv = Strided::row_major(h.as_slice::<T>()?, h0 + r0 * d, d);
+                    // dlogits [m, vocab] read transposed.
+                    let dlt = Strided {
+                        data: &dl,
+                        offset: 0,
+                        rs: 1,
+                        cs: vocab as isize,
+                    };
+                    par_gemm::matmul_acc(acc, (vocab, d, m), dlt, hv)?;
+                }
+                if par_gemm::enabled() {
+                    let ws = Strided::from_layout(w.as_slice::<T>()?, &w_kn)?;
+                    return par_gemm::matmul((m, d, vocab), Strided::row_major(&dl, 0, vocab), ws);
                 }
                 let dl = T::to_cpu_storage_owned(dl);
                 let lay = Layout::contiguous((m, vocab));

@@ -18,6 +18,7 @@ pub mod layer_norm;
 pub mod lm_head_loss;
 pub(crate) mod matvec;
 pub(crate) mod norm_grad;
+pub(crate) mod par_gemm;
 pub mod quantized_linear;
 pub mod rms_norm;
 pub mod rope;
