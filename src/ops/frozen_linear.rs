@@ -125,6 +125,97 @@ impl CustomOp2 for FrozenMatmul {
     }
 }
 
+/// `y = x W^T` for a trained `W: [n, k]`, first order only (the caller keeps candle's matmul where
+/// a graph of the gradients is kept): the backward gives `dX = g W` through the frozen op and
+/// `dW = g^T x` through [`WeightGrad`], both banded over the threads.
+struct TrainedMatmul;
+
+impl CustomOp2 for TrainedMatmul {
+    fn name(&self) -> &'static str {
+        "metapeft-trained-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let as_frozen = FrozenMatmul {
+            weight_is_kn: false,
+        };
+        as_frozen.cpu_fwd(s1, l1, s2, l2)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = g.contiguous()?;
+        let dx = match x.track_op() {
+            true => Some(g.apply_op2(&w.detach(), FrozenMatmul { weight_is_kn: true })?),
+            false => None,
+        };
+        Ok((dx, Some(g.apply_op2(&x.detach(), WeightGrad)?)))
+    }
+}
+
+/// `g^T x` for `g: [..., n]` and `x: [..., k]` (contiguous): a linear's weight gradient `[n, k]`.
+struct WeightGrad;
+
+impl CustomOp2 for WeightGrad {
+    fn name(&self) -> &'static str {
+        "metapeft-linear-weight-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        use super::par_gemm::{matmul, Strided};
+        let n = *l1.dims().last().unwrap_or(&0);
+        let k = *l2.dims().last().unwrap_or(&0);
+        let m = l1.shape().elem_count() / n.max(1);
+        if l2.shape().elem_count() != m * k {
+            candle_core::bail!("linear weight gradient: {:?} vs {:?}", l1.dims(), l2.dims());
+        }
+        fn go<T: candle_core::WithDType>(
+            g: &[T],
+            x: &[T],
+            (m, n, k): (usize, usize, usize),
+        ) -> Result<Vec<T>> {
+            let gt = Strided {
+                data: g,
+                offset: 0,
+                rs: 1,
+                cs: n as isize,
+            };
+            matmul((n, k, m), gt, Strided::row_major(x, 0, k))
+        }
+        let out = match (s1, s2) {
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(go(
+                super::cpu_slice::<f32>(s1, l1)?,
+                super::cpu_slice::<f32>(s2, l2)?,
+                (m, n, k),
+            )?),
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(go(
+                super::cpu_slice::<f64>(s1, l1)?,
+                super::cpu_slice::<f64>(s2, l2)?,
+                (m, n, k),
+            )?),
+            _ => candle_core::bail!("linear weight gradient: f32 or f64 on the CPU only"),
+        };
+        Ok((out, Shape::from((n, k))))
+    }
+}
+
 /// The product through [`super::par_gemm`] (one gemm per thread, output written once).
 fn banded<T: candle_core::WithDType>(
     mnk: (usize, usize, usize),
@@ -202,7 +293,14 @@ pub(crate) fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 
 /// `x W^T + b`, choosing the frozen op when `W` is not being trained.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    let y = if w.track_op() {
+    let y = if w.track_op()
+        && super::fused_ok(x)
+        && x.dtype() == w.dtype()
+        && super::par_gemm::enabled()
+        && !crate::meta::second_order::keeps_grad_graph()
+    {
+        x.contiguous()?.apply_op2(&w.contiguous()?, TrainedMatmul)?
+    } else if w.track_op() {
         let (out, inp) = w.dims2()?;
         let mut dims = x.dims().to_vec();
         let m = x.elem_count() / inp.max(1);
@@ -255,6 +353,35 @@ mod tests {
         let b = randn_f64(&[4], 57, 1.0)?;
         let err = check(|t| linear(&t[0], &t[1], Some(&t[2])), &[x, w, b], 1e-6)?;
         assert!(err < 1e-8, "rel error {err}");
+        Ok(())
+    }
+
+    #[test]
+    fn a_trained_weight_gets_the_matmul_gradients_at_banded_sizes() -> Result<()> {
+        use candle_core::Var;
+        // 600 x 100 x 200: above the size where the product is split over the threads.
+        let x = Var::from_tensor(&randn_f64(&[2, 300, 200], 61, 1.0)?)?;
+        let w = Var::from_tensor(&randn_f64(&[100, 200], 62, 1.0)?)?;
+        let r = randn_f64(&[2, 300, 100], 63, 1.0)?;
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        let got = pool.install(|| (linear(x.as_tensor(), w.as_tensor(), None)? * &r)?.sum_all())?;
+        let want = x.as_tensor().broadcast_matmul(&w.as_tensor().t()?)?;
+        let want = (want * &r)?.sum_all()?;
+        let close = |a: &Tensor, b: &Tensor| -> Result<f64> {
+            (a - b)?.abs()?.max_all()?.to_scalar::<f64>()
+        };
+        assert!(close(&got, &want)? < 1e-8);
+        let (gg, gw) = (pool.install(|| got.backward())?, want.backward()?);
+        for v in [&x, &w] {
+            let (a, b) = (
+                gg.get(v.as_tensor()).unwrap(),
+                gw.get(v.as_tensor()).unwrap(),
+            );
+            assert!(close(a, b)? < 1e-9, "{:?}", v.dims());
+        }
         Ok(())
     }
 
