@@ -189,13 +189,10 @@ impl Bert {
         let heads = |m: &str| -> Result<Tensor> {
             Ok(self
                 .dense(p, deltas, dp, &format!("{pre}.attention.self.{m}"), &x)?
-                .reshape((b, t, h, hd))?
-                .transpose(1, 2)?)
+                .reshape((b, t, h, hd))?)
         };
         let (q, k, v) = (heads("query")?, heads("key")?, heads("value")?);
-        let a = ops::attention(&q, &k, &v, Some(mask), scale)?
-            .transpose(1, 2)?
-            .reshape((b, t, d))?;
+        let a = ops::attention_bthd(&q, &k, &v, Some(mask), scale)?.reshape((b, t, d))?;
         let a = self.dense(p, deltas, dp, &format!("{pre}.attention.output.dense"), &a)?;
         let a = deltas.after_attention(i, a, dp)?;
         x = self.norm(

@@ -352,7 +352,6 @@ impl Llama {
             cfg.head_dim,
         );
         let scale = 1.0 / (hd as f64).sqrt();
-        let mut x = x;
         let pre = format!("model.layers.{i}");
         let residual = x.clone();
         let w = deltas.resolve(&format!("{pre}.input_layernorm.weight"), p, dp)?;
@@ -360,9 +359,24 @@ impl Llama {
         let q = self.proj(p, deltas, dp, &format!("{pre}.self_attn.q_proj"), &xn)?;
         let k = self.proj(p, deltas, dp, &format!("{pre}.self_attn.k_proj"), &xn)?;
         let v = self.proj(p, deltas, dp, &format!("{pre}.self_attn.v_proj"), &xn)?;
-        let q = ops::rope(&q.reshape((b, t, h, hd))?, cos, sin)?.transpose(1, 2)?;
-        let mut k = ops::rope(&k.reshape((b, t, hkv, hd))?, cos, sin)?.transpose(1, 2)?;
-        let mut v = v.reshape((b, t, hkv, hd))?.transpose(1, 2)?;
+        let q = ops::rope(&q.reshape((b, t, h, hd))?, cos, sin)?;
+        let k = ops::rope(&k.reshape((b, t, hkv, hd))?, cos, sin)?;
+        let v = v.reshape((b, t, hkv, hd))?;
+        if cache.is_none() && prefix == 0 {
+            // Training and full-sequence passes: attention on the projections' own layout.
+            let a = ops::attention_bthd(&q, &k, &v, mask.as_ref(), scale)?;
+            return self.attention_out_and_mlp(
+                i,
+                p,
+                deltas,
+                dp,
+                residual,
+                a.reshape((b, t, h * hd))?,
+            );
+        }
+        let q = q.transpose(1, 2)?;
+        let mut k = k.transpose(1, 2)?;
+        let mut v = v.transpose(1, 2)?;
         if prefix > 0 {
             if let Some((pk, pv)) = deltas.attention_prefix(i, b, dp)? {
                 k = Tensor::cat(&[&pk.to_dtype(dtype)?, &k.contiguous()?], 2)?;
@@ -375,13 +389,28 @@ impl Llama {
         };
         let a = ops::attention(&q, &k, &v, mask.as_ref(), scale)?;
         let a = a.transpose(1, 2)?.reshape((b, t, h * hd))?;
+        self.attention_out_and_mlp(i, p, deltas, dp, residual, a)
+    }
+
+    /// The rest of layer `i` after attention: output projection, residual, and the MLP block.
+    fn attention_out_and_mlp(
+        &self,
+        i: usize,
+        p: &ParamStore,
+        deltas: &DeltaSet,
+        dp: &ParamStore,
+        residual: Tensor,
+        a: Tensor,
+    ) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let pre = format!("model.layers.{i}");
         let o = self.proj(p, deltas, dp, &format!("{pre}.self_attn.o_proj"), &a)?;
         let o = if deltas.is_empty() {
             o
         } else {
             deltas.after_attention(i, o, dp)?
         };
-        x = (residual + o)?;
+        let x = (residual + o)?;
 
         let residual = x.clone();
         let w = deltas.resolve(&format!("{pre}.post_attention_layernorm.weight"), p, dp)?;
@@ -395,8 +424,7 @@ impl Llama {
         } else {
             deltas.after_ffn(i, &xn, dn, dp)?
         };
-        x = (residual + dn)?;
-        Ok(x)
+        Ok((residual + dn)?)
     }
 
     /// Logits `[..., vocab]` from hidden states.

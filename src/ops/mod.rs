@@ -13,6 +13,7 @@ pub mod checkpoint;
 pub mod cross_entropy;
 pub(crate) mod exp;
 pub mod frozen_linear;
+pub mod fused_attention;
 pub mod gradcheck;
 pub mod layer_norm;
 pub mod lm_head_loss;
@@ -29,6 +30,7 @@ pub use attention::{attention, causal_mask, padding_mask};
 pub use checkpoint::backward;
 pub use cross_entropy::cross_entropy;
 pub use frozen_linear::{frozen_linear, linear};
+pub use fused_attention::attention_bthd;
 pub use layer_norm::layer_norm;
 pub use lm_head_loss::{lm_head_cross_entropy, quantized_lm_head_cross_entropy};
 pub use quantized_linear::{
