@@ -160,11 +160,18 @@ impl CustomOp2 for TrainedMatmul {
             true => Some(g.apply_op2(&w.detach(), FrozenMatmul { weight_is_kn: true })?),
             false => None,
         };
-        Ok((dx, Some(g.apply_op2(&x.detach(), WeightGrad)?)))
+        Ok((dx, Some(weight_grad(&g, x)?)))
     }
 }
 
-/// `g^T x` for `g: [..., n]` and `x: [..., k]` (contiguous): a linear's weight gradient `[n, k]`.
+/// `g^T x` for `g: [..., n]` and `x: [..., k]`: a linear's weight gradient `[n, k]`, first order
+/// (no graph through it).
+pub(crate) fn weight_grad(g: &Tensor, x: &Tensor) -> Result<Tensor> {
+    g.contiguous()?
+        .detach()
+        .apply_op2(&x.contiguous()?.detach(), WeightGrad)
+}
+
 struct WeightGrad;
 
 impl CustomOp2 for WeightGrad {

@@ -123,7 +123,7 @@ impl LmHeadCe {
                         rs: 1,
                         cs: vocab as isize,
                     };
-                    par_gemm::matmul_acc(acc, (vocab, d, m), dlt, hv)?;
+                    par_gemm::matmul_acc(acc, (vocab, d, m), dlt, hv, T::one())?;
                 }
                 if par_gemm::enabled() {
                     let ws = Strided::from_layout(w.as_slice::<T>()?, &w_kn)?;

@@ -17,6 +17,7 @@ pub mod fused_attention;
 pub mod gradcheck;
 pub mod layer_norm;
 pub mod lm_head_loss;
+pub mod low_rank;
 pub(crate) mod matvec;
 pub(crate) mod norm_grad;
 pub(crate) mod par_gemm;
@@ -33,6 +34,7 @@ pub use frozen_linear::{frozen_linear, linear};
 pub use fused_attention::attention_bthd;
 pub use layer_norm::layer_norm;
 pub use lm_head_loss::{lm_head_cross_entropy, quantized_lm_head_cross_entropy};
+pub use low_rank::add_low_rank;
 pub use quantized_linear::{
     quantized_linear, quantized_linear_exact, quantized_logits, with_integer_kernels,
     QuantizedWeight,

@@ -74,18 +74,19 @@ pub(crate) fn matmul<T: WithDType>(
     // SAFETY: `out` has room for `m * n` elements, every one of which gemm writes (it does not
     // read the destination when told not to); the length is set only afterwards.
     unsafe {
-        product(m, n, k, out.as_mut_ptr(), n, false, lhs, rhs)?;
+        product(m, n, k, out.as_mut_ptr(), n, (false, T::one()), lhs, rhs)?;
         out.set_len(m * n);
     }
     Ok(out)
 }
 
-/// `dst += lhs [m, k] x rhs [k, n]` for a row-major `dst: [m, n]`.
+/// `dst += beta * lhs [m, k] x rhs [k, n]` for a row-major `dst: [m, n]`.
 pub(crate) fn matmul_acc<T: WithDType>(
     dst: &mut [T],
     (m, n, k): (usize, usize, usize),
     lhs: Strided<'_, T>,
     rhs: Strided<'_, T>,
+    beta: T,
 ) -> Result<()> {
     if dst.len() < m * n {
         bail!(
@@ -94,10 +95,10 @@ pub(crate) fn matmul_acc<T: WithDType>(
         );
     }
     // SAFETY: `dst` holds `[m, n]` row-major, checked above.
-    unsafe { product(m, n, k, dst.as_mut_ptr(), n, true, lhs, rhs) }
+    unsafe { product(m, n, k, dst.as_mut_ptr(), n, (true, beta), lhs, rhs) }
 }
 
-/// `dst = (read_dst ? dst : 0) + lhs x rhs`, the output split into bands over the pool.
+/// `dst = (read_dst ? dst : 0) + beta * lhs x rhs`, the output split into bands over the pool.
 ///
 /// # Safety
 /// `dst` must be valid for writes (and for reads when `read_dst`) of `[m, n]` with row stride
@@ -109,7 +110,7 @@ unsafe fn product<T: WithDType>(
     k: usize,
     dst: *mut T,
     dst_rs: usize,
-    read_dst: bool,
+    (read_dst, beta): (bool, T),
     lhs: Strided<'_, T>,
     rhs: Strided<'_, T>,
 ) -> Result<()> {
@@ -185,7 +186,7 @@ unsafe fn product<T: WithDType>(
                 rhs.cs,
                 rhs.rs,
                 T::one(),
-                T::one(),
+                beta,
                 false,
                 false,
                 false,
@@ -265,13 +266,11 @@ mod tests {
                     let want = naive(m, n, k, &av, &bv);
                     let got = pool.install(|| matmul((m, n, k), av, bv))?;
                     let mut acc = vec![1.0; m * n];
-                    pool.install(|| matmul_acc(&mut acc, (m, n, k), av, bv))?;
+                    pool.install(|| matmul_acc(&mut acc, (m, n, k), av, bv, 0.5))?;
                     for i in 0..m * n {
                         assert!((got[i] - want[i]).abs() < 1e-9, "{m}x{n}x{k} at {i}");
-                        assert!(
-                            (acc[i] - 1.0 - want[i]).abs() < 1e-9,
-                            "acc {m}x{n}x{k} at {i}"
-                        );
+                        let off = acc[i] - 1.0 - 0.5 * want[i];
+                        assert!(off.abs() < 1e-9, "acc {m}x{n}x{k} at {i}");
                     }
                 }
             }

@@ -315,9 +315,12 @@ impl Delta for Lora {
         let a = params.get(&format!("{module}.lora_A.weight"))?;
         let b = params.get(&format!("{module}.lora_B.weight"))?;
         let x = self.dropout(&x.to_dtype(a.dtype())?)?;
-        let d = (linear(&linear(&x, a, None)?, b, None)? * *scale)?;
-        let d = d.to_dtype(y.dtype())?;
-        Ok((y + d)?)
+        Ok(crate::ops::add_low_rank(
+            &y,
+            &linear(&x, a, None)?,
+            b,
+            *scale,
+        )?)
     }
 
     fn mergeable(&self) -> bool {
