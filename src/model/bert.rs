@@ -180,19 +180,15 @@ impl Bert {
         mask: &Tensor,
         x: Tensor,
     ) -> Result<Tensor> {
-        let (b, t, d) = x.dims3()?;
+        let d = x.dim(2)?;
         let h = self.cfg.num_attention_heads;
         let hd = d / h;
         let scale = 1.0 / (hd as f64).sqrt();
         let mut x = x;
         let pre = format!("encoder.layer.{i}");
-        let heads = |m: &str| -> Result<Tensor> {
-            Ok(self
-                .dense(p, deltas, dp, &format!("{pre}.attention.self.{m}"), &x)?
-                .reshape((b, t, h, hd))?)
-        };
-        let (q, k, v) = (heads("query")?, heads("key")?, heads("value")?);
-        let a = ops::attention_bthd(&q, &k, &v, Some(mask), scale)?.reshape((b, t, d))?;
+        let proj = |m: &str| self.dense(p, deltas, dp, &format!("{pre}.attention.self.{m}"), &x);
+        let (q, k, v) = (proj("query")?, proj("key")?, proj("value")?);
+        let a = ops::attention_heads(&q, &k, &v, (h, h), Some(mask), scale)?;
         let a = self.dense(p, deltas, dp, &format!("{pre}.attention.output.dense"), &a)?;
         let a = deltas.after_attention(i, a, dp)?;
         x = self.norm(

@@ -361,22 +361,14 @@ impl Llama {
         let v = self.proj(p, deltas, dp, &format!("{pre}.self_attn.v_proj"), &xn)?;
         let q = ops::rope(&q.reshape((b, t, h, hd))?, cos, sin)?;
         let k = ops::rope(&k.reshape((b, t, hkv, hd))?, cos, sin)?;
-        let v = v.reshape((b, t, hkv, hd))?;
         if cache.is_none() && prefix == 0 {
             // Training and full-sequence passes: attention on the projections' own layout.
-            let a = ops::attention_bthd(&q, &k, &v, mask.as_ref(), scale)?;
-            return self.attention_out_and_mlp(
-                i,
-                p,
-                deltas,
-                dp,
-                residual,
-                a.reshape((b, t, h * hd))?,
-            );
+            let a = ops::attention_heads(&q, &k, &v, (h, hkv), mask.as_ref(), scale)?;
+            return self.attention_out_and_mlp(i, p, deltas, dp, residual, a);
         }
         let q = q.transpose(1, 2)?;
         let mut k = k.transpose(1, 2)?;
-        let mut v = v.transpose(1, 2)?;
+        let mut v = v.reshape((b, t, hkv, hd))?.transpose(1, 2)?;
         if prefix > 0 {
             if let Some((pk, pv)) = deltas.attention_prefix(i, b, dp)? {
                 k = Tensor::cat(&[&pk.to_dtype(dtype)?, &k.contiguous()?], 2)?;

@@ -16,26 +16,40 @@ use rayon::prelude::*;
 use super::exp::ExpSlice;
 use super::{attention, cpu_slice, fused_ok};
 
-/// `q: [b, tq, h, d]`, `k, v: [b, tk, h_kv, d]` (`h` a multiple of `h_kv`), `mask` additive and
-/// broadcastable to `[b, h, tq, tk]`. Returns `[b, tq, h, d]`: the caller's reshape to
-/// `[b, tq, h * d]` is free.
-pub fn attention_bthd(
+/// Attention for `q: [b, tq, h * d]`, `k, v: [b, tk, h_kv * d]` (the projections' outputs; the
+/// head axis may also be split out, `[b, tq, h, d]`), `heads = (h, h_kv)` with `h` a multiple of
+/// `h_kv`, `mask` additive and broadcastable to `[b, h, tq, tk]`. Returns `[b, tq, h * d]`.
+pub fn attention_heads(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
+    heads: (usize, usize),
     mask: Option<&Tensor>,
     scale: f64,
 ) -> Result<Tensor> {
-    if let Some(op) = FusedAttention::new(q, k, v, mask, scale)? {
+    let dm = Dims::check(q, k, v, heads)?;
+    if let Some(op) = FusedAttention::new(q, k, v, dm, mask, scale)? {
         return q
             .contiguous()?
             .apply_op3(&k.contiguous()?, &v.contiguous()?, op);
     }
-    let t = |x: &Tensor| x.transpose(1, 2);
-    attention(&t(q)?, &t(k)?, &t(v)?, mask, scale)?.transpose(1, 2)
+    let Dims {
+        b,
+        tq,
+        tk,
+        h,
+        hkv,
+        d,
+    } = dm;
+    let split = |x: &Tensor, t: usize, n: usize| x.reshape((b, t, n, d))?.transpose(1, 2);
+    let (q, k, v) = (split(q, tq, h)?, split(k, tk, hkv)?, split(v, tk, hkv)?);
+    attention(&q, &k, &v, mask, scale)?
+        .transpose(1, 2)?
+        .reshape((b, tq, h * d))
 }
 
 struct FusedAttention {
+    dims: Dims,
     /// The mask, contiguous `[mb, mh, mq, tk]` in the inputs' dtype, held as a constant.
     mask: Option<Tensor>,
     scale: f64,
@@ -47,23 +61,15 @@ impl FusedAttention {
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
+        dims: Dims,
         mask: Option<&Tensor>,
         scale: f64,
     ) -> Result<Option<Self>> {
-        let (b, tq, h, d) = q.dims4()?;
-        let (bk, tk, hkv, dk) = k.dims4()?;
-        if v.dims() != k.dims() || bk != b || dk != d || hkv == 0 || h % hkv != 0 {
-            candle_core::bail!(
-                "attention: q {:?}, k {:?}, v {:?} do not fit",
-                q.dims(),
-                k.dims(),
-                v.dims()
-            );
-        }
         let same = k.dtype() == q.dtype() && v.dtype() == q.dtype();
         if !same || !fused_ok(q) || crate::meta::second_order::keeps_grad_graph() {
             return Ok(None);
         }
+        let Dims { b, tq, tk, h, .. } = dims;
         let mask = match mask {
             None => None,
             Some(m) => {
@@ -80,7 +86,7 @@ impl FusedAttention {
                 Some(m.to_dtype(q.dtype())?.contiguous()?.detach())
             }
         };
-        Ok(Some(Self { mask, scale }))
+        Ok(Some(Self { dims, mask, scale }))
     }
 }
 
@@ -101,7 +107,7 @@ impl<T> Elem for T where
 }
 
 /// Shapes of one call: batch, query and key lengths, heads, key/value heads, head size.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug)]
 struct Dims {
     b: usize,
     tq: usize,
@@ -112,9 +118,29 @@ struct Dims {
 }
 
 impl Dims {
-    fn of(lq: &Layout, lk: &Layout) -> Result<Self> {
-        let (b, tq, h, d) = lq.shape().dims4()?;
-        let (_, tk, hkv, _) = lk.shape().dims4()?;
+    fn check(q: &Tensor, k: &Tensor, v: &Tensor, (h, hkv): (usize, usize)) -> Result<Self> {
+        let bad = || {
+            candle_core::bail!(
+                "attention: q {:?}, k {:?}, v {:?} do not fit {h} query and {hkv} key/value heads",
+                q.dims(),
+                k.dims(),
+                v.dims()
+            )
+        };
+        let (qd, kd) = (q.dims(), k.dims());
+        let vd = v.dims();
+        if qd.len() < 3 || kd.len() < 3 || vd.len() < 3 {
+            return bad();
+        }
+        let same_kv = vd[..2] == kd[..2] && v.elem_count() == k.elem_count();
+        if !same_kv || h == 0 || hkv == 0 || h % hkv != 0 {
+            return bad();
+        }
+        let (b, tq, tk) = (qd[0], qd[1], kd[1]);
+        let d = q.elem_count() / (b * tq * h).max(1);
+        if kd[0] != b || q.elem_count() != b * tq * h * d || k.elem_count() != b * tk * hkv * d {
+            return bad();
+        }
         Ok(Self {
             b,
             tq,
@@ -378,7 +404,19 @@ impl CustomOp3 for FusedAttention {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let dm = Dims::of(l1, l2)?;
+        let dm = self.dims;
+        let Dims {
+            b,
+            tq,
+            tk,
+            h,
+            hkv,
+            d,
+        } = dm;
+        let (nq, nk) = (l1.shape().elem_count(), l2.shape().elem_count());
+        if nq != b * tq * h * d || nk != b * tk * hkv * d || l3.shape().elem_count() != nk {
+            candle_core::bail!("fused attention: inputs do not match {dm:?}");
+        }
         let out = match s1 {
             CpuStorage::F32(_) => CpuStorage::F32(forward(
                 dm,
@@ -398,7 +436,7 @@ impl CustomOp3 for FusedAttention {
             )),
             _ => candle_core::bail!("fused attention: f32 or f64 only"),
         };
-        Ok((out, l1.shape().clone()))
+        Ok((out, Shape::from((b, tq, h * d))))
     }
 
     fn bwd(
@@ -430,8 +468,8 @@ impl FusedAttention {
             };
             slices.push(cpu_slice::<T>(s, l)?);
         }
-        let dm = Dims::of(guards[0].1, guards[1].1)?;
-        if guards[3].1.dims() != guards[0].1.dims() {
+        let dm = self.dims;
+        if guards[3].1.shape().elem_count() != guards[0].1.shape().elem_count() {
             candle_core::bail!("fused attention: gradient {:?}", guards[3].1.dims());
         }
         let (dq, dk, dv) = backward(
@@ -489,11 +527,12 @@ mod tests {
             let q = Var::from_tensor(&randn_f64(&[b, t, h, d], 71, 1.0)?)?;
             let k = Var::from_tensor(&randn_f64(&[b, t, hkv, d], 72, 1.0)?)?;
             let v = Var::from_tensor(&randn_f64(&[b, t, hkv, d], 73, 1.0)?)?;
-            let w = randn_f64(&[b, t, h, d], 74, 1.0)?;
+            let w = randn_f64(&[b, t, h * d], 74, 1.0)?;
             for m in masks(b, t)? {
                 let (qt, kt, vt) = (q.as_tensor(), k.as_tensor(), v.as_tensor());
-                let got = pool.install(|| attention_bthd(qt, kt, vt, m.as_ref(), 0.4))?;
-                let want = composed(qt, kt, vt, m.as_ref())?;
+                let got =
+                    pool.install(|| attention_heads(qt, kt, vt, (h, hkv), m.as_ref(), 0.4))?;
+                let want = composed(qt, kt, vt, m.as_ref())?.reshape((b, t, h * d))?;
                 let close = |a: &Tensor, b: &Tensor| -> Result<f64> {
                     (a - b)?.abs()?.max_all()?.to_scalar::<f64>()
                 };
@@ -514,12 +553,13 @@ mod tests {
 
     #[test]
     fn gradient_matches_finite_differences() -> Result<()> {
-        let q = randn_f64(&[2, 4, 4, 3], 75, 1.0)?;
-        let k = randn_f64(&[2, 4, 2, 3], 76, 1.0)?;
-        let v = randn_f64(&[2, 4, 2, 3], 77, 1.0)?;
+        // Packed heads, as the projections give them.
+        let q = randn_f64(&[2, 4, 12], 75, 1.0)?;
+        let k = randn_f64(&[2, 4, 6], 76, 1.0)?;
+        let v = randn_f64(&[2, 4, 6], 77, 1.0)?;
         let m = masks(2, 4)?.pop().flatten();
         let err = check(
-            |t| attention_bthd(&t[0], &t[1], &t[2], m.as_ref(), 0.6),
+            |t| attention_heads(&t[0], &t[1], &t[2], (4, 2), m.as_ref(), 0.6),
             &[q, k, v],
             1e-6,
         )?;
@@ -531,10 +571,11 @@ mod tests {
     fn shapes_that_do_not_fit_are_errors() -> Result<()> {
         let q = randn_f64(&[1, 3, 4, 2], 78, 1.0)?;
         let k = randn_f64(&[1, 3, 3, 2], 79, 1.0)?;
-        assert!(attention_bthd(&q, &k, &k, None, 1.0).is_err());
+        assert!(attention_heads(&q, &k, &k, (4, 3), None, 1.0).is_err());
+        assert!(attention_heads(&q, &k, &k, (5, 1), None, 1.0).is_err());
         let k = randn_f64(&[1, 3, 2, 2], 79, 1.0)?;
         let bad_mask = randn_f64(&[1, 1, 2, 3], 80, 1.0)?;
-        assert!(attention_bthd(&q, &k, &k, Some(&bad_mask), 1.0).is_err());
+        assert!(attention_heads(&q, &k, &k, (4, 2), Some(&bad_mask), 1.0).is_err());
         Ok(())
     }
 }

@@ -31,7 +31,7 @@ pub use attention::{attention, causal_mask, padding_mask};
 pub use checkpoint::backward;
 pub use cross_entropy::cross_entropy;
 pub use frozen_linear::{frozen_linear, linear};
-pub use fused_attention::attention_bthd;
+pub use fused_attention::attention_heads;
 pub use layer_norm::layer_norm;
 pub use lm_head_loss::{lm_head_cross_entropy, quantized_lm_head_cross_entropy};
 pub use low_rank::add_low_rank;
