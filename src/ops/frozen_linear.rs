@@ -125,6 +125,95 @@ impl CustomOp2 for FrozenMatmul {
     }
 }
 
+/// `y = x W^T + b` for a frozen `W: [n, k]` and a frozen bias `b: [n]` (f32/f64 on the CPU): the
+/// output starts as the bias rows and the product accumulates onto it, so the bias costs no
+/// separate pass and no node of its own.
+struct FrozenLinearBias {
+    bias: Tensor,
+}
+
+impl FrozenLinearBias {
+    fn run<T: candle_core::WithDType>(
+        &self,
+        x: &[T],
+        w: &[T],
+        (m, n, k): (usize, usize, usize),
+    ) -> Result<Vec<T>> {
+        use super::par_gemm::{matmul_acc, Strided};
+        let bias = self.bias.flatten_all()?.to_vec1::<T>()?;
+        if bias.len() != n || x.len() != m * k || w.len() != n * k {
+            candle_core::bail!("frozen_linear: bias of {} for {n} outputs", bias.len());
+        }
+        let mut out = Vec::with_capacity(m * n);
+        for _ in 0..m {
+            out.extend_from_slice(&bias);
+        }
+        // W [n, k] read transposed.
+        let wt = Strided {
+            data: w,
+            offset: 0,
+            rs: 1,
+            cs: k as isize,
+        };
+        matmul_acc(
+            &mut out,
+            (m, n, k),
+            Strided::row_major(x, 0, k),
+            wt,
+            T::one(),
+        )?;
+        Ok(out)
+    }
+}
+
+impl CustomOp2 for FrozenLinearBias {
+    fn name(&self) -> &'static str {
+        "metapeft-frozen-linear-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, k) = l2.shape().dims2()?;
+        let m = l1.shape().elem_count() / k.max(1);
+        let mut dims = l1.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = n;
+        }
+        let out = match (s1, s2) {
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(self.run(
+                super::cpu_slice(s1, l1)?,
+                super::cpu_slice(s2, l2)?,
+                (m, n, k),
+            )?),
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(self.run(
+                super::cpu_slice(s1, l1)?,
+                super::cpu_slice(s2, l2)?,
+                (m, n, k),
+            )?),
+            _ => candle_core::bail!("frozen_linear: fused bias needs f32 or f64"),
+        };
+        Ok((out, Shape::from(dims)))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dx = g
+            .contiguous()?
+            .apply_op2(w, FrozenMatmul { weight_is_kn: true })?;
+        Ok((Some(dx), None))
+    }
+}
+
 /// `y = x W^T` for a trained `W: [n, k]`, first order only (the caller keeps candle's matmul where
 /// a graph of the gradients is kept): the backward gives `dX = g W` through the frozen op and
 /// `dW = g^T x` through [`WeightGrad`], both banded over the threads.
@@ -289,6 +378,21 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     )
 }
 
+/// Whether a frozen linear takes its frozen bias inside the product ([`FrozenLinearBias`]).
+fn bias_fuses(x: &Tensor, w: &Tensor, b: &Tensor) -> bool {
+    super::fused_ok(x)
+        && super::par_gemm::enabled()
+        && !b.track_op()
+        && w.dtype() == x.dtype()
+        && b.dtype() == x.dtype()
+        && w.is_contiguous()
+        && w.rank() == 2
+        && b.elem_count() == w.dim(0).unwrap_or(0)
+        && x.dims().last() == w.dims().last()
+        // A few rows (decoding) take the matrix-vector kernel.
+        && x.elem_count() / w.dim(1).unwrap_or(1).max(1) > super::matvec::MAX_ROWS
+}
+
 /// `x W` for a frozen `W: [in, out]` (the orientation of a linear's input gradient); no gradient
 /// flows to `W`.
 pub(crate) fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
@@ -317,6 +421,11 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
         }
         y.reshape(dims)?
     } else {
+        if let Some(b) = b.filter(|b| bias_fuses(x, w, b)) {
+            return x
+                .contiguous()?
+                .apply_op2(&w.detach(), FrozenLinearBias { bias: b.detach() });
+        }
         frozen_linear(x, w)?
     };
     match b {
@@ -388,6 +497,33 @@ mod tests {
                 gw.get(v.as_tensor()).unwrap(),
             );
             assert!(close(a, b)? < 1e-9, "{:?}", v.dims());
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_frozen_bias_inside_the_product_equals_adding_it() -> Result<()> {
+        use candle_core::Var;
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        for t in [5, 300] {
+            let x = Var::from_tensor(&randn_f64(&[2, t, 200], 91, 1.0)?)?;
+            let w = randn_f64(&[100, 200], 92, 1.0)?;
+            let b = randn_f64(&[100], 93, 1.0)?;
+            let r = randn_f64(&[2, t, 100], 94, 1.0)?;
+            let got = pool.install(|| linear(x.as_tensor(), &w, Some(&b)))?;
+            let want = x.as_tensor().broadcast_matmul(&w.t()?)?.broadcast_add(&b)?;
+            let diff = (&got - &want)?.abs()?.max_all()?.to_scalar::<f64>()?;
+            assert!(diff < 1e-10, "{t} rows: {diff}");
+            let g = pool.install(|| (got * &r)?.sum_all()?.backward())?;
+            let gw = (want * &r)?.sum_all()?.backward()?;
+            let (a, b) = (
+                g.get(x.as_tensor()).unwrap(),
+                gw.get(x.as_tensor()).unwrap(),
+            );
+            assert!((a - b)?.abs()?.max_all()?.to_scalar::<f64>()? < 1e-10);
         }
         Ok(())
     }

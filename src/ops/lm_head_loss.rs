@@ -28,8 +28,10 @@ use crate::ops::quantized_linear::{
     quantized_linear_exact, quantized_linear_t, quantized_product, QuantizedWeight,
 };
 
-/// Logit elements per block: ~16 MB of f32, reused from block to block.
-const BLOCK_ELEMS: usize = 1 << 22;
+/// Logit elements per block: ~32 MB of f32, reused from block to block. Each block's products
+/// pack the whole head again, so blocks much smaller cost time (SmolLM2 LoRA step, alternated
+/// A/B: 16 MB blocks 1.04-1.10x the time of 64 MB ones, 32 MB ones 1.01x).
+const BLOCK_ELEMS: usize = 1 << 23;
 
 struct LmHeadCe {
     targets: Vec<i64>,
