@@ -47,6 +47,48 @@ fn map_with_gauss_f32(x: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32>
     map_with_exp(x, |v| -0.5 * v * v, f)
 }
 
+/// A first-order backward computed straight from the storages (no graph of its own), where no
+/// graph of the gradients is kept: one parallel pass instead of an op for the derivative and a
+/// product (on one thread) with the incoming gradient.
+fn first_order(ts: &[&Tensor]) -> bool {
+    ts.iter().all(|t| fused_ok(t) && t.dtype() == ts[0].dtype())
+        && !crate::meta::second_order::keeps_grad_graph()
+}
+
+/// The contiguous CPU data of each tensor, handed to `f`.
+fn on_slices<T: WithDType, R>(ts: &[&Tensor], f: impl FnOnce(&[&[T]]) -> Result<R>) -> Result<R> {
+    let owned: Vec<Tensor> = ts.iter().map(|t| t.contiguous()).collect::<Result<_>>()?;
+    let guards: Vec<_> = owned.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(ts.len());
+    for (s, l) in &guards {
+        let candle_core::Storage::Cpu(s) = &**s else {
+            candle_core::bail!("activation backward: CPU tensors only");
+        };
+        slices.push(cpu_slice::<T>(s, l)?);
+    }
+    f(&slices)
+}
+
+/// `f(x, exp(arg(x)), g)` per element of `x` and `g`, the exponentials over whole chunks.
+fn zip_map_with_exp<T: WithDType + Float + ExpSlice>(
+    x: &[T],
+    g: &[T],
+    arg: impl Fn(T) -> T + Sync,
+    f: impl Fn(T, T, T) -> T + Sync,
+) -> Vec<T> {
+    let mut out = vec![T::zero(); x.len()];
+    out.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
+        .for_each(|(o, (xs, gs))| {
+            o.iter_mut().zip(xs).for_each(|(o, &v)| *o = arg(v));
+            T::exp_in_place(o);
+            for ((o, &v), &g) in o.iter_mut().zip(xs).zip(gs) {
+                *o = f(v, *o, g);
+            }
+        });
+    out
+}
+
 fn silu_of<T: Float>(v: T, exp_neg: T) -> T {
     v / (T::one() + exp_neg)
 }
@@ -72,6 +114,20 @@ impl CustomOp1 for Silu {
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        if first_order(&[x, g]) {
+            let (shape, dev) = (x.shape(), x.device());
+            fn d<T: Float>(v: T, e: T, g: T) -> T {
+                g * silu_prime_of(v, e)
+            }
+            return Ok(Some(match x.dtype() {
+                candle_core::DType::F32 => on_slices::<f32, _>(&[x, g], |s| {
+                    Tensor::from_vec(zip_map_with_exp(s[0], s[1], |v| -v, d), shape, dev)
+                })?,
+                _ => on_slices::<f64, _>(&[x, g], |s| {
+                    Tensor::from_vec(zip_map_with_exp(s[0], s[1], |v| -v, d), shape, dev)
+                })?,
+            }));
+        }
         Ok(Some((g * silu_prime(x)?)?))
     }
 }
@@ -174,10 +230,51 @@ impl CustomOp2 for SwiGlu {
         _y: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        if first_order(&[gate, up, g]) {
+            let (dgate, dup) = match gate.dtype() {
+                candle_core::DType::F32 => swiglu_grads::<f32>(gate, up, g)?,
+                _ => swiglu_grads::<f64>(gate, up, g)?,
+            };
+            return Ok((Some(dgate), Some(dup)));
+        }
         let dgate = ((g * up)? * silu_prime(gate)?)?;
         let dup = (g * silu(gate)?)?;
         Ok((Some(dgate), Some(dup)))
     }
+}
+
+/// SwiGLU's first-order gradients `(g * up * silu'(gate), g * silu(gate))` in one pass.
+fn swiglu_grads<T: WithDType + Float + ExpSlice>(
+    gate: &Tensor,
+    up: &Tensor,
+    g: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let (shape, dev) = (gate.shape(), gate.device());
+    on_slices::<T, _>(&[gate, up, g], |s| {
+        let (gate, up, g) = (s[0], s[1], s[2]);
+        let (mut dgate, mut dup) = (vec![T::zero(); gate.len()], vec![T::zero(); gate.len()]);
+        dgate
+            .par_chunks_mut(CHUNK)
+            .zip(dup.par_chunks_mut(CHUNK))
+            .zip(
+                gate.par_chunks(CHUNK)
+                    .zip(up.par_chunks(CHUNK))
+                    .zip(g.par_chunks(CHUNK)),
+            )
+            .for_each(|((dg, du), ((xs, us), gs))| {
+                dg.iter_mut().zip(xs).for_each(|(o, &v)| *o = -v);
+                T::exp_in_place(dg);
+                for ((((dg, du), &v), &u), &g) in dg.iter_mut().zip(du).zip(xs).zip(us).zip(gs) {
+                    let sig = T::one() / (T::one() + *dg);
+                    *du = g * v * sig;
+                    *dg = g * u * sig * (T::one() + v * (T::one() - sig));
+                }
+            });
+        Ok((
+            Tensor::from_vec(dgate, shape, dev)?,
+            Tensor::from_vec(dup, shape, dev)?,
+        ))
+    })
 }
 
 /// `silu(gate) * up` (Llama's gated FFN), with a backward.
@@ -248,6 +345,32 @@ impl CustomOp1 for Gelu {
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        if first_order(&[x, g]) {
+            let (shape, dev) = (x.shape(), x.device());
+            return Ok(Some(match x.dtype() {
+                candle_core::DType::F32 => on_slices::<f32, _>(&[x, g], |s| {
+                    let d = |v: f32, e: f32, g: f32| {
+                        g * (gauss_cdf_f32(v, e) + v * (FRAC_1_SQRT_2PI as f32) * e)
+                    };
+                    Tensor::from_vec(
+                        zip_map_with_exp(s[0], s[1], |v| -0.5 * v * v, d),
+                        shape,
+                        dev,
+                    )
+                })?,
+                _ => on_slices::<f64, _>(&[x, g], |s| {
+                    let d = |v: f64, e: f64, g: f64| {
+                        let cdf = 0.5 * (1.0 + erf_f64(v / std::f64::consts::SQRT_2));
+                        g * (cdf + v * FRAC_1_SQRT_2PI * e)
+                    };
+                    Tensor::from_vec(
+                        zip_map_with_exp(s[0], s[1], |v| -0.5 * v * v, d),
+                        shape,
+                        dev,
+                    )
+                })?,
+            }));
+        }
         Ok(Some((g * gelu_prime(x)?)?))
     }
 }
@@ -309,6 +432,32 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
 mod tests {
     use super::*;
     use crate::ops::gradcheck::{check, randn_f64};
+
+    #[test]
+    fn one_pass_f32_backwards_equal_the_composed_ones() -> Result<()> {
+        use candle_core::{DType, Var};
+        let f32t = |seed| randn_f64(&[3, 5000], seed, 2.0)?.to_dtype(DType::F32);
+        let (x, u, w) = (
+            Var::from_tensor(&f32t(31)?)?,
+            Var::from_tensor(&f32t(32)?)?,
+            f32t(33)?,
+        );
+        let close = |a: &Tensor, b: &Tensor| -> Result<f32> {
+            (a - b)?.abs()?.max_all()?.to_scalar::<f32>()
+        };
+        let xt = x.as_tensor();
+        let gx = |y: Tensor| -> Result<Tensor> {
+            Ok((y * &w)?.sum_all()?.backward()?.get(xt).unwrap().clone())
+        };
+        assert!(close(&gx(gelu(xt)?)?, &(&w * gelu_prime(xt)?)?)? < 1e-6);
+        assert!(close(&gx(silu(xt)?)?, &(&w * silu_prime(xt)?)?)? < 1e-6);
+        let g = (swiglu(xt, u.as_tensor())? * &w)?.sum_all()?.backward()?;
+        let want_gate = ((&w * u.as_tensor())? * silu_prime(xt)?)?;
+        let want_up = (&w * silu(xt)?)?;
+        assert!(close(g.get(xt).unwrap(), &want_gate)? < 1e-5);
+        assert!(close(g.get(u.as_tensor()).unwrap(), &want_up)? < 1e-5);
+        Ok(())
+    }
 
     #[test]
     fn silu_gradient_matches_finite_differences() -> Result<()> {
