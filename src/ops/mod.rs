@@ -3,9 +3,11 @@
 //! candle's fused `softmax_last_dim`, `rms_norm`, `layer_norm` and `rope*` record no backward op, so
 //! gradients through them are silently dropped, and its matmul backward always computes the weight
 //! gradient. Every op here has a fused CPU forward (f32 and f64) and a backward written with
-//! differentiable tensor ops, so first-order *and* second-order gradients (MAML) are right. On other
-//! devices and dtypes the same maths runs as a composition of candle ops. Each op has a
-//! finite-difference test in f64 next to it.
+//! differentiable tensor ops, so first-order *and* second-order gradients (MAML) are right. Where
+//! no graph of the gradients is kept (`meta::second_order::keeps_grad_graph` false), several take
+//! a faster first-order backward straight from the storages (norms, activations, attention, the
+//! low-rank add, trained linears). On other devices and dtypes the same maths runs as a
+//! composition of candle ops. Each op has a finite-difference test in f64 next to it.
 
 pub mod activation;
 pub mod attention;
