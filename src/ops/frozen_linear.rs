@@ -437,7 +437,7 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::gradcheck::{check, randn_f64};
+    use crate::ops::gradcheck::{assert_same_value_and_gradients, check, randn_f64};
     use candle_core::Var;
 
     #[test]
@@ -483,21 +483,9 @@ mod tests {
             .num_threads(2)
             .build()
             .unwrap();
-        let got = pool.install(|| (linear(x.as_tensor(), w.as_tensor(), None)? * &r)?.sum_all())?;
+        let got = pool.install(|| linear(x.as_tensor(), w.as_tensor(), None))?;
         let want = x.as_tensor().broadcast_matmul(&w.as_tensor().t()?)?;
-        let want = (want * &r)?.sum_all()?;
-        let close = |a: &Tensor, b: &Tensor| -> Result<f64> {
-            (a - b)?.abs()?.max_all()?.to_scalar::<f64>()
-        };
-        assert!(close(&got, &want)? < 1e-8);
-        let (gg, gw) = (pool.install(|| got.backward())?, want.backward()?);
-        for v in [&x, &w] {
-            let (a, b) = (
-                gg.get(v.as_tensor()).unwrap(),
-                gw.get(v.as_tensor()).unwrap(),
-            );
-            assert!(close(a, b)? < 1e-9, "{:?}", v.dims());
-        }
+        assert_same_value_and_gradients(&pool, &got, &want, &r, &[&x, &w], 1e-9)?;
         Ok(())
     }
 
@@ -515,15 +503,7 @@ mod tests {
             let r = randn_f64(&[2, t, 100], 94, 1.0)?;
             let got = pool.install(|| linear(x.as_tensor(), &w, Some(&b)))?;
             let want = x.as_tensor().broadcast_matmul(&w.t()?)?.broadcast_add(&b)?;
-            let diff = (&got - &want)?.abs()?.max_all()?.to_scalar::<f64>()?;
-            assert!(diff < 1e-10, "{t} rows: {diff}");
-            let g = pool.install(|| (got * &r)?.sum_all()?.backward())?;
-            let gw = (want * &r)?.sum_all()?.backward()?;
-            let (a, b) = (
-                g.get(x.as_tensor()).unwrap(),
-                gw.get(x.as_tensor()).unwrap(),
-            );
-            assert!((a - b)?.abs()?.max_all()?.to_scalar::<f64>()? < 1e-10);
+            assert_same_value_and_gradients(&pool, &got, &want, &r, &[&x], 1e-10)?;
         }
         Ok(())
     }

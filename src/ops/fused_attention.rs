@@ -490,7 +490,7 @@ impl FusedAttention {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::gradcheck::{check, randn_f64};
+    use crate::ops::gradcheck::{assert_same_value_and_gradients, check, randn_f64};
     use crate::ops::{causal_mask, padding_mask};
     use candle_core::{DType, Device, Var};
 
@@ -533,19 +533,7 @@ mod tests {
                 let got =
                     pool.install(|| attention_heads(qt, kt, vt, (h, hkv), m.as_ref(), 0.4))?;
                 let want = composed(qt, kt, vt, m.as_ref())?.reshape((b, t, h * d))?;
-                let close = |a: &Tensor, b: &Tensor| -> Result<f64> {
-                    (a - b)?.abs()?.max_all()?.to_scalar::<f64>()
-                };
-                assert!(close(&got, &want)? < 1e-12);
-                let gg = pool.install(|| (got * &w)?.sum_all()?.backward())?;
-                let gw = (want * &w)?.sum_all()?.backward()?;
-                for x in [&q, &k, &v] {
-                    let (a, b) = (
-                        gg.get(x.as_tensor()).unwrap(),
-                        gw.get(x.as_tensor()).unwrap(),
-                    );
-                    assert!(close(a, b)? < 1e-12, "h {h} hkv {hkv} {:?}", x.dims());
-                }
+                assert_same_value_and_gradients(&pool, &got, &want, &w, &[&q, &k, &v], 1e-12)?;
             }
         }
         Ok(())

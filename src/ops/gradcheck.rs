@@ -79,3 +79,37 @@ pub fn randn_f64(dims: &[usize], seed: u64, scale: f64) -> Result<Tensor> {
         .collect();
     Tensor::from_vec(v, dims, &Device::Cpu)?.to_dtype(DType::F64)
 }
+
+/// The largest absolute difference between two tensors of the same shape, in f64.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
+    (a.to_dtype(DType::F64)? - b.to_dtype(DType::F64)?)?
+        .abs()?
+        .max_all()?
+        .to_scalar::<f64>()
+}
+
+/// Check a fused op against its composition: `got` must equal `want`, and `sum(out * w)` must
+/// give every one of `vars` the same gradient through both, within `tol`. `got`'s backward runs on
+/// `pool`, so kernels that split work over the pool's threads are exercised.
+pub fn assert_same_value_and_gradients(
+    pool: &rayon::ThreadPool,
+    got: &Tensor,
+    want: &Tensor,
+    w: &Tensor,
+    vars: &[&Var],
+    tol: f64,
+) -> Result<()> {
+    let d = max_abs_diff(got, want)?;
+    assert!(d < tol, "values differ by {d}");
+    let gg = pool.install(|| (got * w)?.sum_all()?.backward())?;
+    let gw = (want * w)?.sum_all()?.backward()?;
+    for v in vars {
+        let (a, b) = (gg.get(v.as_tensor()), gw.get(v.as_tensor()));
+        let (Some(a), Some(b)) = (a, b) else {
+            panic!("no gradient for {:?} on one side", v.dims());
+        };
+        let d = max_abs_diff(a, b)?;
+        assert!(d < tol, "gradients of {:?} differ by {d}", v.dims());
+    }
+    Ok(())
+}

@@ -122,7 +122,7 @@ impl CustomOp3 for LowRankAdd {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::gradcheck::{check, randn_f64};
+    use crate::ops::gradcheck::{assert_same_value_and_gradients, check, randn_f64};
     use candle_core::Var;
 
     #[test]
@@ -140,19 +140,7 @@ mod tests {
             let (yt, zt, bt) = (y.as_tensor(), z.as_tensor(), b.as_tensor());
             let got = pool.install(|| add_low_rank(yt, zt, bt, 0.7))?;
             let want = (yt + (zt.broadcast_matmul(&bt.t()?)? * 0.7)?)?;
-            let close = |a: &Tensor, b: &Tensor| -> Result<f64> {
-                (a - b)?.abs()?.max_all()?.to_scalar::<f64>()
-            };
-            assert!(close(&got, &want)? < 1e-10);
-            let gg = pool.install(|| (got * &w)?.sum_all()?.backward())?;
-            let gw = (want * &w)?.sum_all()?.backward()?;
-            for v in [&y, &z, &b] {
-                let (a, b) = (
-                    gg.get(v.as_tensor()).unwrap(),
-                    gw.get(v.as_tensor()).unwrap(),
-                );
-                assert!(close(a, b)? < 1e-10, "{:?}", v.dims());
-            }
+            assert_same_value_and_gradients(&pool, &got, &want, &w, &[&y, &z, &b], 1e-10)?;
         }
         Ok(())
     }
