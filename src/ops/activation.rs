@@ -5,7 +5,7 @@ use num_traits::Float;
 use rayon::prelude::*;
 
 use super::exp::ExpSlice;
-use super::{cpu_slice, fused_ok};
+use super::{cpu_slice, first_order_fused, fused_ok, with_cpu_slices};
 
 const CHUNK: usize = 4096;
 
@@ -45,28 +45,6 @@ fn map_with_exp_neg<T: WithDType + Float + ExpSlice>(
 /// `f(x, exp(-x^2 / 2))` per element, in f32: GELU's `erf(x / sqrt 2)` and `phi(x)` share it.
 fn map_with_gauss_f32(x: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
     map_with_exp(x, |v| -0.5 * v * v, f)
-}
-
-/// A first-order backward computed straight from the storages (no graph of its own), where no
-/// graph of the gradients is kept: one parallel pass instead of an op for the derivative and a
-/// product (on one thread) with the incoming gradient.
-fn first_order(ts: &[&Tensor]) -> bool {
-    ts.iter().all(|t| fused_ok(t) && t.dtype() == ts[0].dtype())
-        && !crate::meta::second_order::keeps_grad_graph()
-}
-
-/// The contiguous CPU data of each tensor, handed to `f`.
-fn on_slices<T: WithDType, R>(ts: &[&Tensor], f: impl FnOnce(&[&[T]]) -> Result<R>) -> Result<R> {
-    let owned: Vec<Tensor> = ts.iter().map(|t| t.contiguous()).collect::<Result<_>>()?;
-    let guards: Vec<_> = owned.iter().map(|t| t.storage_and_layout()).collect();
-    let mut slices = Vec::with_capacity(ts.len());
-    for (s, l) in &guards {
-        let candle_core::Storage::Cpu(s) = &**s else {
-            candle_core::bail!("activation backward: CPU tensors only");
-        };
-        slices.push(cpu_slice::<T>(s, l)?);
-    }
-    f(&slices)
 }
 
 /// `f(x, exp(arg(x)), g)` per element of `x` and `g`, the exponentials over whole chunks.
@@ -114,16 +92,16 @@ impl CustomOp1 for Silu {
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        if first_order(&[x, g]) {
+        if first_order_fused(&[x, g]) {
             let (shape, dev) = (x.shape(), x.device());
             fn d<T: Float>(v: T, e: T, g: T) -> T {
                 g * silu_prime_of(v, e)
             }
             return Ok(Some(match x.dtype() {
-                candle_core::DType::F32 => on_slices::<f32, _>(&[x, g], |s| {
+                candle_core::DType::F32 => with_cpu_slices::<f32, _>(&[x, g], |s| {
                     Tensor::from_vec(zip_map_with_exp(s[0], s[1], |v| -v, d), shape, dev)
                 })?,
-                _ => on_slices::<f64, _>(&[x, g], |s| {
+                _ => with_cpu_slices::<f64, _>(&[x, g], |s| {
                     Tensor::from_vec(zip_map_with_exp(s[0], s[1], |v| -v, d), shape, dev)
                 })?,
             }));
@@ -230,7 +208,7 @@ impl CustomOp2 for SwiGlu {
         _y: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        if first_order(&[gate, up, g]) {
+        if first_order_fused(&[gate, up, g]) {
             let (dgate, dup) = match gate.dtype() {
                 candle_core::DType::F32 => swiglu_grads::<f32>(gate, up, g)?,
                 _ => swiglu_grads::<f64>(gate, up, g)?,
@@ -250,7 +228,7 @@ fn swiglu_grads<T: WithDType + Float + ExpSlice>(
     g: &Tensor,
 ) -> Result<(Tensor, Tensor)> {
     let (shape, dev) = (gate.shape(), gate.device());
-    on_slices::<T, _>(&[gate, up, g], |s| {
+    with_cpu_slices::<T, _>(&[gate, up, g], |s| {
         let (gate, up, g) = (s[0], s[1], s[2]);
         let (mut dgate, mut dup) = (vec![T::zero(); gate.len()], vec![T::zero(); gate.len()]);
         dgate
@@ -345,10 +323,10 @@ impl CustomOp1 for Gelu {
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        if first_order(&[x, g]) {
+        if first_order_fused(&[x, g]) {
             let (shape, dev) = (x.shape(), x.device());
             return Ok(Some(match x.dtype() {
-                candle_core::DType::F32 => on_slices::<f32, _>(&[x, g], |s| {
+                candle_core::DType::F32 => with_cpu_slices::<f32, _>(&[x, g], |s| {
                     let d = |v: f32, e: f32, g: f32| {
                         g * (gauss_cdf_f32(v, e) + v * (FRAC_1_SQRT_2PI as f32) * e)
                     };
@@ -358,7 +336,7 @@ impl CustomOp1 for Gelu {
                         dev,
                     )
                 })?,
-                _ => on_slices::<f64, _>(&[x, g], |s| {
+                _ => with_cpu_slices::<f64, _>(&[x, g], |s| {
                     let d = |v: f64, e: f64, g: f64| {
                         let cdf = 0.5 * (1.0 + erf_f64(v / std::f64::consts::SQRT_2));
                         g * (cdf + v * FRAC_1_SQRT_2PI * e)

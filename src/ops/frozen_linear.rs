@@ -148,13 +148,7 @@ impl FrozenLinearBias {
         for _ in 0..m {
             out.extend_from_slice(&bias);
         }
-        // W [n, k] read transposed.
-        let wt = Strided {
-            data: w,
-            offset: 0,
-            rs: 1,
-            cs: k as isize,
-        };
+        let wt = Strided::transposed(w, 0, k);
         matmul_acc(
             &mut out,
             (m, n, k),
@@ -287,13 +281,11 @@ impl CustomOp2 for WeightGrad {
             x: &[T],
             (m, n, k): (usize, usize, usize),
         ) -> Result<Vec<T>> {
-            let gt = Strided {
-                data: g,
-                offset: 0,
-                rs: 1,
-                cs: n as isize,
-            };
-            matmul((n, k, m), gt, Strided::row_major(x, 0, k))
+            matmul(
+                (n, k, m),
+                Strided::transposed(g, 0, n),
+                Strided::row_major(x, 0, k),
+            )
         }
         let out = match (s1, s2) {
             (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(go(

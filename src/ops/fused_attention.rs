@@ -9,12 +9,12 @@
 //! probabilities instead of keeping them (attention is a few percent of a step's FLOPs). Where a
 //! graph of the gradients is kept (second-order MAML) or off the CPU, the composed op runs.
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, WithDType};
 use num_traits::Float;
 use rayon::prelude::*;
 
 use super::exp::ExpSlice;
-use super::{attention, cpu_slice, fused_ok};
+use super::{attention, cpu_slice, first_order_fused, with_cpu_slices};
 
 /// Attention for `q: [b, tq, h * d]`, `k, v: [b, tk, h_kv * d]` (the projections' outputs; the
 /// head axis may also be split out, `[b, tq, h, d]`), `heads = (h, h_kv)` with `h` a multiple of
@@ -65,8 +65,7 @@ impl FusedAttention {
         mask: Option<&Tensor>,
         scale: f64,
     ) -> Result<Option<Self>> {
-        let same = k.dtype() == q.dtype() && v.dtype() == q.dtype();
-        if !same || !fused_ok(q) || crate::meta::second_order::keeps_grad_graph() {
+        if !first_order_fused(&[q, k, v]) {
             return Ok(None);
         }
         let Dims { b, tq, tk, h, .. } = dims;
@@ -460,24 +459,18 @@ impl CustomOp3 for FusedAttention {
 
 impl FusedAttention {
     fn grads<T: Elem>(&self, ts: [&Tensor; 4]) -> Result<[Tensor; 3]> {
-        let guards = ts.map(|t| t.storage_and_layout());
-        let mut slices: Vec<&[T]> = Vec::with_capacity(4);
-        for (s, l) in &guards {
-            let Storage::Cpu(s) = &**s else {
-                candle_core::bail!("fused attention: CPU tensors only");
-            };
-            slices.push(cpu_slice::<T>(s, l)?);
+        if ts[3].elem_count() != ts[0].elem_count() {
+            candle_core::bail!("fused attention: gradient {:?}", ts[3].dims());
         }
-        let dm = self.dims;
-        if guards[3].1.shape().elem_count() != guards[0].1.shape().elem_count() {
-            candle_core::bail!("fused attention: gradient {:?}", guards[3].1.dims());
-        }
-        let (dq, dk, dv) = backward(
-            dm,
-            [slices[0], slices[1], slices[2], slices[3]],
-            &mask_rows(&self.mask)?,
-            self.scale,
-        );
+        let (dq, dk, dv) = with_cpu_slices::<T, _>(&ts, |s| {
+            let mask = mask_rows(&self.mask)?;
+            Ok(backward(
+                self.dims,
+                [s[0], s[1], s[2], s[3]],
+                &mask,
+                self.scale,
+            ))
+        })?;
         let dev = ts[0].device();
         Ok([
             Tensor::from_vec(dq, ts[0].shape(), dev)?,

@@ -118,13 +118,7 @@ impl LmHeadCe {
                     // dW += dlogits^T h for this block's rows, in place: a product per block
                     // would be a fresh 113 MB (SmolLM2) mapping, zeroed page by page.
                     let hv = Strided::row_major(h.as_slice::<T>()?, h0 + r0 * d, d);
-                    // dlogits [m, vocab] read transposed.
-                    let dlt = Strided {
-                        data: &dl,
-                        offset: 0,
-                        rs: 1,
-                        cs: vocab as isize,
-                    };
+                    let dlt = Strided::transposed(&dl, 0, vocab);
                     par_gemm::matmul_acc(acc, (vocab, d, m), dlt, hv, T::one())?;
                 }
                 if par_gemm::enabled() {

@@ -12,12 +12,11 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, WithDTyp
 
 use super::frozen_linear::{frozen_matmul, linear, weight_grad};
 use super::par_gemm::{self, Strided};
-use super::{cpu_slice, fused_ok};
+use super::{cpu_slice, first_order_fused};
 
 /// `y + scale * z B^T` for `y: [..., n]`, `z: [..., r]`, `b: [n, r]`.
 pub fn add_low_rank(y: &Tensor, z: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
-    let same = z.dtype() == y.dtype() && b.dtype() == y.dtype();
-    if !same || !fused_ok(y) || crate::meta::second_order::keeps_grad_graph() {
+    if !first_order_fused(&[y, z, b]) {
         let d = (linear(z, b, None)? * scale)?.to_dtype(y.dtype())?;
         return y + d;
     }
@@ -48,13 +47,7 @@ fn forward<T: WithDType>(
     scale: f64,
 ) -> Result<Vec<T>> {
     let mut out = y.to_vec();
-    // B [n, r] read transposed.
-    let bt = Strided {
-        data: b,
-        offset: 0,
-        rs: 1,
-        cs: r as isize,
-    };
+    let bt = Strided::transposed(b, 0, r);
     let beta = T::from_f64(scale);
     par_gemm::matmul_acc(&mut out, (m, n, r), Strided::row_major(z, 0, r), bt, beta)?;
     Ok(out)

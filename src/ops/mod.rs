@@ -52,6 +52,31 @@ pub(crate) fn fused_ok(t: &Tensor) -> bool {
     t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
 }
 
+/// Whether a fused first-order backward may run straight from the storages of `ts`: all CPU
+/// f32/f64 of one dtype, and no graph of the gradients is being kept (second-order MAML needs
+/// the composed, differentiable backward).
+pub(crate) fn first_order_fused(ts: &[&Tensor]) -> bool {
+    ts.iter().all(|t| fused_ok(t) && t.dtype() == ts[0].dtype())
+        && !crate::meta::second_order::keeps_grad_graph()
+}
+
+/// The contiguous CPU data of each tensor (copied first where not contiguous), handed to `f`.
+pub(crate) fn with_cpu_slices<T: WithDType, R>(
+    ts: &[&Tensor],
+    f: impl FnOnce(&[&[T]]) -> Result<R>,
+) -> Result<R> {
+    let owned: Vec<Tensor> = ts.iter().map(|t| t.contiguous()).collect::<Result<_>>()?;
+    let guards: Vec<_> = owned.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(ts.len());
+    for (s, l) in &guards {
+        let candle_core::Storage::Cpu(s) = &**s else {
+            bail!("fused backward: CPU tensors only");
+        };
+        slices.push(cpu_slice::<T>(s, l)?);
+    }
+    f(&slices)
+}
+
 /// The contiguous data of a CPU storage as a slice.
 pub(crate) fn cpu_slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
     let data = s.as_slice::<T>()?;

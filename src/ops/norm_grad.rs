@@ -35,12 +35,7 @@ pub(crate) fn fused_norm_backward(
     centered: bool,
     want_params: bool,
 ) -> Result<Option<NormGrads>> {
-    let same = x.dtype() == w.dtype() && x.dtype() == g.dtype();
-    if !same
-        || !super::fused_ok(x)
-        || !g.device().is_cpu()
-        || crate::meta::second_order::keeps_grad_graph()
-    {
+    if !super::first_order_fused(&[x, w, g]) {
         return Ok(None);
     }
     let norm = Norm {

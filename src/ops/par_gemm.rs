@@ -38,6 +38,16 @@ impl<'a, T> Strided<'a, T> {
         }
     }
 
+    /// The transpose of a row-major `[rows, cols]` matrix starting at `offset`, read in place.
+    pub fn transposed(data: &'a [T], offset: usize, cols: usize) -> Self {
+        Self {
+            data,
+            offset,
+            rs: 1,
+            cs: cols as isize,
+        }
+    }
+
     /// The 2-d view a candle layout describes over `data`.
     pub fn from_layout(data: &'a [T], l: &Layout) -> Result<Self> {
         let [rs, cs] = l.stride() else {
@@ -244,22 +254,12 @@ mod tests {
             for a_t in [false, true] {
                 for b_t in [false, true] {
                     let av = if a_t {
-                        Strided {
-                            data: &a,
-                            offset: 3,
-                            rs: 1,
-                            cs: m as isize,
-                        }
+                        Strided::transposed(&a, 3, m)
                     } else {
                         Strided::row_major(&a, 3, k)
                     };
                     let bv = if b_t {
-                        Strided {
-                            data: &b,
-                            offset: 5,
-                            rs: 1,
-                            cs: k as isize,
-                        }
+                        Strided::transposed(&b, 5, k)
                     } else {
                         Strided::row_major(&b, 5, n)
                     };
