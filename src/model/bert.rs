@@ -83,6 +83,9 @@ impl Bert {
             return Ok(ops::linear(x, w, Some(&b))?);
         }
         let x = deltas.linear_input(module, x.clone(), dp)?;
+        if let Some(y) = deltas.fused_linear(module, &x, w, Some(&b), dp)? {
+            return Ok(y);
+        }
         let y = ops::linear(&x, w, Some(&b))?;
         deltas.linear(module, &x, Some(w), y, dp)
     }

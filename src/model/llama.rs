@@ -207,6 +207,9 @@ impl Llama {
             }
             None => {
                 let w = p.get(&weight_name)?;
+                if let Some(y) = deltas.fused_linear(module, &x, w, b.as_ref(), dp)? {
+                    return Ok(y);
+                }
                 (ops::linear(&x, w, b.as_ref())?, Some(w))
             }
         };

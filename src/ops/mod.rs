@@ -19,6 +19,7 @@ pub mod fused_attention;
 pub mod gradcheck;
 pub mod layer_norm;
 pub mod lm_head_loss;
+pub mod lora_linear;
 pub mod low_rank;
 pub(crate) mod matvec;
 pub(crate) mod norm_grad;
@@ -36,6 +37,7 @@ pub use frozen_linear::{frozen_linear, linear};
 pub use fused_attention::attention_heads;
 pub use layer_norm::layer_norm;
 pub use lm_head_loss::{lm_head_cross_entropy, quantized_lm_head_cross_entropy};
+pub use lora_linear::lora_linear;
 pub use low_rank::add_low_rank;
 pub use quantized_linear::{
     quantized_linear, quantized_linear_exact, quantized_logits, with_integer_kernels,

@@ -323,6 +323,29 @@ impl Delta for Lora {
         )?)
     }
 
+    fn fused_linear(
+        &self,
+        module: &str,
+        x: &Tensor,
+        w: &Tensor,
+        bias: Option<&Tensor>,
+        params: &ParamStore,
+    ) -> Result<Option<Tensor>> {
+        let Some(scale) = self.scales.get(module) else {
+            return Ok(None);
+        };
+        if !crate::ops::lora_linear::enabled() {
+            return Ok(None);
+        }
+        let a = params.get(&format!("{module}.lora_A.weight"))?;
+        let b = params.get(&format!("{module}.lora_B.weight"))?;
+        // Dropout feeds the factors a different input than the base product.
+        if self.is_stochastic() || x.dtype() != a.dtype() || w.dtype() != a.dtype() {
+            return Ok(None);
+        }
+        Ok(Some(crate::ops::lora_linear(x, w, bias, a, b, *scale)?))
+    }
+
     fn mergeable(&self) -> bool {
         true
     }

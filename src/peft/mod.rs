@@ -66,6 +66,22 @@ pub trait Delta: Send + Sync + std::fmt::Debug {
         Ok(y)
     }
 
+    /// The whole output of linear layer `module`, base product included, where this delta
+    /// computes it in one op (LoRA: `x W^T + s (x A^T) B^T` without keeping `x W^T` for the
+    /// backward); `None` leaves the base product to the model and the delta to
+    /// [`Delta::linear`]. Only asked of the first delta of a set: a later one would skip the
+    /// earlier ones' output hooks.
+    fn fused_linear(
+        &self,
+        _module: &str,
+        _x: &Tensor,
+        _w: &Tensor,
+        _bias: Option<&Tensor>,
+        _params: &ParamStore,
+    ) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+
     /// Number of key/value positions this delta prepends in every attention layer.
     fn prefix_len(&self) -> usize {
         0
@@ -228,6 +244,28 @@ impl DeltaSet {
         self.deltas
             .iter()
             .try_fold(y, |y, d| d.linear(module, x, w, y, params))
+    }
+
+    /// The output of linear layer `module` (`x` already through [`DeltaSet::linear_input`]) when
+    /// the first delta computes base product and its own change in one op, then passed through
+    /// the other deltas' [`Delta::linear`]; `None` when the model computes the base product.
+    pub fn fused_linear(
+        &self,
+        module: &str,
+        x: &Tensor,
+        w: &Tensor,
+        bias: Option<&Tensor>,
+        params: &ParamStore,
+    ) -> Result<Option<Tensor>> {
+        let Some((first, rest)) = self.deltas.split_first() else {
+            return Ok(None);
+        };
+        let Some(y) = first.fused_linear(module, x, w, bias, params)? else {
+            return Ok(None);
+        };
+        rest.iter()
+            .try_fold(y, |y, d| d.linear(module, x, Some(w), y, params))
+            .map(Some)
     }
 
     /// Whether any delta mixes sequence positions (see [`Delta::mixes_positions`]).
