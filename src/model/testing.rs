@@ -96,22 +96,35 @@ mod tests {
     /// differentiated with respect to LoRA factors on every linear, against finite differences.
     #[test]
     fn llama_lora_gradient_matches_finite_differences() -> Result<()> {
+        let all = [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ];
+        llama_lora_gradient_check(&all, |n| {
+            n.contains("layers.0.self_attn.q_proj")
+                || n.contains("layers.1.mlp.down_proj")
+                || n.contains("layers.1.self_attn.k_proj.lora_A")
+        })
+    }
+
+    /// With LoRA on q and v only, the output projections and the feed-forward tails (SwiGLU,
+    /// down projection, residual add) run as the fused residual ops: the gradient reaching the
+    /// first layer's factors goes back through all of them.
+    #[test]
+    fn llama_lora_qv_gradient_through_fused_tails_matches_finite_differences() -> Result<()> {
+        llama_lora_gradient_check(&["q_proj", "v_proj"], |n| n.contains("layers.0."))
+    }
+
+    fn llama_lora_gradient_check(targets: &[&str], pick: impl Fn(&str) -> bool) -> Result<()> {
         let (model, base) = tiny_llama(3, DType::F64)?;
         let cfg = LoraConfig {
             init_lora_weights: crate::peft::lora::LoraInit::Default(false),
-            ..LoraConfig::new(
-                2,
-                4.0,
-                &[
-                    "q_proj",
-                    "k_proj",
-                    "v_proj",
-                    "o_proj",
-                    "gate_proj",
-                    "up_proj",
-                    "down_proj",
-                ],
-            )
+            ..LoraConfig::new(2, 4.0, targets)
         };
         let (lora, lp) = Lora::init(&cfg, &base, 5)?;
         let lp = lp.to_dtype(DType::F64)?;
@@ -120,14 +133,8 @@ mod tests {
         let ids = token_ids(2, 5, 32, 1)?;
         let names: Vec<String> = lp.vars().into_iter().map(|(n, _)| n).collect();
         // Check a few factors (every element of each) to keep the test fast.
-        let picked: Vec<&String> = names
-            .iter()
-            .filter(|n| {
-                n.contains("layers.0.self_attn.q_proj")
-                    || n.contains("layers.1.mlp.down_proj")
-                    || n.contains("layers.1.self_attn.k_proj.lora_A")
-            })
-            .collect();
+        let picked: Vec<&String> = names.iter().filter(|n| pick(n)).collect();
+        assert!(!picked.is_empty());
         let inputs: Vec<Tensor> = picked
             .iter()
             .map(|n| {

@@ -172,32 +172,19 @@ impl CustomOp2 for SwiGlu {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        fn go<T: WithDType + Float + ExpSlice>(g: &[T], u: &[T]) -> Vec<T> {
-            let mut out = vec![T::zero(); g.len()];
-            out.par_chunks_mut(CHUNK)
-                .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
-                .for_each(|(o, (gs, us))| {
-                    // o = exp(-a), then a / (1 + exp(-a)) * b.
-                    o.iter_mut().zip(gs).for_each(|(o, &a)| *o = -a);
-                    T::exp_in_place(o);
-                    for ((o, &a), &b) in o.iter_mut().zip(gs).zip(us) {
-                        *o = a / (T::one() + *o) * b;
-                    }
-                });
-            out
-        }
         if l1.shape() != l2.shape() {
             candle_core::bail!("swiglu: shapes {:?} and {:?} differ", l1.dims(), l2.dims());
         }
-        let out = match (s1, s2) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                f32::to_cpu_storage_owned(go(cpu_slice::<f32>(s1, l1)?, cpu_slice::<f32>(s2, l2)?))
-            }
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => {
-                f64::to_cpu_storage_owned(go(cpu_slice::<f64>(s1, l1)?, cpu_slice::<f64>(s2, l2)?))
-            }
-            _ => candle_core::bail!("swiglu: unsupported dtypes"),
-        };
+        let out =
+            match (s1, s2) {
+                (CpuStorage::F32(_), CpuStorage::F32(_)) => f32::to_cpu_storage_owned(
+                    swiglu_values(cpu_slice::<f32>(s1, l1)?, cpu_slice::<f32>(s2, l2)?),
+                ),
+                (CpuStorage::F64(_), CpuStorage::F64(_)) => f64::to_cpu_storage_owned(
+                    swiglu_values(cpu_slice::<f64>(s1, l1)?, cpu_slice::<f64>(s2, l2)?),
+                ),
+                _ => candle_core::bail!("swiglu: unsupported dtypes"),
+            };
         Ok((out, l1.shape().clone()))
     }
 
@@ -221,7 +208,47 @@ impl CustomOp2 for SwiGlu {
     }
 }
 
-/// SwiGLU's first-order gradients `(g * up * silu'(gate), g * silu(gate))` in one pass.
+/// `silu(gate) * up` per element, over the threads.
+pub(crate) fn swiglu_values<T: WithDType + Float + ExpSlice>(gate: &[T], up: &[T]) -> Vec<T> {
+    let mut out = vec![T::zero(); gate.len()];
+    out.par_chunks_mut(CHUNK)
+        .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
+        .for_each(|(o, (gs, us))| {
+            // o = exp(-a), then a / (1 + exp(-a)) * b.
+            o.iter_mut().zip(gs).for_each(|(o, &a)| *o = -a);
+            T::exp_in_place(o);
+            for ((o, &a), &b) in o.iter_mut().zip(gs).zip(us) {
+                *o = a / (T::one() + *o) * b;
+            }
+        });
+    out
+}
+
+/// SwiGLU's first-order gradients `(g * up * silu'(gate), g * silu(gate))` in one pass over the
+/// threads; `g` (the output gradient) is overwritten with `d gate`, `d up` is returned.
+pub(crate) fn swiglu_grads_in_place<T: WithDType + Float + ExpSlice>(
+    gate: &[T],
+    up: &[T],
+    g: &mut [T],
+) -> Vec<T> {
+    let mut dup = vec![T::zero(); gate.len()];
+    g.par_chunks_mut(CHUNK)
+        .zip(dup.par_chunks_mut(CHUNK))
+        .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
+        .for_each(|((gs, du), (xs, us))| {
+            // du first holds exp(-gate), then d up.
+            du.iter_mut().zip(xs).for_each(|(o, &v)| *o = -v);
+            T::exp_in_place(du);
+            for (((g, du), &v), &u) in gs.iter_mut().zip(du).zip(xs).zip(us) {
+                let sig = T::one() / (T::one() + *du);
+                *du = *g * v * sig;
+                *g = *g * u * sig * (T::one() + v * (T::one() - sig));
+            }
+        });
+    dup
+}
+
+/// SwiGLU's first-order gradients as tensors.
 fn swiglu_grads<T: WithDType + Float + ExpSlice>(
     gate: &Tensor,
     up: &Tensor,
@@ -229,25 +256,8 @@ fn swiglu_grads<T: WithDType + Float + ExpSlice>(
 ) -> Result<(Tensor, Tensor)> {
     let (shape, dev) = (gate.shape(), gate.device());
     with_cpu_slices::<T, _>(&[gate, up, g], |s| {
-        let (gate, up, g) = (s[0], s[1], s[2]);
-        let (mut dgate, mut dup) = (vec![T::zero(); gate.len()], vec![T::zero(); gate.len()]);
-        dgate
-            .par_chunks_mut(CHUNK)
-            .zip(dup.par_chunks_mut(CHUNK))
-            .zip(
-                gate.par_chunks(CHUNK)
-                    .zip(up.par_chunks(CHUNK))
-                    .zip(g.par_chunks(CHUNK)),
-            )
-            .for_each(|((dg, du), ((xs, us), gs))| {
-                dg.iter_mut().zip(xs).for_each(|(o, &v)| *o = -v);
-                T::exp_in_place(dg);
-                for ((((dg, du), &v), &u), &g) in dg.iter_mut().zip(du).zip(xs).zip(us).zip(gs) {
-                    let sig = T::one() / (T::one() + *dg);
-                    *du = g * v * sig;
-                    *dg = g * u * sig * (T::one() + v * (T::one() - sig));
-                }
-            });
+        let mut dgate = s[2].to_vec();
+        let dup = swiglu_grads_in_place(s[0], s[1], &mut dgate);
         Ok((
             Tensor::from_vec(dgate, shape, dev)?,
             Tensor::from_vec(dup, shape, dev)?,

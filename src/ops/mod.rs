@@ -25,6 +25,7 @@ pub(crate) mod matvec;
 pub(crate) mod norm_grad;
 pub(crate) mod par_gemm;
 pub mod quantized_linear;
+pub mod residual_linear;
 pub mod rms_norm;
 pub mod rope;
 pub mod softmax;
@@ -43,6 +44,7 @@ pub use quantized_linear::{
     quantized_linear, quantized_linear_exact, quantized_logits, with_integer_kernels,
     QuantizedWeight,
 };
+pub use residual_linear::{linear_residual, swiglu_linear_residual};
 pub use rms_norm::rms_norm;
 pub use rope::{rope, RopeTables};
 pub use softmax::softmax_last_dim;

@@ -346,6 +346,10 @@ impl Delta for Lora {
         Ok(Some(crate::ops::lora_linear(x, w, bias, a, b, *scale)?))
     }
 
+    fn leaves_linear(&self, module: &str) -> bool {
+        !self.scales.contains_key(module) && !self.biases.contains(module)
+    }
+
     fn mergeable(&self) -> bool {
         true
     }

@@ -82,6 +82,15 @@ pub trait Delta: Send + Sync + std::fmt::Debug {
         Ok(None)
     }
 
+    /// Whether this delta leaves linear layer `module` alone: its input, weight, bias and output,
+    /// and the sublayer output it produces (see [`Delta::after_attention`] and
+    /// [`Delta::after_ffn`]). Lets the model fuse the linear with the residual add (and, for a
+    /// feed-forward's down projection, the activation before it). A method that acts anywhere on
+    /// linears must keep the conservative default.
+    fn leaves_linear(&self, _module: &str) -> bool {
+        false
+    }
+
     /// Number of key/value positions this delta prepends in every attention layer.
     fn prefix_len(&self) -> usize {
         0
@@ -266,6 +275,12 @@ impl DeltaSet {
         rest.iter()
             .try_fold(y, |y, d| d.linear(module, x, Some(w), y, params))
             .map(Some)
+    }
+
+    /// Whether every delta leaves linear layer `module` alone ([`Delta::leaves_linear`]); true
+    /// for an empty set.
+    pub fn leaves_linear(&self, module: &str) -> bool {
+        self.deltas.iter().all(|d| d.leaves_linear(module))
     }
 
     /// Whether any delta mixes sequence positions (see [`Delta::mixes_positions`]).

@@ -147,6 +147,10 @@ impl Delta for PrefixTuning {
         self.n
     }
 
+    fn leaves_linear(&self, _module: &str) -> bool {
+        true
+    }
+
     fn attention_prefix(
         &self,
         layer: usize,

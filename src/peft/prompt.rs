@@ -96,6 +96,10 @@ impl Delta for PromptTuning {
         self.n
     }
 
+    fn leaves_linear(&self, _module: &str) -> bool {
+        true
+    }
+
     fn input_embeddings(&self, x: Tensor, params: &ParamStore) -> Result<Tensor> {
         let (b, _, d) = x.dims3()?;
         let p = params
