@@ -76,66 +76,73 @@ fn blocks_to_f32<B: GgmlType>(src: &[u8], dst: &mut [f32]) -> Result<()> {
     Ok(())
 }
 
-/// Q8_0 blocks (an f16 scale and 32 int8 values, 34 bytes) to f32. candle's `to_float` runs
-/// scalar in a build for baseline x86-64 and was 13% of a Q8_0 prefill; the loop below is
-/// vectorised by the compiler where AVX2 is there.
-fn q8_0_to_f32(src: &[u8], dst: &mut [f32]) -> Result<()> {
-    fn go(src: &[u8], dst: &mut [f32]) {
-        for (b, o) in src.chunks_exact(34).zip(dst.chunks_exact_mut(32)) {
-            let d = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
-            for (o, &q) in o.iter_mut().zip(&b[2..34]) {
-                *o = f32::from(q as i8) * d;
-            }
-        }
-    }
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    fn go_avx2(src: &[u8], dst: &mut [f32]) {
-        go(src, dst)
-    }
-    if !src.len().is_multiple_of(34) || dst.len() != src.len() / 34 * 32 {
-        return Err(err("quantized_linear: Q8_0 row of the wrong length"));
-    }
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: AVX2 is available (checked just above).
-        unsafe { go_avx2(src, dst) };
-        return Ok(());
-    }
-    go(src, dst);
-    Ok(())
+/// The block types whose rows are dequantized by our own loops: candle's `to_float` runs scalar in
+/// a build for baseline x86-64 (it was 13% of a Q8_0 prefill), the loops below are vectorised by
+/// the compiler where AVX2 is there. Same arithmetic as candle's, so the same values.
+#[derive(Clone, Copy, Debug)]
+enum FastBlocks {
+    /// An f16 scale and 32 int8 values: 34 bytes.
+    Q8_0,
+    /// f16 scale and minimum, 16 bytes of 4-bit values (value `j < 16` the low nibble of byte
+    /// `j`, value `j + 16` its high nibble): 20 bytes.
+    Q4_1,
 }
 
-/// Q4_1 blocks (f16 scale and minimum, 16 bytes holding 32 4-bit values, 20 bytes) to f32: value
-/// `j < 16` is the low nibble of byte `j`, value `j + 16` its high nibble. Vectorised as
-/// [`q8_0_to_f32`].
-fn q4_1_to_f32(src: &[u8], dst: &mut [f32]) -> Result<()> {
-    fn go(src: &[u8], dst: &mut [f32]) {
-        for (b, o) in src.chunks_exact(20).zip(dst.chunks_exact_mut(32)) {
-            let d = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
-            let m = half::f16::from_le_bytes([b[2], b[3]]).to_f32();
-            let (lo, hi) = o.split_at_mut(16);
-            for ((l, h), &q) in lo.iter_mut().zip(hi.iter_mut()).zip(&b[4..20]) {
-                *l = f32::from(q & 0x0f) * d + m;
-                *h = f32::from(q >> 4) * d + m;
+impl FastBlocks {
+    fn bytes(self) -> usize {
+        match self {
+            Self::Q8_0 => 34,
+            Self::Q4_1 => 20,
+        }
+    }
+}
+
+#[inline(always)]
+fn fast_blocks_loop(kind: FastBlocks, src: &[u8], dst: &mut [f32]) {
+    let half_at = |b: &[u8], i: usize| half::f16::from_le_bytes([b[i], b[i + 1]]).to_f32();
+    match kind {
+        FastBlocks::Q8_0 => {
+            for (b, o) in src.chunks_exact(34).zip(dst.chunks_exact_mut(32)) {
+                let d = half_at(b, 0);
+                for (o, &q) in o.iter_mut().zip(&b[2..34]) {
+                    *o = f32::from(q as i8) * d;
+                }
+            }
+        }
+        FastBlocks::Q4_1 => {
+            for (b, o) in src.chunks_exact(20).zip(dst.chunks_exact_mut(32)) {
+                let (d, m) = (half_at(b, 0), half_at(b, 2));
+                let (lo, hi) = o.split_at_mut(16);
+                for ((l, h), &q) in lo.iter_mut().zip(hi.iter_mut()).zip(&b[4..20]) {
+                    *l = f32::from(q & 0x0f) * d + m;
+                    *h = f32::from(q >> 4) * d + m;
+                }
             }
         }
     }
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    fn go_avx2(src: &[u8], dst: &mut [f32]) {
-        go(src, dst)
-    }
-    if !src.len().is_multiple_of(20) || dst.len() != src.len() / 20 * 32 {
-        return Err(err("quantized_linear: Q4_1 row of the wrong length"));
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn fast_blocks_loop_avx2(kind: FastBlocks, src: &[u8], dst: &mut [f32]) {
+    fast_blocks_loop(kind, src, dst)
+}
+
+/// Whole blocks `src` of type `kind` to f32 values in `dst` (32 per block).
+fn fast_blocks_to_f32(kind: FastBlocks, src: &[u8], dst: &mut [f32]) -> Result<()> {
+    let size = kind.bytes();
+    if !src.len().is_multiple_of(size) || dst.len() != src.len() / size * 32 {
+        return Err(err(format!(
+            "quantized_linear: {kind:?} row of the wrong length"
+        )));
     }
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: AVX2 is available (checked just above).
-        unsafe { go_avx2(src, dst) };
+        unsafe { fast_blocks_loop_avx2(kind, src, dst) };
         return Ok(());
     }
-    go(src, dst);
+    fast_blocks_loop(kind, src, dst);
     Ok(())
 }
 
@@ -248,10 +255,10 @@ impl QuantizedWeight {
                 Ok(())
             }
             G::Q4_0 => blocks_to_f32::<BlockQ4_0>(s, d),
-            G::Q4_1 => q4_1_to_f32(s, d),
+            G::Q4_1 => fast_blocks_to_f32(FastBlocks::Q4_1, s, d),
             G::Q5_0 => blocks_to_f32::<BlockQ5_0>(s, d),
             G::Q5_1 => blocks_to_f32::<BlockQ5_1>(s, d),
-            G::Q8_0 => q8_0_to_f32(s, d),
+            G::Q8_0 => fast_blocks_to_f32(FastBlocks::Q8_0, s, d),
             G::Q2K => blocks_to_f32::<BlockQ2K>(s, d),
             G::Q3K => blocks_to_f32::<BlockQ3K>(s, d),
             G::Q4K => blocks_to_f32::<BlockQ4K>(s, d),
@@ -661,10 +668,9 @@ mod tests {
             state ^= state << 17;
             (state >> 24) as u8
         };
-        for (block, halves, ours) in [
-            (34, 1, q8_0_to_f32 as fn(&[u8], &mut [f32]) -> Result<()>),
-            (20, 2, q4_1_to_f32),
-        ] {
+        for (kind, halves) in [(FastBlocks::Q8_0, 1), (FastBlocks::Q4_1, 2)] {
+            let block = kind.bytes();
+            let ours = |s: &[u8], d: &mut [f32]| fast_blocks_to_f32(kind, s, d);
             let blocks = 37;
             let mut src = Vec::with_capacity(blocks * block);
             for _ in 0..blocks {
