@@ -62,10 +62,7 @@ pub fn linear_residual(
     if !fuses(x, w, bias, residual) {
         return residual + super::linear(x, w, bias)?;
     }
-    let op = ResidualLinear {
-        w: w.contiguous()?.detach(),
-        bias: bias.map(Tensor::detach),
-    };
+    let op = ResidualLinear::new(w, bias)?;
     x.contiguous()?.apply_op2(&residual.contiguous()?, op)
 }
 
@@ -89,10 +86,7 @@ pub fn swiglu_linear_residual(
     if !fuses(gate, w, bias, residual) || up.dtype() != gate.dtype() {
         return residual + super::linear(&super::swiglu(gate, up)?, w, bias)?;
     }
-    let op = ResidualLinear {
-        w: w.contiguous()?.detach(),
-        bias: bias.map(Tensor::detach),
-    };
+    let op = ResidualLinear::new(w, bias)?;
     gate.contiguous()?
         .apply_op3(&up.contiguous()?, &residual.contiguous()?, op)
 }
@@ -105,6 +99,13 @@ struct ResidualLinear {
 }
 
 impl ResidualLinear {
+    fn new(w: &Tensor, bias: Option<&Tensor>) -> Result<Self> {
+        Ok(Self {
+            w: w.contiguous()?.detach(),
+            bias: bias.map(Tensor::detach),
+        })
+    }
+
     /// `residual (+ bias) + x W^T` for a row-major `x: [m, k]`.
     fn forward<T: WithDType>(&self, x: &[T], residual: &[T]) -> Result<Vec<T>> {
         let (n, k) = self.w.dims2()?;
