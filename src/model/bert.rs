@@ -192,26 +192,31 @@ impl Bert {
         let proj = |m: &str| self.dense(p, deltas, dp, &format!("{pre}.attention.self.{m}"), &x);
         let (q, k, v) = (proj("query")?, proj("key")?, proj("value")?);
         let a = ops::attention_heads(&q, &k, &v, (h, h), Some(mask), scale)?;
-        let a = self.dense(p, deltas, dp, &format!("{pre}.attention.output.dense"), &a)?;
-        let a = deltas.after_attention(i, a, dp)?;
+        let out = format!("{pre}.attention.output.dense");
+        let h = match super::untouched_linear(p, deltas, &out) {
+            Some((w, b)) => ops::linear_residual(&a, w, b, &x)?,
+            None => {
+                let a = self.dense(p, deltas, dp, &out, &a)?;
+                (deltas.after_attention(i, a, dp)? + &x)?
+            }
+        };
         x = self.norm(
             p,
             deltas,
             dp,
             &format!("{pre}.attention.output.LayerNorm"),
-            &(a + &x)?,
+            &h,
         )?;
         let m = ops::gelu(&self.dense(p, deltas, dp, &format!("{pre}.intermediate.dense"), &x)?)?;
-        let o = self.dense(p, deltas, dp, &format!("{pre}.output.dense"), &m)?;
-        let o = deltas.after_ffn(i, &x, o, dp)?;
-        x = self.norm(
-            p,
-            deltas,
-            dp,
-            &format!("{pre}.output.LayerNorm"),
-            &(o + &x)?,
-        )?;
-        Ok(x)
+        let out = format!("{pre}.output.dense");
+        let h = match super::untouched_linear(p, deltas, &out) {
+            Some((w, b)) => ops::linear_residual(&m, w, b, &x)?,
+            None => {
+                let o = self.dense(p, deltas, dp, &out, &m)?;
+                (deltas.after_ffn(i, &x, o, dp)? + &x)?
+            }
+        };
+        self.norm(p, deltas, dp, &format!("{pre}.output.LayerNorm"), &h)
     }
 
     /// Sentence embeddings `[b, d]`: mean over unmasked tokens, then L2 normalised.

@@ -400,7 +400,7 @@ impl Llama {
         let cfg = &self.cfg;
         let pre = format!("model.layers.{i}");
         let o_proj = format!("{pre}.self_attn.o_proj");
-        let x = match untouched_linear(p, deltas, &o_proj) {
+        let x = match super::untouched_linear(p, deltas, &o_proj) {
             Some((w, b)) => ops::linear_residual(&a, w, b, &residual)?,
             None => {
                 let o = self.proj(p, deltas, dp, &o_proj, &a)?;
@@ -419,7 +419,7 @@ impl Llama {
         let g = self.proj(p, deltas, dp, &format!("{pre}.mlp.gate_proj"), &xn)?;
         let u = self.proj(p, deltas, dp, &format!("{pre}.mlp.up_proj"), &xn)?;
         let down_proj = format!("{pre}.mlp.down_proj");
-        if let Some((w, b)) = untouched_linear(p, deltas, &down_proj) {
+        if let Some((w, b)) = super::untouched_linear(p, deltas, &down_proj) {
             return Ok(ops::swiglu_linear_residual(&g, &u, w, b, &residual)?);
         }
         let m = ops::swiglu(&g, &u)?;
@@ -501,19 +501,4 @@ impl Llama {
         let t = h.dim(1)?;
         self.lm_head(p, &h.i((.., t - 1, ..))?.contiguous()?)
     }
-}
-
-/// The dense weight and bias of linear `module` where the layer may fuse it with the residual add
-/// (and the activation before it): no delta touches it and the base does not keep it quantized.
-fn untouched_linear<'a>(
-    p: &'a ParamStore,
-    deltas: &DeltaSet,
-    module: &str,
-) -> Option<(&'a Tensor, Option<&'a Tensor>)> {
-    let weight = format!("{module}.weight");
-    if !deltas.leaves_linear(module) || p.quantized(&weight).is_some() {
-        return None;
-    }
-    let w = p.get_opt(&weight)?;
-    Some((w, p.get_opt(&format!("{module}.bias"))))
 }

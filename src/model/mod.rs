@@ -38,4 +38,20 @@ impl Arch {
         }
     }
 }
+
+/// The dense weight and bias of linear `module` where the layer may fuse it with the residual add
+/// (and the activation before it): no delta touches it and the base does not keep it quantized.
+pub(crate) fn untouched_linear<'a>(
+    p: &'a crate::params::ParamStore,
+    deltas: &crate::peft::DeltaSet,
+    module: &str,
+) -> Option<(&'a candle_core::Tensor, Option<&'a candle_core::Tensor>)> {
+    let weight = format!("{module}.weight");
+    if !deltas.leaves_linear(module) || p.quantized(&weight).is_some() {
+        return None;
+    }
+    let w = p.get_opt(&weight)?;
+    Some((w, p.get_opt(&format!("{module}.bias"))))
+}
+
 pub mod testing;
