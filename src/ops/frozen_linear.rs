@@ -137,27 +137,50 @@ impl FrozenLinearBias {
         &self,
         x: &[T],
         w: &[T],
-        (m, n, k): (usize, usize, usize),
+        mnk: (usize, usize, usize),
     ) -> Result<Vec<T>> {
-        use super::par_gemm::{matmul_acc, Strided};
         let bias = self.bias.flatten_all()?.to_vec1::<T>()?;
-        if bias.len() != n || x.len() != m * k || w.len() != n * k {
-            candle_core::bail!("frozen_linear: bias of {} for {n} outputs", bias.len());
-        }
-        let mut out = Vec::with_capacity(m * n);
-        for _ in 0..m {
-            out.extend_from_slice(&bias);
-        }
-        let wt = Strided::transposed(w, 0, k);
-        matmul_acc(
-            &mut out,
-            (m, n, k),
-            Strided::row_major(x, 0, k),
-            wt,
-            T::one(),
-        )?;
-        Ok(out)
+        frozen_product(x, w, Some(&bias), mnk)
     }
+}
+
+/// `x W^T (+ bias)` for row-major `x: [m, k]`, `W: [n, k]` and `bias: [n]`, banded over the
+/// threads: the output starts as the bias rows (or is written once by the product).
+pub(crate) fn frozen_product<T: candle_core::WithDType>(
+    x: &[T],
+    w: &[T],
+    bias: Option<&[T]>,
+    (m, n, k): (usize, usize, usize),
+) -> Result<Vec<T>> {
+    use super::par_gemm::{matmul, matmul_acc, Strided};
+    if bias.is_some_and(|b| b.len() != n) || x.len() != m * k || w.len() != n * k {
+        candle_core::bail!(
+            "frozen_linear: x of {}, W of {}, bias of {:?} for [{m}, {n}, {k}]",
+            x.len(),
+            w.len(),
+            bias.map(<[T]>::len)
+        );
+    }
+    let (xv, wt) = (Strided::row_major(x, 0, k), Strided::transposed(w, 0, k));
+    let Some(bias) = bias else {
+        return matmul((m, n, k), xv, wt);
+    };
+    let mut out = Vec::with_capacity(m * n);
+    for _ in 0..m {
+        out.extend_from_slice(bias);
+    }
+    matmul_acc(&mut out, (m, n, k), xv, wt, T::one())?;
+    Ok(out)
+}
+
+/// Whether an op built on a frozen product (`w` untracked) may run its fused first-order
+/// kernels on `rows` rows of `ts`: CPU f32/f64 of one dtype, no graph of gradients kept, banded
+/// products on, and more rows than decoding's matrix-vector kernel takes.
+pub(crate) fn frozen_product_fuses(ts: &[&Tensor], w: &Tensor, rows: usize) -> bool {
+    super::first_order_fused(ts)
+        && super::par_gemm::enabled()
+        && !w.track_op()
+        && rows > super::matvec::MAX_ROWS
 }
 
 impl CustomOp2 for FrozenLinearBias {

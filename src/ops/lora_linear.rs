@@ -11,8 +11,9 @@
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, WithDType};
 
-use super::par_gemm::{self, matmul, matmul_acc, Strided};
-use super::{cpu_slice, first_order_fused, with_cpu_slices};
+use super::frozen_linear::{frozen_product, frozen_product_fuses};
+use super::par_gemm::{matmul, matmul_acc, Strided};
+use super::{cpu_slice, with_cpu_slices};
 
 /// Whether LoRA-adapted linears run as one op: `METAPEFT_FUSED_LORA=0` keeps the composed ops
 /// (for A/B timing).
@@ -45,10 +46,7 @@ pub fn lora_linear(
     }
     let rows = x.elem_count() / k.max(1);
     let frozen_bias = bias.filter(|b| !b.track_op() && b.dtype() == x.dtype());
-    let fuses = first_order_fused(&[x, w, a, b])
-        && par_gemm::enabled()
-        && !w.track_op()
-        && rows > super::matvec::MAX_ROWS
+    let fuses = frozen_product_fuses(&[x, w, a, b], w, rows)
         && bias.is_none_or(|b| b.elem_count() == n && b.dtype() == x.dtype());
     if !fuses {
         let y = super::linear(x, w, bias)?;
@@ -94,23 +92,7 @@ fn forward<T: WithDType>(
     scale: f64,
 ) -> Result<Vec<T>> {
     let x_view = Strided::row_major(x, 0, k);
-    let mut out = match bias {
-        Some(bias) => {
-            let mut out = Vec::with_capacity(m * n);
-            for _ in 0..m {
-                out.extend_from_slice(bias);
-            }
-            matmul_acc(
-                &mut out,
-                (m, n, k),
-                x_view,
-                Strided::transposed(w, 0, k),
-                T::one(),
-            )?;
-            out
-        }
-        None => matmul((m, n, k), x_view, Strided::transposed(w, 0, k))?,
-    };
+    let mut out = frozen_product(x, w, bias, (m, n, k))?;
     let z = matmul((m, r, k), x_view, Strided::transposed(a, 0, k))?;
     matmul_acc(
         &mut out,

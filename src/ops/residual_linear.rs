@@ -17,17 +17,15 @@ use num_traits::Float;
 
 use super::activation::{swiglu_grads_in_place, swiglu_values};
 use super::exp::ExpSlice;
-use super::par_gemm::{self, matmul, matmul_acc, Strided};
-use super::{cpu_slice, first_order_fused, with_cpu_slices};
+use super::frozen_linear::frozen_product_fuses;
+use super::par_gemm::{matmul, matmul_acc, Strided};
+use super::{cpu_slice, with_cpu_slices};
 
 /// Whether the fused op may run for input `x: [..., k]`, frozen `w: [n, k]`, `bias` and
 /// `residual: [..., n]` (besides the shape checks the callers make).
 fn fuses(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, residual: &Tensor) -> bool {
     let rows = x.elem_count() / w.dim(1).unwrap_or(1).max(1);
-    first_order_fused(&[x, w, residual])
-        && par_gemm::enabled()
-        && !w.track_op()
-        && rows > super::matvec::MAX_ROWS
+    frozen_product_fuses(&[x, w, residual], w, rows)
         && bias.is_none_or(|b| !b.track_op() && b.dtype() == x.dtype())
 }
 
