@@ -207,12 +207,12 @@ impl Bert {
             &format!("{pre}.attention.output.LayerNorm"),
             &h,
         )?;
-        let m = ops::gelu(&self.dense(p, deltas, dp, &format!("{pre}.intermediate.dense"), &x)?)?;
+        let up = self.dense(p, deltas, dp, &format!("{pre}.intermediate.dense"), &x)?;
         let out = format!("{pre}.output.dense");
         let h = match super::untouched_linear(p, deltas, &out) {
-            Some((w, b)) => ops::linear_residual(&m, w, b, &x)?,
+            Some((w, b)) => ops::gelu_linear_residual(&up, w, b, &x)?,
             None => {
-                let o = self.dense(p, deltas, dp, &out, &m)?;
+                let o = self.dense(p, deltas, dp, &out, &ops::gelu(&up)?)?;
                 (deltas.after_ffn(i, &x, o, dp)? + &x)?
             }
         };

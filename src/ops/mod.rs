@@ -44,7 +44,7 @@ pub use quantized_linear::{
     quantized_linear, quantized_linear_exact, quantized_logits, with_integer_kernels,
     QuantizedWeight,
 };
-pub use residual_linear::{linear_residual, swiglu_linear_residual};
+pub use residual_linear::{gelu_linear_residual, linear_residual, swiglu_linear_residual};
 pub use rms_norm::rms_norm;
 pub use rope::{rope, RopeTables};
 pub use softmax::softmax_last_dim;

@@ -1,13 +1,15 @@
 //! A block's last frozen linear with the residual add taken inside the product:
-//! `residual + x W^T (+ b)` (attention's output projection) and
-//! `residual + swiglu(gate, up) W^T (+ b)` (Llama's feed-forward tail).
+//! `residual + x W^T (+ b)` (attention's output projection),
+//! `residual + swiglu(gate, up) W^T (+ b)` (Llama's feed-forward tail) and
+//! `residual + gelu(x) W^T (+ b)` (BERT's).
 //!
 //! Composed, the projection's output is a tensor of its own that the add node keeps for the
-//! backward although the add's backward never reads it, and SwiGLU's output is kept for the
-//! down projection's backward; both are `[tokens, width]` per layer, and the add is one more node
-//! whose backward costs candle a zero-filled buffer and an addition. Here the output starts as a
-//! copy of the residual and the product accumulates onto it; the feed-forward tail computes
-//! SwiGLU into a temporary that is dropped after the product and recomputes it (one cheap
+//! backward although the add's backward never reads it, and the activation's output is kept for
+//! the down projection's backward; both are `[tokens, width]` per layer, and the add and the
+//! activation are more nodes whose backward each costs candle a zero-filled buffer and an addition
+//! on one thread (for the activation, `[tokens, 4 x width]`). Here the output starts as a copy of
+//! the residual and the product accumulates onto it; the feed-forward tails compute the
+//! activation into a temporary that is dropped after the product and recompute it (one cheap
 //! element-wise pass) in the backward. Where a graph of the gradients is kept (second-order MAML),
 //! off the CPU, for mixed dtypes, a trained weight or bias, or a few rows (decoding takes the
 //! matrix-vector kernel), the composed ops run.
@@ -15,7 +17,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, WithDType};
 use num_traits::Float;
 
-use super::activation::{swiglu_grads_in_place, swiglu_values};
+use super::activation::{swiglu_grads_in_place, swiglu_values, GeluSlice};
 use super::exp::ExpSlice;
 use super::frozen_linear::frozen_product_fuses;
 use super::par_gemm::{matmul, matmul_acc, Strided};
@@ -87,6 +89,22 @@ pub fn swiglu_linear_residual(
     let op = ResidualLinear::new(w, bias)?;
     gate.contiguous()?
         .apply_op3(&up.contiguous()?, &residual.contiguous()?, op)
+}
+
+/// `residual + gelu(x) W^T (+ bias)` for a frozen `w: [n, f]` and `x: [..., f]` (the
+/// pre-activation of BERT's intermediate layer).
+pub fn gelu_linear_residual(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    residual: &Tensor,
+) -> Result<Tensor> {
+    check_shapes(x, w, bias, residual)?;
+    if !fuses(x, w, bias, residual) {
+        return residual + super::linear(&super::gelu(x)?, w, bias)?;
+    }
+    let op = GeluResidualLinear(ResidualLinear::new(w, bias)?);
+    x.contiguous()?.apply_op2(&residual.contiguous()?, op)
 }
 
 /// The frozen weight and bias of a residual linear; the inputs are the op's arguments.
@@ -202,6 +220,61 @@ impl CustomOp2 for ResidualLinear {
     }
 }
 
+/// [`gelu_linear_residual`]: GELU recomputed from the kept pre-activation in the backward.
+struct GeluResidualLinear(ResidualLinear);
+
+impl CustomOp2 for GeluResidualLinear {
+    fn name(&self) -> &'static str {
+        "metapeft-gelu-linear-residual"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, res) = (s1, s2);
+        let out = match x {
+            CpuStorage::F32(_) => CpuStorage::F32(
+                self.0
+                    .forward(&f32::gelu_values(cpu_slice(x, l1)?), cpu_slice(res, l2)?)?,
+            ),
+            CpuStorage::F64(_) => CpuStorage::F64(
+                self.0
+                    .forward(&f64::gelu_values(cpu_slice(x, l1)?), cpu_slice(res, l2)?)?,
+            ),
+            _ => candle_core::bail!("residual linear: f32 or f64 only"),
+        };
+        Ok((out, output_shape(l1, self.0.w.dim(0)?)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        residual: &Tensor,
+        _out: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = g.contiguous()?;
+        let dx = match x.track_op() {
+            false => None,
+            true => Some(match x.dtype() {
+                candle_core::DType::F32 => with_cpu_slices::<f32, _>(&[&g, x], |s| {
+                    let dact = self.0.input_grad(s[0])?;
+                    Tensor::from_vec(f32::gelu_grads(s[1], &dact), x.shape(), x.device())
+                })?,
+                _ => with_cpu_slices::<f64, _>(&[&g, x], |s| {
+                    let dact = self.0.input_grad(s[0])?;
+                    Tensor::from_vec(f64::gelu_grads(s[1], &dact), x.shape(), x.device())
+                })?,
+            }),
+        };
+        Ok((dx, residual.track_op().then_some(g)))
+    }
+}
+
 impl CustomOp3 for ResidualLinear {
     fn name(&self) -> &'static str {
         "metapeft-swiglu-linear-residual"
@@ -306,6 +379,16 @@ mod tests {
             let silu = (xt * (xt.neg()?.exp()? + 1.0)?.recip()?)?;
             let want = plain(&(silu * ut)?)?;
             assert_same_value_and_gradients(&pool, &got, &want, &probe, &[&x, &u, &res], 1e-10)?;
+            let got = pool.install(|| gelu_linear_residual(xt, &w, bias, rt))?;
+            let gelu = (xt * (((xt / std::f64::consts::SQRT_2)?.erf()? + 1.0)? * 0.5)?)?;
+            assert_same_value_and_gradients(
+                &pool,
+                &got,
+                &plain(&gelu)?,
+                &probe,
+                &[&x, &res],
+                1e-10,
+            )?;
         }
         Ok(())
     }
@@ -321,6 +404,9 @@ mod tests {
         let f = |t: &[Tensor]| linear_residual(&t[0], &w, Some(&bias), &t[1]);
         let err = check(f, &[x.clone(), res.clone()], 1e-6)?;
         assert!(err < 1e-8, "linear + residual: rel error {err}");
+        let f = |t: &[Tensor]| gelu_linear_residual(&t[0], &w, Some(&bias), &t[1]);
+        let err = check(f, &[x.clone(), res.clone()], 1e-6)?;
+        assert!(err < 1e-8, "gelu + linear + residual: rel error {err}");
         let f = |t: &[Tensor]| swiglu_linear_residual(&t[0], &t[1], &w, Some(&bias), &t[2]);
         let err = check(f, &[x, u, res], 1e-6)?;
         assert!(err < 1e-8, "swiglu + linear + residual: rel error {err}");
@@ -338,6 +424,8 @@ mod tests {
         assert!(linear_residual(&res, &w, None, &res).is_err());
         let u_bad = randn_f64(&[3, 4, 4], 137, 1.0)?;
         assert!(swiglu_linear_residual(&x, &u_bad, &w, None, &res).is_err());
+        assert!(gelu_linear_residual(&u_bad, &w, None, &res).is_err());
+        assert!(gelu_linear_residual(&x, &w, None, &bad_res).is_err());
         Ok(())
     }
 }
