@@ -174,6 +174,8 @@ impl Bert {
     }
 
     /// Encoder layer `i`: self-attention and feed-forward blocks, each with residual + LayerNorm.
+    /// A block runs as one op where the deltas only add low-rank changes to its linears
+    /// ([`ops::encoder_attention`], [`ops::encoder_ffn`]), else composed.
     fn layer(
         &self,
         i: usize,
@@ -183,37 +185,140 @@ impl Bert {
         mask: &Tensor,
         x: Tensor,
     ) -> Result<Tensor> {
+        let pre = format!("encoder.layer.{i}");
+        let heads = self.cfg.num_attention_heads;
+        const ATTENTION: [&str; 4] = [
+            "attention.self.query",
+            "attention.self.key",
+            "attention.self.value",
+            "attention.output.dense",
+        ];
+        let fused = self.fused_block(
+            &pre,
+            p,
+            deltas,
+            dp,
+            &ATTENTION,
+            "attention.output",
+            |l, n| ops::encoder_attention(&x, [l[0], l[1], l[2], l[3]], heads, Some(mask), n),
+        )?;
+        let x = match fused {
+            Some(y) => y,
+            None => self.attention_block(i, p, deltas, dp, mask, &x)?,
+        };
+        let ffn = ["intermediate.dense", "output.dense"];
+        let fused = self.fused_block(&pre, p, deltas, dp, &ffn, "output", |l, n| {
+            ops::encoder_ffn(&x, [l[0], l[1]], n)
+        })?;
+        match fused {
+            Some(y) => Ok(y),
+            None => self.ffn_block(i, p, deltas, dp, &x),
+        }
+    }
+
+    /// `run` on block `pre`'s linears `modules` and LayerNorm `{norm}.LayerNorm` when the deltas
+    /// change those linears by low-rank terms only (or not at all), keep the norm and the base
+    /// keeps the weights dense; `None` otherwise or where the op declines.
+    #[allow(clippy::too_many_arguments)]
+    fn fused_block(
+        &self,
+        pre: &str,
+        p: &ParamStore,
+        deltas: &DeltaSet,
+        dp: &ParamStore,
+        modules: &[&str],
+        norm: &str,
+        run: impl FnOnce(&[ops::LinearSpec], ops::LayerNormSpec) -> candle_core::Result<Option<Tensor>>,
+    ) -> Result<Option<Tensor>> {
+        if !ops::encoder_block::enabled() {
+            return Ok(None);
+        }
+        let names: Vec<String> = modules.iter().map(|m| format!("{pre}.{m}")).collect();
+        let Some(changes) = deltas.low_rank_only(&names, dp)? else {
+            return Ok(None);
+        };
+        let (nw, nb) = (
+            format!("{pre}.{norm}.LayerNorm.weight"),
+            format!("{pre}.{norm}.LayerNorm.bias"),
+        );
+        if deltas.replaces(&nw, p, dp)? || deltas.replaces(&nb, p, dp)? {
+            return Ok(None);
+        }
+        let mut specs = Vec::with_capacity(names.len());
+        for (name, change) in names.iter().zip(&changes) {
+            let w_name = format!("{name}.weight");
+            let Some(w) = p
+                .get_opt(&w_name)
+                .filter(|_| p.quantized(&w_name).is_none())
+            else {
+                return Ok(None);
+            };
+            specs.push(ops::LinearSpec {
+                w,
+                b: p.get_opt(&format!("{name}.bias")),
+                lora: change.as_ref().map(|(a, b, s)| (a, b, *s)),
+            });
+        }
+        let norm = ops::LayerNormSpec {
+            w: p.get(&nw)?,
+            b: p.get(&nb)?,
+            eps: self.cfg.layer_norm_eps,
+        };
+        Ok(run(&specs, norm)?)
+    }
+
+    /// The self-attention block composed: `LN(x + attention(x) Wo^T + bo)`.
+    fn attention_block(
+        &self,
+        i: usize,
+        p: &ParamStore,
+        deltas: &DeltaSet,
+        dp: &ParamStore,
+        mask: &Tensor,
+        x: &Tensor,
+    ) -> Result<Tensor> {
         let d = x.dim(2)?;
         let h = self.cfg.num_attention_heads;
         let hd = d / h;
         let scale = 1.0 / (hd as f64).sqrt();
-        let mut x = x;
         let pre = format!("encoder.layer.{i}");
-        let proj = |m: &str| self.dense(p, deltas, dp, &format!("{pre}.attention.self.{m}"), &x);
+        let proj = |m: &str| self.dense(p, deltas, dp, &format!("{pre}.attention.self.{m}"), x);
         let (q, k, v) = (proj("query")?, proj("key")?, proj("value")?);
         let a = ops::attention_heads(&q, &k, &v, (h, h), Some(mask), scale)?;
         let out = format!("{pre}.attention.output.dense");
         let h = match super::untouched_linear(p, deltas, &out) {
-            Some((w, b)) => ops::linear_residual(&a, w, b, &x)?,
+            Some((w, b)) => ops::linear_residual(&a, w, b, x)?,
             None => {
                 let a = self.dense(p, deltas, dp, &out, &a)?;
-                (deltas.after_attention(i, a, dp)? + &x)?
+                (deltas.after_attention(i, a, dp)? + x)?
             }
         };
-        x = self.norm(
+        self.norm(
             p,
             deltas,
             dp,
             &format!("{pre}.attention.output.LayerNorm"),
             &h,
-        )?;
-        let up = self.dense(p, deltas, dp, &format!("{pre}.intermediate.dense"), &x)?;
+        )
+    }
+
+    /// The feed-forward block composed: `LN(x + gelu(x Wi^T + bi) Wo^T + bo)`.
+    fn ffn_block(
+        &self,
+        i: usize,
+        p: &ParamStore,
+        deltas: &DeltaSet,
+        dp: &ParamStore,
+        x: &Tensor,
+    ) -> Result<Tensor> {
+        let pre = format!("encoder.layer.{i}");
+        let up = self.dense(p, deltas, dp, &format!("{pre}.intermediate.dense"), x)?;
         let out = format!("{pre}.output.dense");
         let h = match super::untouched_linear(p, deltas, &out) {
-            Some((w, b)) => ops::gelu_linear_residual(&up, w, b, &x)?,
+            Some((w, b)) => ops::gelu_linear_residual(&up, w, b, x)?,
             None => {
                 let o = self.dense(p, deltas, dp, &out, &ops::gelu(&up)?)?;
-                (deltas.after_ffn(i, &x, o, dp)? + &x)?
+                (deltas.after_ffn(i, x, o, dp)? + x)?
             }
         };
         self.norm(p, deltas, dp, &format!("{pre}.output.LayerNorm"), &h)

@@ -92,7 +92,7 @@ impl FusedAttention {
 }
 
 /// The element types the kernels run on (f32, f64).
-trait Elem:
+pub(crate) trait Elem:
     WithDType + Float + ExpSlice + std::ops::AddAssign + std::ops::SubAssign + std::ops::MulAssign
 {
 }
@@ -109,13 +109,13 @@ impl<T> Elem for T where
 
 /// Shapes of one call: batch, query and key lengths, heads, key/value heads, head size.
 #[derive(Clone, Copy, Debug)]
-struct Dims {
-    b: usize,
-    tq: usize,
-    tk: usize,
-    h: usize,
-    hkv: usize,
-    d: usize,
+pub(crate) struct Dims {
+    pub b: usize,
+    pub tq: usize,
+    pub tk: usize,
+    pub h: usize,
+    pub hkv: usize,
+    pub d: usize,
 }
 
 impl Dims {
@@ -153,9 +153,10 @@ impl Dims {
     }
 }
 
-/// Query rows per block. Where the mask hides every key past some column for a whole block
-/// (causal attention, right padding), that block's scores, softmax and products stop at the
-/// column: a causal 128-token pass does 62% of the full work.
+/// Query rows per block where the mask differs between query rows (causal attention): a block's
+/// scores, softmax and products stop at the last key its rows can see, so a causal 128-token
+/// pass does 62% of the full work. A mask the same for every query row (padding) gives every
+/// block the same keys, and the rows stay one block: half as many small products.
 const QUERY_BLOCK: usize = 32;
 
 /// A mask entry at or below this hides its key exactly: `exp` of it (scores are far smaller)
@@ -165,14 +166,14 @@ const HIDDEN: f64 = super::attention::MASKED / 2.0;
 /// The additive mask, flat `[mb, mh, mq, tk]`, and for each of its `mb * mh * mq` rows how many
 /// leading keys it needs: one past its last visible key, or all of them for a row that hides
 /// every key (the unfused softmax then spreads over the masked scores, so nothing is left out).
-struct MaskRows<T> {
+pub(crate) struct MaskRows<T> {
     values: Option<(Vec<T>, (usize, usize, usize))>,
     needed: Vec<usize>,
     tk: usize,
 }
 
 impl<T: WithDType> MaskRows<T> {
-    fn new(mask: &Option<Tensor>, tk: usize) -> Result<Self> {
+    pub(crate) fn new(mask: &Option<Tensor>, tk: usize) -> Result<Self> {
         let Some(m) = mask else {
             return Ok(Self {
                 values: None,
@@ -194,6 +195,14 @@ impl<T: WithDType> MaskRows<T> {
             needed,
             tk,
         })
+    }
+
+    /// Query rows per block for `tq` queries (see [`QUERY_BLOCK`]).
+    fn query_block(&self, tq: usize) -> usize {
+        match &self.values {
+            Some((_, (_, _, mq))) if *mq > 1 => QUERY_BLOCK,
+            _ => tq.max(1),
+        }
     }
 
     /// Index of the mask row for query `qi` of head `hi` in batch `bi`.
@@ -314,7 +323,14 @@ impl Shared {
     }
 }
 
-fn forward<T: Elem>(dm: Dims, q: &[T], k: &[T], v: &[T], mask: &MaskRows<T>, scale: f64) -> Vec<T> {
+pub(crate) fn forward<T: Elem>(
+    dm: Dims,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    mask: &MaskRows<T>,
+    scale: f64,
+) -> Vec<T> {
     let Dims {
         b,
         tq,
@@ -327,12 +343,13 @@ fn forward<T: Elem>(dm: Dims, q: &[T], k: &[T], v: &[T], mask: &MaskRows<T>, sca
     let mut out = vec![T::zero(); b * tq * h * d];
     let o = Shared(out.as_mut_ptr() as usize);
     let scale = T::from(scale).unwrap_or_else(T::nan);
-    let blocks = tq.div_ceil(QUERY_BLOCK);
+    let rows = mask.query_block(tq);
+    let blocks = tq.div_ceil(rows);
     // One task per (batch, query head, query block): a single sequence still has work for
     // every thread, and each task writes only its own rows of its head's columns of `out`.
     (0..b * h * blocks).into_par_iter().for_each(|task| {
         let (bi, hi, blk) = (task / (h * blocks), task / blocks % h, task % blocks);
-        let (r0, r1) = (blk * QUERY_BLOCK, ((blk + 1) * QUERY_BLOCK).min(tq));
+        let (r0, r1) = (blk * rows, ((blk + 1) * rows).min(tq));
         let kend = mask.keys_for((bi, hi), (r0, r1));
         let mut p = vec![T::zero(); (r1 - r0) * kend];
         // SAFETY: shapes as `dm` says; the task's rows and head are its own.
@@ -355,7 +372,7 @@ fn forward<T: Elem>(dm: Dims, q: &[T], k: &[T], v: &[T], mask: &MaskRows<T>, sca
 }
 
 /// `(dq, dk, dv)` for the output gradient `go: [b, tq, h, d]`.
-fn backward<T: Elem>(
+pub(crate) fn backward<T: Elem>(
     dm: Dims,
     [q, k, v, go]: [&[T]; 4],
     mask: &MaskRows<T>,
@@ -379,18 +396,19 @@ fn backward<T: Elem>(
         Shared(dv.as_mut_ptr() as usize),
     );
     let s = T::from(scale).unwrap_or_else(T::nan);
-    let blocks = tq.div_ceil(QUERY_BLOCK);
+    let block = mask.query_block(tq);
+    let blocks = tq.div_ceil(block);
     (0..b * hkv).into_par_iter().for_each(|task| {
         let (bi, g) = (task / hkv, task % hkv);
         let (mut p, mut dp) = (
-            vec![T::zero(); QUERY_BLOCK.min(tq) * tk],
-            vec![T::zero(); QUERY_BLOCK.min(tq) * tk],
+            vec![T::zero(); block.min(tq) * tk],
+            vec![T::zero(); block.min(tq) * tk],
         );
         let kv_at = (bi * tk * hkv + g) * d;
         let (qs, ks) = (h * d, hkv * d);
         for hi in g * rep..(g + 1) * rep {
             for blk in 0..blocks {
-                let (r0, r1) = (blk * QUERY_BLOCK, ((blk + 1) * QUERY_BLOCK).min(tq));
+                let (r0, r1) = (blk * block, ((blk + 1) * block).min(tq));
                 let (rows, kend) = (r1 - r0, mask.keys_for((bi, hi), (r0, r1)));
                 let (p, dp) = (&mut p[..rows * kend], &mut dp[..rows * kend]);
                 let q_at = ((bi * tq + r0) * h + hi) * d;

@@ -11,7 +11,8 @@ struct LayerNorm {
     eps: f64,
 }
 
-fn fwd<T: WithDType + Float>(x: &[T], w: &[T], b: &[T], eps: f64) -> Vec<T> {
+/// LayerNorm over rows of `w.len()` values, on the threads.
+pub(crate) fn fwd<T: WithDType + Float>(x: &[T], w: &[T], b: &[T], eps: f64) -> Vec<T> {
     let dim = w.len();
     let eps = T::from(eps).unwrap_or_else(T::epsilon);
     let n = T::from(dim).unwrap_or_else(T::one);

@@ -78,30 +78,44 @@ struct LoraLinear {
 
 /// Sizes of one call: rows, outputs, inputs, rank.
 #[derive(Clone, Copy)]
-struct Mnkr {
-    m: usize,
-    n: usize,
-    k: usize,
-    r: usize,
+pub(crate) struct Mnkr {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub r: usize,
 }
 
 fn forward<T: WithDType>(
     [x, w, a, b]: [&[T]; 4],
     bias: Option<&[T]>,
-    Mnkr { m, n, k, r }: Mnkr,
+    sz: Mnkr,
     scale: f64,
 ) -> Result<Vec<T>> {
-    let x_view = Strided::row_major(x, 0, k);
+    let Mnkr { m, n, k, .. } = sz;
     let mut out = frozen_product(x, w, bias, (m, n, k))?;
-    let z = matmul((m, r, k), x_view, Strided::transposed(a, 0, k))?;
+    add_low_rank_onto(&mut out, [x, a, b], sz, scale)?;
+    Ok(out)
+}
+
+/// `out += scale * (x A^T) B^T` for `out: [m, n]`, `x: [m, k]`, `A: [r, k]`, `B: [n, r]`.
+pub(crate) fn add_low_rank_onto<T: WithDType>(
+    out: &mut [T],
+    [x, a, b]: [&[T]; 3],
+    Mnkr { m, n, k, r }: Mnkr,
+    scale: f64,
+) -> Result<()> {
+    let z = matmul(
+        (m, r, k),
+        Strided::row_major(x, 0, k),
+        Strided::transposed(a, 0, k),
+    )?;
     matmul_acc(
-        &mut out,
+        out,
         (m, n, r),
         Strided::row_major(&z, 0, r),
         Strided::transposed(b, 0, r),
         T::from_f64(scale),
-    )?;
-    Ok(out)
+    )
 }
 
 /// `(dx, dA, dB)` for the output gradient `g: [m, n]`; `dx` only when `want_dx`.
@@ -109,25 +123,40 @@ type Grads<T> = (Option<Vec<T>>, Vec<T>, Vec<T>);
 
 fn backward<T: WithDType>(
     [g, x, w, a, b]: [&[T]; 5],
-    Mnkr { m, n, k, r }: Mnkr,
+    sz: Mnkr,
     scale: f64,
     want_dx: bool,
 ) -> Result<Grads<T>> {
+    let Mnkr { m, n, k, .. } = sz;
+    let mut dx = match want_dx {
+        true => Some(matmul(
+            (m, k, n),
+            Strided::row_major(g, 0, n),
+            Strided::row_major(w, 0, k),
+        )?),
+        false => None,
+    };
+    let (da, db) = low_rank_grads([g, x, a, b], sz, scale, dx.as_deref_mut())?;
+    Ok((dx, da, db))
+}
+
+/// `(dA, dB)` of `scale * (x A^T) B^T` for the output gradient `g: [m, n]`, adding the low-rank
+/// path's input gradient `scale * (g B) A` onto `dx` when given.
+pub(crate) fn low_rank_grads<T: WithDType>(
+    [g, x, a, b]: [&[T]; 4],
+    Mnkr { m, n, k, r }: Mnkr,
+    scale: f64,
+    dx: Option<&mut [T]>,
+) -> Result<(Vec<T>, Vec<T>)> {
     let s = T::from_f64(scale);
     let (g_view, x_view) = (Strided::row_major(g, 0, n), Strided::row_major(x, 0, k));
     // gb = scale * g B: [m, r], the gradient reaching the rank-r bottleneck.
     let mut gb = matmul((m, r, n), g_view, Strided::row_major(b, 0, r))?;
     gb.iter_mut().for_each(|v| *v *= s);
-    let gb_view = Strided::row_major(&gb, 0, r);
-    let dx = match want_dx {
-        true => {
-            let mut dx = matmul((m, k, n), g_view, Strided::row_major(w, 0, k))?;
-            let a_view = Strided::row_major(a, 0, k);
-            matmul_acc(&mut dx, (m, k, r), gb_view, a_view, T::one())?;
-            Some(dx)
-        }
-        false => None,
-    };
+    if let Some(dx) = dx {
+        let (gb_view, a_view) = (Strided::row_major(&gb, 0, r), Strided::row_major(a, 0, k));
+        matmul_acc(dx, (m, k, r), gb_view, a_view, T::one())?;
+    }
     // dA = gb^T x: [r, k].
     let da = matmul((r, k, m), Strided::transposed(&gb, 0, r), x_view)?;
     // dB = scale * g^T (x A^T): [n, r], the bottleneck recomputed rather than kept.
@@ -138,7 +167,7 @@ fn backward<T: WithDType>(
         Strided::transposed(g, 0, n),
         Strided::row_major(&z, 0, r),
     )?;
-    Ok((dx, da, db))
+    Ok((da, db))
 }
 
 impl LoraLinear {

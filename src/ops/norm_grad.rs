@@ -50,19 +50,16 @@ pub(crate) fn fused_norm_backward(
     }
 }
 
+/// A norm's constants: `centered` for LayerNorm (RMSNorm subtracts no mean).
 #[derive(Clone, Copy)]
-struct Norm {
-    eps: f64,
-    centered: bool,
-    want_params: bool,
+pub(crate) struct Norm {
+    pub eps: f64,
+    pub centered: bool,
+    pub want_params: bool,
 }
 
 fn run<T: WithDType + Float>([x, w, g]: [&Tensor; 3], norm: Norm) -> Result<NormGrads> {
-    let Norm {
-        eps,
-        centered,
-        want_params,
-    } = norm;
+    let want_params = norm.want_params;
     let (x, w, g) = (x.contiguous()?, w.contiguous()?, g.contiguous()?);
     let dim = w.elem_count();
     if dim == 0 || x.elem_count() != g.elem_count() || x.dims().last() != Some(&dim) {
@@ -84,11 +81,56 @@ fn run<T: WithDType + Float>([x, w, g]: [&Tensor; 3], norm: Norm) -> Result<Norm
         cpu_slice::<T>(ws, wl)?,
         cpu_slice::<T>(gs, gl)?,
     );
+    let (dx, partials) = rows_backward(xv, wv, gv, norm);
+    let dx = Tensor::from_vec(dx, x.shape(), &Device::Cpu)?;
+    if !want_params {
+        return Ok(NormGrads {
+            dx,
+            dw: None,
+            db: None,
+        });
+    }
+    let (mut dw, mut db) = (vec![0f64; dim], vec![0f64; dim]);
+    for (pw, pb) in partials {
+        dw.iter_mut().zip(pw).for_each(|(a, b)| *a += b);
+        db.iter_mut().zip(pb).for_each(|(a, b)| *a += b);
+    }
+    let back = |v: Vec<f64>| -> Result<Tensor> {
+        let v: Vec<T> = v
+            .into_iter()
+            .map(|a| T::from(a).unwrap_or_else(T::nan))
+            .collect();
+        Tensor::from_vec(v, w.shape(), &Device::Cpu)
+    };
+    Ok(NormGrads {
+        dx,
+        dw: Some(back(dw)?),
+        db: Some(back(db)?),
+    })
+}
+
+/// Per task, partial sums of a norm's weight and bias gradients.
+pub(crate) type ParamPartials = Vec<(Vec<f64>, Vec<f64>)>;
+
+/// The norm's input gradient over rows of `w.len()` values, and per task the partial sums of the
+/// weight and bias gradients (empty unless `norm.want_params`).
+pub(crate) fn rows_backward<T: WithDType + Float>(
+    xv: &[T],
+    wv: &[T],
+    gv: &[T],
+    norm: Norm,
+) -> (Vec<T>, ParamPartials) {
+    let Norm {
+        eps,
+        centered,
+        want_params,
+    } = norm;
+    let dim = wv.len();
     let mut dx = vec![T::zero(); xv.len()];
     let per = dim * rows_per_task(dim);
     let pdim = if want_params { dim } else { 0 };
     let n = dim as f64;
-    let partials: Vec<(Vec<f64>, Vec<f64>)> = dx
+    let partials = dx
         .par_chunks_mut(per)
         .zip(xv.par_chunks(per).zip(gv.par_chunks(per)))
         .map(|(dxc, (xc, gc))| {
@@ -126,31 +168,7 @@ fn run<T: WithDType + Float>([x, w, g]: [&Tensor; 3], norm: Norm) -> Result<Norm
             (dw, db)
         })
         .collect();
-    let dx = Tensor::from_vec(dx, x.shape(), &Device::Cpu)?;
-    if !want_params {
-        return Ok(NormGrads {
-            dx,
-            dw: None,
-            db: None,
-        });
-    }
-    let (mut dw, mut db) = (vec![0f64; dim], vec![0f64; dim]);
-    for (pw, pb) in partials {
-        dw.iter_mut().zip(pw).for_each(|(a, b)| *a += b);
-        db.iter_mut().zip(pb).for_each(|(a, b)| *a += b);
-    }
-    let back = |v: Vec<f64>| -> Result<Tensor> {
-        let v: Vec<T> = v
-            .into_iter()
-            .map(|a| T::from(a).unwrap_or_else(T::nan))
-            .collect();
-        Tensor::from_vec(v, w.shape(), &Device::Cpu)
-    };
-    Ok(NormGrads {
-        dx,
-        dw: Some(back(dw)?),
-        db: Some(back(db)?),
-    })
+    (dx, partials)
 }
 
 #[cfg(test)]

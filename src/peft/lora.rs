@@ -350,6 +350,20 @@ impl Delta for Lora {
         !self.scales.contains_key(module) && !self.biases.contains(module)
     }
 
+    fn low_rank(&self, module: &str, params: &ParamStore) -> Result<Option<super::LowRank>> {
+        let Some(scale) = self.scales.get(module) else {
+            return Ok(None);
+        };
+        // Dropout feeds the factors another input than the base product; a trained bias is
+        // another change.
+        if self.is_stochastic() || self.biases.contains(module) {
+            return Ok(None);
+        }
+        let a = params.get(&format!("{module}.lora_A.weight"))?;
+        let b = params.get(&format!("{module}.lora_B.weight"))?;
+        Ok(Some((a.clone(), b.clone(), *scale)))
+    }
+
     fn mergeable(&self) -> bool {
         true
     }

@@ -91,6 +91,14 @@ pub trait Delta: Send + Sync + std::fmt::Debug {
         false
     }
 
+    /// The factors `(A: [r, in], B: [out, r], scale)` when this delta's whole effect on linear
+    /// `module` (its input, weight, bias, output and sublayer output) is the weight change
+    /// `scale * B A` (LoRA without dropout or trained biases there); `None` otherwise. Lets the
+    /// model run a whole sublayer as one op.
+    fn low_rank(&self, _module: &str, _params: &ParamStore) -> Result<Option<LowRank>> {
+        Ok(None)
+    }
+
     /// Number of key/value positions this delta prepends in every attention layer.
     fn prefix_len(&self) -> usize {
         0
@@ -169,6 +177,9 @@ pub trait Delta: Send + Sync + std::fmt::Debug {
         )))
     }
 }
+
+/// A linear's low-rank weight change `scale * B A`: `(A: [r, in], B: [out, r], scale)`.
+pub type LowRank = (Tensor, Tensor, f64);
 
 /// The deltas attached to a model, applied in order. Cloning shares the deltas (activation
 /// checkpointing keeps a handle to re-run a layer in the backward pass).
@@ -275,6 +286,43 @@ impl DeltaSet {
         rest.iter()
             .try_fold(y, |y, d| d.linear(module, x, Some(w), y, params))
             .map(Some)
+    }
+
+    /// For each of `modules`, the low-rank weight change the deltas make to it (`None`: left
+    /// alone), when that is all they do to those linears and their sublayers: at most one delta
+    /// per linear, each either leaving it alone or a plain low-rank change
+    /// ([`Delta::low_rank`]). `None` when any delta does anything else there.
+    pub fn low_rank_only(
+        &self,
+        modules: &[String],
+        params: &ParamStore,
+    ) -> Result<Option<Vec<Option<LowRank>>>> {
+        let mut out = Vec::with_capacity(modules.len());
+        for m in modules {
+            let mut change = None;
+            for d in &self.deltas {
+                if d.leaves_linear(m) {
+                    continue;
+                }
+                match d.low_rank(m, params)? {
+                    Some(lr) if change.is_none() => change = Some(lr),
+                    _ => return Ok(None),
+                }
+            }
+            out.push(change);
+        }
+        Ok(Some(out))
+    }
+
+    /// Whether some delta replaces base tensor `name` ([`Delta::weight`]).
+    pub fn replaces(&self, name: &str, base: &ParamStore, params: &ParamStore) -> Result<bool> {
+        let base = base.get_opt(name);
+        for d in &self.deltas {
+            if d.weight(name, base, params)?.is_some() {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// Whether every delta leaves linear layer `module` alone ([`Delta::leaves_linear`]); true

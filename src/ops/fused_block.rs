@@ -1,0 +1,238 @@
+//! What the fused sublayer ops ([`super::encoder_block`]) share: frozen linears with optional LoRA
+//! factors read from one packed tensor, and the activations a sublayer keeps for its backward.
+//!
+//! A sublayer composed from ops is four to eight graph nodes, each with a fresh output tensor, and
+//! every edge of the graph costs candle's backward a zero-filled buffer and an addition into it,
+//! on one thread while the other waits. A fused sublayer is one node: its input, and the LoRA
+//! factors of its linears concatenated into one tensor (candle's `cat` hands each factor its
+//! slice of the packed gradient). Inside, the same kernels as the single ops run on slices.
+
+use std::sync::Mutex;
+
+use candle_core::{CpuStorage, Result, Tensor, WithDType};
+
+use super::frozen_linear::frozen_product;
+use super::lora_linear::{add_low_rank_onto, low_rank_grads, Mnkr};
+use super::par_gemm::{matmul, matmul_acc, Strided};
+
+/// A frozen linear `x W^T (+ b)` of a sublayer, as the model hands it over, with the LoRA term
+/// `scale * (x A^T) B^T` when its linear is adapted.
+#[derive(Clone, Copy)]
+pub struct LinearSpec<'a> {
+    pub w: &'a Tensor,
+    pub b: Option<&'a Tensor>,
+    /// `(A: [r, in], B: [out, r], scale)`.
+    pub lora: Option<(&'a Tensor, &'a Tensor, f64)>,
+}
+
+impl LinearSpec<'_> {
+    /// Whether the fused op can take this linear for input `x`: frozen weight and bias of `x`'s
+    /// dtype, factors of the same dtype, shapes that fit.
+    pub(crate) fn fits(&self, x: &Tensor, inputs: usize) -> bool {
+        let Ok((n, k)) = self.w.dims2() else {
+            return false;
+        };
+        let same = |t: &Tensor| t.dtype() == x.dtype() && t.device().same_device(x.device());
+        let bias_ok = self
+            .b
+            .is_none_or(|b| same(b) && !b.track_op() && b.elem_count() == n);
+        let lora_ok = self.lora.is_none_or(|(a, b, _)| {
+            same(a)
+                && same(b)
+                && matches!((a.dims2(), b.dims2()), (Ok((r, ka)), Ok((nb, rb))) if ka == k && nb == n && rb == r)
+        });
+        k == inputs && same(self.w) && !self.w.track_op() && bias_ok && lora_ok
+    }
+}
+
+/// A linear of a fused op: where its frozen tensors sit in the op's list, and its factors in the
+/// packed tensor.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct BlockLinear {
+    w: usize,
+    b: Option<usize>,
+    n: usize,
+    k: usize,
+    lora: Option<Slot>,
+}
+
+/// Offsets of a linear's `A` and `B` in the packed factors, its rank and scale.
+#[derive(Clone, Copy, Debug)]
+struct Slot {
+    a_at: usize,
+    b_at: usize,
+    r: usize,
+    scale: f64,
+}
+
+/// The frozen tensors of a fused op (weights, biases, norm parameters, all contiguous) and the
+/// packed LoRA factors of its linears.
+pub(crate) struct Frozen {
+    pub tensors: Vec<Tensor>,
+    /// `A` and `B` of every adapted linear, flattened and concatenated; `None` without LoRA.
+    pub pack: Option<Tensor>,
+}
+
+impl Frozen {
+    pub fn new() -> Self {
+        Self {
+            tensors: vec![],
+            pack: None,
+        }
+    }
+
+    /// Index of a frozen tensor (made contiguous, cut from the graph) in the list.
+    pub fn push(&mut self, t: &Tensor) -> Result<usize> {
+        self.tensors.push(t.contiguous()?.detach());
+        Ok(self.tensors.len() - 1)
+    }
+
+    /// Add the sublayer's linears in order; their factors go into the pack.
+    pub fn linears(&mut self, specs: &[LinearSpec]) -> Result<Vec<BlockLinear>> {
+        let mut parts = vec![];
+        let mut at = 0;
+        let mut out = vec![];
+        for spec in specs {
+            let (n, k) = spec.w.dims2()?;
+            let w = self.push(spec.w)?;
+            let b = spec.b.map(|b| self.push(b)).transpose()?;
+            let lora = match spec.lora {
+                None => None,
+                Some((a, bb, scale)) => {
+                    let r = a.dim(0)?;
+                    parts.push(a.flatten_all()?);
+                    parts.push(bb.flatten_all()?);
+                    let slot = Slot {
+                        a_at: at,
+                        b_at: at + r * k,
+                        r,
+                        scale,
+                    };
+                    at += r * (k + n);
+                    Some(slot)
+                }
+            };
+            out.push(BlockLinear { w, b, n, k, lora });
+        }
+        self.pack = match parts.is_empty() {
+            true => None,
+            false => Some(Tensor::cat(&parts, 0)?.contiguous()?),
+        };
+        Ok(out)
+    }
+}
+
+impl BlockLinear {
+    pub fn has_lora(&self) -> bool {
+        self.lora.is_some()
+    }
+
+    fn sizes(&self, m: usize) -> Mnkr {
+        Mnkr {
+            m,
+            n: self.n,
+            k: self.k,
+            r: self.lora.map_or(0, |s| s.r),
+        }
+    }
+
+    /// `x W^T (+ b) (+ scale (x A^T) B^T)` for `x: [m, k]`, added onto `residual` when given.
+    pub fn forward<T: WithDType>(
+        &self,
+        x: &[T],
+        fz: &[&[T]],
+        pack: &[T],
+        residual: Option<&[T]>,
+    ) -> Result<Vec<T>> {
+        let m = x.len() / self.k.max(1);
+        let (w, b) = (fz[self.w], self.b.map(|i| fz[i]));
+        let mut out = match residual {
+            None => frozen_product(x, w, b, (m, self.n, self.k))?,
+            Some(res) => {
+                let mut out = res.to_vec();
+                if let Some(b) = b {
+                    for row in out.chunks_exact_mut(self.n) {
+                        row.iter_mut().zip(b).for_each(|(o, &b)| *o += b);
+                    }
+                }
+                let (xv, wt) = (
+                    Strided::row_major(x, 0, self.k),
+                    Strided::transposed(w, 0, self.k),
+                );
+                matmul_acc(&mut out, (m, self.n, self.k), xv, wt, T::one())?;
+                out
+            }
+        };
+        if let Some(s) = self.lora {
+            let (a, bb) = self.factors(pack, s);
+            add_low_rank_onto(&mut out, [x, a, bb], self.sizes(m), s.scale)?;
+        }
+        Ok(out)
+    }
+
+    fn factors<'p, T>(&self, pack: &'p [T], s: Slot) -> (&'p [T], &'p [T]) {
+        (
+            &pack[s.a_at..s.a_at + s.r * self.k],
+            &pack[s.b_at..s.b_at + self.n * s.r],
+        )
+    }
+
+    /// For the output gradient `g: [m, n]` at input `x`: the input gradient added onto `dx` (or
+    /// returned fresh when `dx` is `None`), the factors' gradients written into `dpack`.
+    pub fn backward<T: WithDType>(
+        &self,
+        g: &[T],
+        x: &[T],
+        fz: &[&[T]],
+        pack: &[T],
+        dpack: &mut [T],
+        dx: Option<&mut [T]>,
+    ) -> Result<Option<Vec<T>>> {
+        let m = g.len() / self.n.max(1);
+        let (gv, wv) = (
+            Strided::row_major(g, 0, self.n),
+            Strided::row_major(fz[self.w], 0, self.k),
+        );
+        let mut fresh = None;
+        let dx = match dx {
+            Some(dx) => {
+                matmul_acc(dx, (m, self.k, self.n), gv, wv, T::one())?;
+                dx
+            }
+            None => fresh
+                .insert(matmul((m, self.k, self.n), gv, wv)?)
+                .as_mut_slice(),
+        };
+        if let Some(s) = self.lora {
+            let (a, bb) = self.factors(pack, s);
+            let (da, db) = low_rank_grads([g, x, a, bb], self.sizes(m), s.scale, Some(dx))?;
+            dpack[s.a_at..s.a_at + da.len()].copy_from_slice(&da);
+            dpack[s.b_at..s.b_at + db.len()].copy_from_slice(&db);
+        }
+        Ok(fresh)
+    }
+}
+
+/// Activations a fused op keeps from its forward for its backward.
+#[derive(Default)]
+pub(crate) struct Kept(Mutex<Vec<CpuStorage>>);
+
+impl Kept {
+    pub fn keep<T: WithDType>(&self, vs: Vec<Vec<T>>) {
+        let mut kept = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        *kept = vs.into_iter().map(T::to_cpu_storage_owned).collect();
+    }
+
+    /// `f` over the kept activations, in the order they were kept.
+    pub fn with<T: WithDType, R>(&self, f: impl FnOnce(&[&[T]]) -> Result<R>) -> Result<R> {
+        let kept = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if kept.is_empty() {
+            candle_core::bail!("fused sublayer: backward before forward");
+        }
+        let slices = kept
+            .iter()
+            .map(|s| s.as_slice::<T>())
+            .collect::<Result<Vec<_>>>()?;
+        f(&slices)
+    }
+}
