@@ -181,7 +181,7 @@ impl EncoderSublayer {
                 };
                 let (dh, _) = rows_backward(h, fz[w], g, norm);
                 // The residual path: the pre-norm sum's gradient reaches x as it is.
-                let mut dx = dh.clone();
+                let mut dx = super::par_copy(&dh, 1 << 14, |_| {});
                 let mut dpack = vec![T::zero(); pack.len()];
                 match &self.kind {
                     Kind::Attention { dims, scale, mask } => {

@@ -173,6 +173,36 @@ pub(crate) fn frozen_product<T: candle_core::WithDType>(
     Ok(out)
 }
 
+/// `residual (+ bias) + x W^T` for row-major `x: [m, k]`, `W: [n, k]`, `bias: [n]` and
+/// `residual: [m, n]`: the output starts as a copy of the residual (made on the threads) and the
+/// product accumulates onto it.
+pub(crate) fn frozen_product_onto<T: candle_core::WithDType>(
+    x: &[T],
+    w: &[T],
+    bias: Option<&[T]>,
+    residual: &[T],
+    (m, n, k): (usize, usize, usize),
+) -> Result<Vec<T>> {
+    use super::par_gemm::{matmul_acc, Strided};
+    if residual.len() != m * n || bias.is_some_and(|b| b.len() != n) {
+        candle_core::bail!(
+            "frozen_linear: residual of {}, bias of {:?} for [{m}, {n}]",
+            residual.len(),
+            bias.map(<[T]>::len)
+        );
+    }
+    let mut out = super::par_copy(residual, n * super::rows_per_task(n), |rows| {
+        if let Some(b) = bias {
+            for row in rows.chunks_exact_mut(n) {
+                row.iter_mut().zip(b).for_each(|(o, &b)| *o += b);
+            }
+        }
+    });
+    let (xv, wt) = (Strided::row_major(x, 0, k), Strided::transposed(w, 0, k));
+    matmul_acc(&mut out, (m, n, k), xv, wt, T::one())?;
+    Ok(out)
+}
+
 /// Whether an op built on a frozen product (`w` untracked) may run its fused first-order
 /// kernels on `rows` rows of `ts`: CPU f32/f64 of one dtype, no graph of gradients kept, banded
 /// products on, and more rows than decoding's matrix-vector kernel takes.

@@ -11,7 +11,7 @@ use std::sync::Mutex;
 
 use candle_core::{CpuStorage, Result, Tensor, WithDType};
 
-use super::frozen_linear::frozen_product;
+use super::frozen_linear::{frozen_product, frozen_product_onto};
 use super::lora_linear::{add_low_rank_onto, low_rank_grads, Mnkr};
 use super::par_gemm::{matmul, matmul_acc, Strided};
 
@@ -148,20 +148,7 @@ impl BlockLinear {
         let (w, b) = (fz[self.w], self.b.map(|i| fz[i]));
         let mut out = match residual {
             None => frozen_product(x, w, b, (m, self.n, self.k))?,
-            Some(res) => {
-                let mut out = res.to_vec();
-                if let Some(b) = b {
-                    for row in out.chunks_exact_mut(self.n) {
-                        row.iter_mut().zip(b).for_each(|(o, &b)| *o += b);
-                    }
-                }
-                let (xv, wt) = (
-                    Strided::row_major(x, 0, self.k),
-                    Strided::transposed(w, 0, self.k),
-                );
-                matmul_acc(&mut out, (m, self.n, self.k), xv, wt, T::one())?;
-                out
-            }
+            Some(res) => frozen_product_onto(x, w, b, res, (m, self.n, self.k))?,
         };
         if let Some(s) = self.lora {
             let (a, bb) = self.factors(pack, s);

@@ -46,7 +46,7 @@ fn forward<T: WithDType>(
     (m, n, r): (usize, usize, usize),
     scale: f64,
 ) -> Result<Vec<T>> {
-    let mut out = y.to_vec();
+    let mut out = super::par_copy(y, 1 << 14, |_| {});
     let bt = Strided::transposed(b, 0, r);
     let beta = T::from_f64(scale);
     par_gemm::matmul_acc(&mut out, (m, n, r), Strided::row_major(z, 0, r), bt, beta)?;

@@ -94,7 +94,57 @@ pub(crate) fn cpu_slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Resu
     }
 }
 
+/// A copy of `src` made `chunk` elements per task on the threads, each chunk then passed to
+/// `then`; no serial zero-fill of the new buffer first (calloc's memset of a few MB runs on one
+/// thread while the other waits).
+pub(crate) fn par_copy<T: WithDType>(
+    src: &[T],
+    chunk: usize,
+    then: impl Fn(&mut [T]) + Sync,
+) -> Vec<T> {
+    use rayon::prelude::*;
+    let mut out: Vec<T> = Vec::with_capacity(src.len());
+    out.spare_capacity_mut()[..src.len()]
+        .par_chunks_mut(chunk.max(1))
+        .zip(src.par_chunks(chunk.max(1)))
+        .for_each(|(o, s)| {
+            // SAFETY: `o` and `s` are chunks at the same place of equal-length slices, so of the
+            // same length; after the copy every element of `o` is initialised.
+            let o = unsafe {
+                std::ptr::copy_nonoverlapping(s.as_ptr(), o.as_mut_ptr() as *mut T, s.len());
+                std::slice::from_raw_parts_mut(o.as_mut_ptr() as *mut T, s.len())
+            };
+            then(o);
+        });
+    // SAFETY: every element was written by the copy above.
+    unsafe { out.set_len(src.len()) };
+    out
+}
+
 /// Rows handed to one rayon task: enough work to amortise scheduling.
 pub(crate) fn rows_per_task(dim: usize) -> usize {
     (16384 / dim.max(1)).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn par_copy_copies_every_chunk_and_applies_then() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .unwrap();
+        for (len, chunk) in [(0, 4), (10, 4), (100_003, 1000), (7, 100)] {
+            let src: Vec<f32> = (0..len).map(|i| i as f32).collect();
+            let out =
+                pool.install(|| par_copy(&src, chunk, |c| c.iter_mut().for_each(|v| *v += 1.0)));
+            assert_eq!(out.len(), len);
+            assert!(
+                out.iter().zip(&src).all(|(o, s)| *o == s + 1.0),
+                "len {len} chunk {chunk}"
+            );
+        }
+    }
 }

@@ -19,8 +19,8 @@ use num_traits::Float;
 
 use super::activation::{swiglu_grads_in_place, swiglu_values, GeluSlice};
 use super::exp::ExpSlice;
-use super::frozen_linear::frozen_product_fuses;
-use super::par_gemm::{matmul, matmul_acc, Strided};
+use super::frozen_linear::{frozen_product_fuses, frozen_product_onto};
+use super::par_gemm::{matmul, Strided};
 use super::{cpu_slice, with_cpu_slices};
 
 /// Whether the fused op may run for input `x: [..., k]`, frozen `w: [n, k]`, `bias` and
@@ -129,15 +129,7 @@ impl ResidualLinear {
         let mut ts = vec![&self.w];
         ts.extend(self.bias.as_ref());
         with_cpu_slices::<T, _>(&ts, |s| {
-            let mut out = residual.to_vec();
-            if let Some(bias) = s.get(1) {
-                for row in out.chunks_exact_mut(n) {
-                    row.iter_mut().zip(bias.iter()).for_each(|(o, &b)| *o += b);
-                }
-            }
-            let (xv, wt) = (Strided::row_major(x, 0, k), Strided::transposed(s[0], 0, k));
-            matmul_acc(&mut out, (m, n, k), xv, wt, T::one())?;
-            Ok(out)
+            frozen_product_onto(x, s[0], s.get(1).copied(), residual, (m, n, k))
         })
     }
 
