@@ -25,6 +25,7 @@ pub mod lora_linear;
 pub mod low_rank;
 pub(crate) mod matvec;
 pub(crate) mod norm_grad;
+pub(crate) mod panel_gemm;
 pub(crate) mod par_gemm;
 pub mod quantized_linear;
 pub mod residual_linear;

@@ -355,6 +355,10 @@ impl QuantizedMatmul {
 
     /// `x W^T`: each tile's task writes its own block of output columns.
     fn product_by_columns(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
+        #[cfg(target_arch = "x86_64")]
+        if super::panel_gemm::available() {
+            return self.product_by_panels(x, m);
+        }
         let (n_rows, k) = (self.w.rows, self.w.cols);
         let mut y = vec![0f32; m * n_rows];
         let tile_rows = self.tile_rows();
@@ -390,6 +394,33 @@ impl QuantizedMatmul {
                             gemm::Parallelism::None,
                         );
                     }
+                    Ok(())
+                },
+            )?;
+        Ok(y)
+    }
+
+    /// [`Self::product_by_columns`] with each tile's rows put in panels for the AVX2 kernel of
+    /// [`super::panel_gemm`] instead of handed to gemm, which would pack them into panels again.
+    #[cfg(target_arch = "x86_64")]
+    fn product_by_panels(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
+        use super::panel_gemm::{product, rows_to_panel, PANEL};
+        let (n_rows, k) = (self.w.rows, self.w.cols);
+        let mut y = vec![0f32; m * n_rows];
+        let tile_rows = self.tile_rows();
+        let out = SharedOut(y.as_mut_ptr());
+        (0..n_rows.div_ceil(tile_rows))
+            .into_par_iter()
+            .try_for_each_init(
+                || (vec![0f32; tile_rows * k], vec![0f32; tile_rows * k]),
+                |(tile, panels), i| -> Result<()> {
+                    let (r0, r, t) = self.dequantized_tile(i, tile)?;
+                    for (rows, panel) in t.chunks(PANEL * k).zip(panels.chunks_mut(PANEL * k)) {
+                        rows_to_panel(rows, k, panel);
+                    }
+                    // SAFETY: AVX2/FMA checked by the caller; this task writes only the columns
+                    // r0..r0+r of `y` ([m, n_rows]).
+                    unsafe { product(x, (m, k), panels, r, out.get().add(r0), n_rows) };
                     Ok(())
                 },
             )?;

@@ -1,0 +1,275 @@
+//! `y = x W^T` with the weight side in panels of 16 rows: panel `p` holds rows `16p..16p + 16`
+//! of `W: [n, k]` as `[k][16]`, so one step of the reduction reads the 16 rows' values in one
+//! contiguous 64-byte line.
+//!
+//! gemm packs its weight operand into such panels itself on every call. A weight that arrives
+//! in blocks anyway (a GGUF's quantized rows, dequantized tile by tile) is written straight into
+//! panels here, instead of into rows that gemm then packs again; the 16x6 AVX2 kernel below
+//! reads the panels and the activation rows in place. Other CPUs take gemm on the rows.
+
+/// Rows per panel.
+pub(crate) const PANEL: usize = 16;
+
+/// Reduction steps per block: a panel block (16 KB) stays in L1 while every token group uses it.
+const KC: usize = 256;
+
+/// Tokens per kernel call.
+const NR: usize = 6;
+
+/// Whether the panel kernels run here (x86-64 with AVX2 and FMA).
+pub(crate) fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        super::exp::avx2_fma()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Rows `[rows, k]` (row-major, `rows <= 16`) written into one panel `[k][16]`, missing rows
+/// zero.
+pub(crate) fn rows_to_panel(rows: &[f32], k: usize, panel: &mut [f32]) {
+    let n = rows.len() / k.max(1);
+    debug_assert!(n <= PANEL && panel.len() >= k * PANEL);
+    #[cfg(target_arch = "x86_64")]
+    if n == PANEL && available() {
+        // SAFETY: AVX2 checked; 16 rows of `k` values in, `k` lines of 16 out.
+        unsafe { avx2::transpose_16(rows, k, panel) };
+        return;
+    }
+    if n < PANEL {
+        panel[..k * PANEL].iter_mut().for_each(|v| *v = 0.0);
+    }
+    for (i, row) in rows.chunks_exact(k).enumerate() {
+        for (p, &v) in row.iter().enumerate() {
+            panel[p * PANEL + i] = v;
+        }
+    }
+}
+
+/// `out[t][j] = sum_p x[t][p] * panel_j[p]` for the `cols <= 16` columns a run of panels gives,
+/// over all `m` rows of `x: [m, k]`: `panels` holds `ceil(cols / 16)` panels of `[k][16]`,
+/// `out` has row stride `ldo` and receives columns `0..cols` (written, not accumulated).
+///
+/// # Safety
+/// Needs [`available`]; `out` must be valid for `m` rows of `cols` values at stride `ldo`, and
+/// no other thread may write those values meanwhile.
+#[cfg(target_arch = "x86_64")]
+pub(crate) unsafe fn product(
+    x: &[f32],
+    (m, k): (usize, usize),
+    panels: &[f32],
+    cols: usize,
+    out: *mut f32,
+    ldo: usize,
+) {
+    let np = cols.div_ceil(PANEL);
+    debug_assert!(x.len() >= m * k && panels.len() >= np * k * PANEL);
+    let mut kb = 0;
+    while kb < k {
+        let kl = KC.min(k - kb);
+        for p in 0..np {
+            let panel = panels.as_ptr().add(p * k * PANEL + kb * PANEL);
+            let c0 = p * PANEL;
+            let width = PANEL.min(cols - c0);
+            let mut t = 0;
+            while t < m {
+                let rows = NR.min(m - t);
+                let xs = x.as_ptr().add(t * k + kb);
+                let o = out.add(t * ldo + c0);
+                let first = kb == 0;
+                match rows {
+                    6 => avx2::kernel::<6>(kl, panel, xs, k, o, ldo, width, first),
+                    5 => avx2::kernel::<5>(kl, panel, xs, k, o, ldo, width, first),
+                    4 => avx2::kernel::<4>(kl, panel, xs, k, o, ldo, width, first),
+                    3 => avx2::kernel::<3>(kl, panel, xs, k, o, ldo, width, first),
+                    2 => avx2::kernel::<2>(kl, panel, xs, k, o, ldo, width, first),
+                    _ => avx2::kernel::<1>(kl, panel, xs, k, o, ldo, width, first),
+                }
+                t += rows;
+            }
+        }
+        kb += KC;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::PANEL;
+
+    /// 16 rows of `k` values into `k` lines of 16, eight columns at a time by 8x8 register
+    /// transposes.
+    ///
+    /// # Safety
+    /// Needs AVX2; `rows` holds `16 * k` values, `panel` at least `16 * k`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn transpose_16(rows: &[f32], k: usize, panel: &mut [f32]) {
+        let (src, dst) = (rows.as_ptr(), panel.as_mut_ptr());
+        let full = k / 8 * 8;
+        for c in (0..full).step_by(8) {
+            for half in 0..2 {
+                let r = |i: usize| _mm256_loadu_ps(src.add((half * 8 + i) * k + c));
+                let t = tr8([r(0), r(1), r(2), r(3), r(4), r(5), r(6), r(7)]);
+                for (j, v) in t.iter().enumerate() {
+                    _mm256_storeu_ps(dst.add((c + j) * PANEL + half * 8), *v);
+                }
+            }
+        }
+        for c in full..k {
+            for i in 0..PANEL {
+                *dst.add(c * PANEL + i) = *src.add(i * k + c);
+            }
+        }
+    }
+
+    /// Transpose of an 8x8 block held as 8 rows.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn tr8(r: [__m256; 8]) -> [__m256; 8] {
+        let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+        let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+        let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+        let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+        let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+        let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+        let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+        let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+        let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+        let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+        let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+        let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+        let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+        let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+        let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+        let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+        [
+            _mm256_permute2f128_ps::<0x20>(u0, u4),
+            _mm256_permute2f128_ps::<0x20>(u1, u5),
+            _mm256_permute2f128_ps::<0x20>(u2, u6),
+            _mm256_permute2f128_ps::<0x20>(u3, u7),
+            _mm256_permute2f128_ps::<0x31>(u0, u4),
+            _mm256_permute2f128_ps::<0x31>(u1, u5),
+            _mm256_permute2f128_ps::<0x31>(u2, u6),
+            _mm256_permute2f128_ps::<0x31>(u3, u7),
+        ]
+    }
+
+    /// `R` tokens against one panel over `kl` steps: `o[r][0..width]` (row stride `ldo`) set to
+    /// the sums when `first`, else increased by them.
+    ///
+    /// # Safety
+    /// Needs AVX2 and FMA; `panel` holds `kl` lines of 16 floats, `x` `R` rows (stride `ldx`) of
+    /// `kl` values, `o` `R` rows of `width <= 16` values.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn kernel<const R: usize>(
+        kl: usize,
+        panel: *const f32,
+        x: *const f32,
+        ldx: usize,
+        o: *mut f32,
+        ldo: usize,
+        width: usize,
+        first: bool,
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        for p in 0..kl {
+            let w0 = _mm256_loadu_ps(panel.add(p * PANEL));
+            let w1 = _mm256_loadu_ps(panel.add(p * PANEL + 8));
+            for (r, a) in acc.iter_mut().enumerate() {
+                let b = _mm256_broadcast_ss(&*x.add(r * ldx + p));
+                a[0] = _mm256_fmadd_ps(w0, b, a[0]);
+                a[1] = _mm256_fmadd_ps(w1, b, a[1]);
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            let dst = o.add(r * ldo);
+            if width == PANEL {
+                let (d0, d1) = (dst, dst.add(8));
+                let (mut v0, mut v1) = (a[0], a[1]);
+                if !first {
+                    v0 = _mm256_add_ps(v0, _mm256_loadu_ps(d0));
+                    v1 = _mm256_add_ps(v1, _mm256_loadu_ps(d1));
+                }
+                _mm256_storeu_ps(d0, v0);
+                _mm256_storeu_ps(d1, v1);
+            } else {
+                let mut lanes = [0f32; PANEL];
+                _mm256_storeu_ps(lanes.as_mut_ptr(), a[0]);
+                _mm256_storeu_ps(lanes.as_mut_ptr().add(8), a[1]);
+                for (j, &v) in lanes[..width].iter().enumerate() {
+                    let d = dst.add(j);
+                    *d = if first { v } else { *d + v };
+                }
+            }
+        }
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::*;
+
+    fn data(len: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..len)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+            })
+            .collect()
+    }
+
+    /// Every token count (kernel widths 1 to 6 and their mixtures), partial last panels and
+    /// reductions across several blocks agree with a plain f64 product.
+    #[test]
+    fn panels_give_the_plain_product() {
+        if !available() {
+            eprintln!("no AVX2/FMA here: the panel kernels are not used on this CPU");
+            return;
+        }
+        for &(m, n, k) in &[
+            (1, 16, 7),
+            (5, 20, 300),
+            (13, 37, 513),
+            (64, 48, 64),
+            (7, 3, 1),
+        ] {
+            let x = data(m * k, 1);
+            let w = data(n * k, 2);
+            let np = n.div_ceil(PANEL);
+            let mut panels = vec![1f32; np * k * PANEL];
+            for p in 0..np {
+                let rows = &w[p * PANEL * k..((p + 1) * PANEL).min(n) * k];
+                rows_to_panel(rows, k, &mut panels[p * k * PANEL..(p + 1) * k * PANEL]);
+            }
+            // A wider output: columns past `n` must stay untouched.
+            let ldo = n + 3;
+            let mut out = vec![7f32; m * ldo];
+            unsafe { product(&x, (m, k), &panels, n, out.as_mut_ptr(), ldo) };
+            for t in 0..m {
+                for j in 0..ldo {
+                    let got = out[t * ldo + j];
+                    if j >= n {
+                        assert_eq!(got, 7.0, "column {j} past the output was written");
+                        continue;
+                    }
+                    let want: f64 = (0..k)
+                        .map(|p| x[t * k + p] as f64 * w[j * k + p] as f64)
+                        .sum();
+                    let tol = 1e-5 * (k as f64).sqrt();
+                    assert!(
+                        (got as f64 - want).abs() < tol,
+                        "[{m}, {n}, {k}] at ({t}, {j}): {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+}
