@@ -40,8 +40,16 @@ WORKLOADS = {
 ALL_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+def metapeft_home():
+    """Where `metapeft assets` unpacks the models: $METAPEFT_HOME, else the user cache dir."""
+    if os.environ.get("METAPEFT_HOME"):
+        return os.environ["METAPEFT_HOME"]
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return os.path.join(cache, "metapeft")
+
+
 def gguf_path():
-    home = os.environ.get("METAPEFT_HOME", os.path.expanduser("~/.metapeft"))
+    home = metapeft_home()
     for root, _, files in os.walk(home):
         for f in files:
             if f.startswith("SmolLM2-135M-Instruct") and f.endswith(".gguf"):
@@ -50,7 +58,7 @@ def gguf_path():
 
 
 def minilm_dir():
-    home = os.environ.get("METAPEFT_HOME", os.path.expanduser("~/.metapeft"))
+    home = metapeft_home()
     for root, _, files in os.walk(home):
         if "model.safetensors" in files and "minilm" in root.lower():
             return root
