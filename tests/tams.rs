@@ -73,7 +73,13 @@ fn fresh_tams_leaves_smollm2_unchanged() {
         .unwrap()
         .to_scalar::<f32>()
         .unwrap();
-    assert_eq!(diff, 0.0);
+    // The plain model runs each sublayer as one fused op, the TAMS one composes its MLP (the
+    // cell hooks into it), so the two agree to f32 rounding only; a fresh cell that added
+    // anything would move the logits by orders of magnitude more.
+    assert!(
+        diff < 2e-4,
+        "a fresh TAMS cell changed the logits by {diff}"
+    );
 
     // With convolutions selected, generation recomputes the sequence and matches the base model
     // (the fresh cell adds zero).

@@ -24,6 +24,17 @@ pub struct Llama {
     checkpoint_layers: bool,
 }
 
+/// A layer's attention linears, in the order [`ops::decoder_attention`] takes them.
+const ATTENTION: [&str; 4] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+];
+
+/// A layer's MLP linears, in the order [`ops::decoder_mlp`] takes them.
+const MLP: [&str; 3] = ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"];
+
 /// What every layer of one forward pass shares.
 #[derive(Debug, Clone)]
 struct LayerCtx {
@@ -356,6 +367,23 @@ impl Llama {
         );
         let scale = 1.0 / (hd as f64).sqrt();
         let pre = format!("model.layers.{i}");
+        let whole_sequence = cache.is_none() && prefix == 0;
+        if whole_sequence {
+            let fused = self.fused_sublayer(&pre, p, deltas, dp, &ATTENTION, "input", |l, n| {
+                let heads = ops::Heads { q: h, kv: hkv };
+                ops::decoder_attention(
+                    &x,
+                    [l[0], l[1], l[2], l[3]],
+                    n,
+                    heads,
+                    (cos, sin),
+                    mask.as_ref(),
+                )
+            })?;
+            if let Some(y) = fused {
+                return self.mlp_sublayer(i, p, deltas, dp, y, true);
+            }
+        }
         let residual = x.clone();
         let w = deltas.resolve(&format!("{pre}.input_layernorm.weight"), p, dp)?;
         let xn = ops::rms_norm(&x, &w, cfg.rms_norm_eps)?;
@@ -364,10 +392,10 @@ impl Llama {
         let v = self.proj(p, deltas, dp, &format!("{pre}.self_attn.v_proj"), &xn)?;
         let q = ops::rope(&q.reshape((b, t, h, hd))?, cos, sin)?;
         let k = ops::rope(&k.reshape((b, t, hkv, hd))?, cos, sin)?;
-        if cache.is_none() && prefix == 0 {
+        if whole_sequence {
             // Training and full-sequence passes: attention on the projections' own layout.
             let a = ops::attention_heads(&q, &k, &v, (h, hkv), mask.as_ref(), scale)?;
-            return self.attention_out_and_mlp(i, p, deltas, dp, residual, a);
+            return self.attention_out_and_mlp(i, p, deltas, dp, residual, a, true);
         }
         let q = q.transpose(1, 2)?;
         let mut k = k.transpose(1, 2)?;
@@ -384,10 +412,59 @@ impl Llama {
         };
         let a = ops::attention(&q, &k, &v, mask.as_ref(), scale)?;
         let a = a.transpose(1, 2)?.reshape((b, t, h * hd))?;
-        self.attention_out_and_mlp(i, p, deltas, dp, residual, a)
+        self.attention_out_and_mlp(i, p, deltas, dp, residual, a, false)
     }
 
-    /// The rest of layer `i` after attention: output projection, residual, and the MLP block.
+    /// `run` on sublayer `pre`'s linears `modules` and RMSNorm `{norm}_layernorm` when the deltas
+    /// change those linears by low-rank terms only (or not at all), keep the norm, and the base
+    /// keeps the weights dense; `None` otherwise or where the op declines.
+    #[allow(clippy::too_many_arguments)]
+    fn fused_sublayer(
+        &self,
+        pre: &str,
+        p: &ParamStore,
+        deltas: &DeltaSet,
+        dp: &ParamStore,
+        modules: &[&str],
+        norm: &str,
+        run: impl FnOnce(&[ops::LinearSpec], ops::RmsNormSpec) -> candle_core::Result<Option<Tensor>>,
+    ) -> Result<Option<Tensor>> {
+        if !ops::encoder_block::enabled() {
+            return Ok(None);
+        }
+        let names: Vec<String> = modules.iter().map(|m| format!("{pre}.{m}")).collect();
+        let Some(changes) = deltas.low_rank_only(&names, dp)? else {
+            return Ok(None);
+        };
+        let norm_name = format!("{pre}.{norm}_layernorm.weight");
+        if deltas.replaces(&norm_name, p, dp)? {
+            return Ok(None);
+        }
+        let mut specs = Vec::with_capacity(names.len());
+        for (name, change) in names.iter().zip(&changes) {
+            let w_name = format!("{name}.weight");
+            let Some(w) = p
+                .get_opt(&w_name)
+                .filter(|_| p.quantized(&w_name).is_none())
+            else {
+                return Ok(None);
+            };
+            specs.push(ops::LinearSpec {
+                w,
+                b: p.get_opt(&format!("{name}.bias")),
+                lora: change.as_ref().map(|(a, b, s)| (a, b, *s)),
+            });
+        }
+        let norm = ops::RmsNormSpec {
+            w: p.get(&norm_name)?,
+            eps: self.cfg.rms_norm_eps,
+        };
+        Ok(run(&specs, norm)?)
+    }
+
+    /// The rest of layer `i` after attention: output projection, residual, and the MLP block;
+    /// `whole_sequence` for passes without a cache or prefix.
+    #[allow(clippy::too_many_arguments)]
     fn attention_out_and_mlp(
         &self,
         i: usize,
@@ -396,8 +473,8 @@ impl Llama {
         dp: &ParamStore,
         residual: Tensor,
         a: Tensor,
+        whole_sequence: bool,
     ) -> Result<Tensor> {
-        let cfg = &self.cfg;
         let pre = format!("model.layers.{i}");
         let o_proj = format!("{pre}.self_attn.o_proj");
         let x = match super::untouched_linear(p, deltas, &o_proj) {
@@ -412,7 +489,31 @@ impl Llama {
                 (residual + o)?
             }
         };
+        self.mlp_sublayer(i, p, deltas, dp, x, whole_sequence)
+    }
 
+    /// Layer `i`'s MLP sublayer with its residual: one op where it fuses (passes over the whole
+    /// sequence, see [`Self::fused_sublayer`]), else composed.
+    fn mlp_sublayer(
+        &self,
+        i: usize,
+        p: &ParamStore,
+        deltas: &DeltaSet,
+        dp: &ParamStore,
+        x: Tensor,
+        whole_sequence: bool,
+    ) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let pre = format!("model.layers.{i}");
+        if whole_sequence {
+            let fused =
+                self.fused_sublayer(&pre, p, deltas, dp, &MLP, "post_attention", |l, n| {
+                    ops::decoder_mlp(&x, [l[0], l[1], l[2]], n)
+                })?;
+            if let Some(y) = fused {
+                return Ok(y);
+            }
+        }
         let residual = x.clone();
         let w = deltas.resolve(&format!("{pre}.post_attention_layernorm.weight"), p, dp)?;
         let xn = ops::rms_norm(&x, &w, cfg.rms_norm_eps)?;

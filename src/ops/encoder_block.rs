@@ -7,16 +7,15 @@
 //! bottlenecks. `None` where the composed ops must run: a graph of the gradients kept, off the
 //! CPU, other dtypes, trained norm or bias parameters.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{Result, Tensor};
 
-use super::activation::GeluSlice;
-use super::fused_attention::{self, Dims, Elem, MaskRows};
-use super::fused_block::{BlockLinear, Frozen, Kept, LinearSpec};
+use super::first_order_fused;
+use super::fused_attention::{self, Dims, MaskRows};
+use super::fused_block::{apply, block_mask, BlockElem, Ctx, LinearSpec, Sublayer};
 use super::norm_grad::{rows_backward, Norm};
-use super::{cpu_slice, first_order_fused, with_cpu_slices};
 
-/// Whether encoder sublayers run as one op each: `METAPEFT_FUSED_BLOCKS=0` keeps the composed ops
-/// (for A/B timing).
+/// Whether encoder and decoder sublayers run as one op each: `METAPEFT_FUSED_BLOCKS=0` keeps the
+/// composed ops (for A/B timing).
 pub fn enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("METAPEFT_FUSED_BLOCKS").map_or(true, |v| v != "0"))
@@ -44,9 +43,14 @@ pub fn encoder_attention(
         candle_core::bail!("encoder attention: {d} features over {heads} heads");
     }
     let mask = match mask {
-        Some(m) if m.dtype() != x.dtype() || m.rank() != 4 || m.dim(3)? != t => return Ok(None),
-        m => m.map(|m| m.contiguous().map(|m| m.detach())).transpose()?,
+        Some(m) if m.dtype() != x.dtype() || m.rank() != 4 => return Ok(None),
+        m => m
+            .map(|m| block_mask("encoder attention", m, [b, heads, t]))
+            .transpose()?,
     };
+    if !fuses(x, &linears, &[d, d, d, d], &norm)? {
+        return Ok(None);
+    }
     let dims = Dims {
         b,
         tq: t,
@@ -55,18 +59,14 @@ pub fn encoder_attention(
         hkv: heads,
         d: d / heads,
     };
-    let widths = [d, d, d, d];
-    sublayer(
-        x,
-        &linears,
-        &widths,
-        norm,
-        Kind::Attention {
-            dims,
-            scale: 1.0 / ((d / heads) as f64).sqrt(),
-            mask,
-        },
-    )
+    let scale = 1.0 / ((d / heads) as f64).sqrt();
+    let y = apply(x, &linears, &[norm.w, norm.b], |at| EncoderAttention {
+        dims,
+        scale,
+        mask,
+        norm: (at[0], at[1], norm.eps),
+    })?;
+    Ok(Some(y))
 }
 
 /// `LN(x + gelu(x Wi^T + bi) Wo^T + bo)` for `x: [b, t, d]` and `linears` up, down; `None` where
@@ -78,235 +78,132 @@ pub fn encoder_ffn(
 ) -> Result<Option<Tensor>> {
     let d = x.dim(candle_core::D::Minus1)?;
     let f = linears[0].w.dim(0)?;
-    sublayer(x, &linears, &[d, f], norm, Kind::Ffn)
+    if !fuses(x, &linears, &[d, f], &norm)? {
+        return Ok(None);
+    }
+    let y = apply(x, &linears, &[norm.w, norm.b], |at| EncoderFfn {
+        norm: (at[0], at[1], norm.eps),
+    })?;
+    Ok(Some(y))
 }
 
-fn sublayer(
-    x: &Tensor,
-    specs: &[LinearSpec],
-    inputs: &[usize],
-    norm: LayerNormSpec,
-    kind: Kind,
-) -> Result<Option<Tensor>> {
+/// Whether the fused op may run: first order on the CPU, linears that fit (the last one back to
+/// `d` features), a frozen norm of `x`'s dtype.
+fn fuses(x: &Tensor, specs: &[LinearSpec], inputs: &[usize], norm: &LayerNormSpec) -> Result<bool> {
     let d = x.dim(candle_core::D::Minus1)?;
     let norm_ok = [norm.w, norm.b]
         .iter()
         .all(|t| t.dtype() == x.dtype() && !t.track_op() && t.elem_count() == d);
     let fits = specs.iter().zip(inputs).all(|(s, &k)| s.fits(x, k));
     let out_ok = specs.last().is_some_and(|s| s.w.dim(0).ok() == Some(d));
-    if !enabled() || !first_order_fused(&[x]) || !norm_ok || !fits || !out_ok {
-        return Ok(None);
-    }
-    let mut frozen = Frozen::new();
-    let linears = frozen.linears(specs)?;
-    let norm_at = (frozen.push(norm.w)?, frozen.push(norm.b)?, norm.eps);
-    let op = EncoderSublayer {
-        kind,
-        linears,
-        frozen: frozen.tensors,
-        norm: norm_at,
-        kept: Kept::default(),
+    Ok(enabled() && first_order_fused(&[x]) && norm_ok && fits && out_ok)
+}
+
+/// `LN(h)` for the pre-norm sum `h`, and the input gradient of `LN` at `h` for `g`.
+fn layer_norm<T: BlockElem>(h: &[T], (w, b, eps): (usize, usize, f64), fz: &[&[T]]) -> Vec<T> {
+    super::layer_norm::fwd(h, fz[w], fz[b], eps)
+}
+
+fn layer_norm_grad<T: BlockElem>(
+    h: &[T],
+    g: &[T],
+    (w, _, eps): (usize, usize, f64),
+    fz: &[&[T]],
+) -> Vec<T> {
+    let norm = Norm {
+        eps,
+        centered: true,
+        want_params: false,
     };
-    let x = x.contiguous()?;
-    Ok(Some(match frozen.pack {
-        Some(pack) => x.apply_op2(&pack, op)?,
-        None => x.apply_op1(op)?,
-    }))
+    rows_backward(h, fz[w], g, norm).0
 }
 
-enum Kind {
-    Attention {
-        dims: Dims,
-        scale: f64,
-        mask: Option<Tensor>,
-    },
-    Ffn,
-}
-
-struct EncoderSublayer {
-    kind: Kind,
-    /// q, k, v, o (attention) or up, down (feed-forward).
-    linears: Vec<BlockLinear>,
-    frozen: Vec<Tensor>,
-    /// The LayerNorm's weight and bias (indices into `frozen`) and epsilon.
+/// The attention sublayer; keeps q, k, v, the attention output and the pre-norm sum.
+struct EncoderAttention {
+    dims: Dims,
+    scale: f64,
+    mask: Option<Tensor>,
+    /// The LayerNorm's weight and bias (indices into the frozen tensors) and epsilon.
     norm: (usize, usize, f64),
-    kept: Kept,
 }
 
-impl EncoderSublayer {
-    fn forward<T: Elem + GeluSlice>(&self, x: &[T], pack: &[T]) -> Result<Vec<T>> {
-        let frozen: Vec<&Tensor> = self.frozen.iter().collect();
-        with_cpu_slices::<T, _>(&frozen, |fz| {
-            let l = &self.linears;
-            let (h, kept) = match &self.kind {
-                Kind::Attention { dims, scale, mask } => {
-                    let q = l[0].forward(x, fz, pack, None)?;
-                    let k = l[1].forward(x, fz, pack, None)?;
-                    let v = l[2].forward(x, fz, pack, None)?;
-                    let mask = MaskRows::new(mask, dims.tk)?;
-                    let a = fused_attention::forward(*dims, &q, &k, &v, &mask, *scale);
-                    let h = l[3].forward(&a, fz, pack, Some(x))?;
-                    (h.clone(), vec![q, k, v, a, h])
-                }
-                Kind::Ffn => {
-                    let up = l[0].forward(x, fz, pack, None)?;
-                    let h = l[1].forward(&T::gelu_values(&up), fz, pack, Some(x))?;
-                    (h.clone(), vec![up, h])
-                }
-            };
-            let (w, b, eps) = self.norm;
-            let y = super::layer_norm::fwd(&h, fz[w], fz[b], eps);
-            self.kept.keep(kept);
-            Ok(y)
-        })
+impl Sublayer for EncoderAttention {
+    const NAME: &'static str = "metapeft-encoder-attention";
+
+    fn forward<T: BlockElem>(&self, x: &[T], c: &Ctx<T>) -> Result<(Vec<T>, Vec<Vec<T>>)> {
+        let (l, fz, pack) = (c.l, c.fz, c.pack);
+        let q = l[0].forward(x, fz, pack, None)?;
+        let k = l[1].forward(x, fz, pack, None)?;
+        let v = l[2].forward(x, fz, pack, None)?;
+        let mask = MaskRows::new(&self.mask, self.dims.tk)?;
+        let a = fused_attention::forward(self.dims, &q, &k, &v, &mask, self.scale);
+        let h = l[3].forward(&a, fz, pack, Some(x))?;
+        let y = layer_norm(&h, self.norm, fz);
+        Ok((y, vec![q, k, v, a, h]))
     }
 
-    /// `(dx, dpack)` for the output gradient `g`.
-    fn backward<T: Elem + GeluSlice>(
+    fn backward<T: BlockElem>(
         &self,
         g: &[T],
         x: &[T],
-        pack: &[T],
-    ) -> Result<(Vec<T>, Vec<T>)> {
-        let frozen: Vec<&Tensor> = self.frozen.iter().collect();
-        with_cpu_slices::<T, _>(&frozen, |fz| {
-            self.kept.with::<T, _>(|kept| {
-                let l = &self.linears;
-                let (w, _, eps) = self.norm;
-                let h = kept[kept.len() - 1];
-                let norm = Norm {
-                    eps,
-                    centered: true,
-                    want_params: false,
-                };
-                let (dh, _) = rows_backward(h, fz[w], g, norm);
-                // The residual path: the pre-norm sum's gradient reaches x as it is.
-                let mut dx = super::par_copy(&dh, 1 << 14, |_| {});
-                let mut dpack = vec![T::zero(); pack.len()];
-                match &self.kind {
-                    Kind::Attention { dims, scale, mask } => {
-                        let (q, k, v, a) = (kept[0], kept[1], kept[2], kept[3]);
-                        let da = l[3].backward(&dh, a, fz, pack, &mut dpack, None)?;
-                        let da = da.unwrap_or_default();
-                        let mask = MaskRows::new(mask, dims.tk)?;
-                        let (dq, dk, dv) =
-                            fused_attention::backward(*dims, [q, k, v, &da], &mask, *scale);
-                        for (lin, dy) in l[..3].iter().zip([&dq, &dk, &dv]) {
-                            lin.backward(dy, x, fz, pack, &mut dpack, Some(&mut dx))?;
-                        }
-                    }
-                    Kind::Ffn => {
-                        let up = kept[0];
-                        // The down projection's input, only for its LoRA factors' gradients.
-                        let act = match l[1].has_lora() {
-                            true => T::gelu_values(up),
-                            false => vec![],
-                        };
-                        let dact = l[1].backward(&dh, &act, fz, pack, &mut dpack, None)?;
-                        let dup = T::gelu_grads(up, &dact.unwrap_or_default());
-                        l[0].backward(&dup, x, fz, pack, &mut dpack, Some(&mut dx))?;
-                    }
-                }
-                Ok((dx, dpack))
-            })
-        })
+        kept: &[&[T]],
+        c: &Ctx<T>,
+        dpack: &mut [T],
+    ) -> Result<Vec<T>> {
+        let (l, fz, pack) = (c.l, c.fz, c.pack);
+        let [q, k, v, a, h] = [kept[0], kept[1], kept[2], kept[3], kept[4]];
+        let dh = layer_norm_grad(h, g, self.norm, fz);
+        // The residual path: the pre-norm sum's gradient reaches x as it is.
+        let mut dx = super::par_copy(&dh, 1 << 14, |_| {});
+        let da = l[3]
+            .backward(&dh, a, fz, pack, dpack, None)?
+            .unwrap_or_default();
+        let mask = MaskRows::new(&self.mask, self.dims.tk)?;
+        let (dq, dk, dv) = fused_attention::backward(self.dims, [q, k, v, &da], &mask, self.scale);
+        for (lin, dy) in l[..3].iter().zip([&dq, &dk, &dv]) {
+            lin.backward(dy, x, fz, pack, dpack, Some(&mut dx))?;
+        }
+        Ok(dx)
+    }
+}
+
+/// The feed-forward sublayer; keeps the intermediate pre-activation and the pre-norm sum.
+struct EncoderFfn {
+    norm: (usize, usize, f64),
+}
+
+impl Sublayer for EncoderFfn {
+    const NAME: &'static str = "metapeft-encoder-ffn";
+
+    fn forward<T: BlockElem>(&self, x: &[T], c: &Ctx<T>) -> Result<(Vec<T>, Vec<Vec<T>>)> {
+        let (l, fz, pack) = (c.l, c.fz, c.pack);
+        let up = l[0].forward(x, fz, pack, None)?;
+        let h = l[1].forward(&T::gelu_values(&up), fz, pack, Some(x))?;
+        let y = layer_norm(&h, self.norm, fz);
+        Ok((y, vec![up, h]))
     }
 
-    fn grads<T: Elem + GeluSlice>(
+    fn backward<T: BlockElem>(
         &self,
-        x: &Tensor,
-        pack: Option<&Tensor>,
-        g: &Tensor,
-    ) -> Result<(Tensor, Option<Tensor>)> {
-        let g = g.contiguous()?;
-        let ts: Vec<&Tensor> = [&g, x].into_iter().chain(pack).collect();
-        with_cpu_slices::<T, _>(&ts, |s| {
-            let (dx, dpack) = self.backward(s[0], s[1], s.get(2).copied().unwrap_or(&[]))?;
-            let dx = Tensor::from_vec(dx, x.shape(), x.device())?;
-            let dpack = pack
-                .map(|p| Tensor::from_vec(dpack, p.shape(), p.device()))
-                .transpose()?;
-            Ok((dx, dpack))
-        })
-    }
-
-    fn cpu_forward(
-        &self,
-        x: (&CpuStorage, &Layout),
-        pack: Option<(&CpuStorage, &Layout)>,
-    ) -> Result<(CpuStorage, Shape)> {
-        let out = match x.0 {
-            CpuStorage::F32(_) => {
-                let p = pack.map(|(s, l)| cpu_slice::<f32>(s, l)).transpose()?;
-                CpuStorage::F32(self.forward(cpu_slice(x.0, x.1)?, p.unwrap_or(&[]))?)
-            }
-            CpuStorage::F64(_) => {
-                let p = pack.map(|(s, l)| cpu_slice::<f64>(s, l)).transpose()?;
-                CpuStorage::F64(self.forward(cpu_slice(x.0, x.1)?, p.unwrap_or(&[]))?)
-            }
-            _ => candle_core::bail!("encoder sublayer: f32 or f64 only"),
+        g: &[T],
+        x: &[T],
+        kept: &[&[T]],
+        c: &Ctx<T>,
+        dpack: &mut [T],
+    ) -> Result<Vec<T>> {
+        let (l, fz, pack) = (c.l, c.fz, c.pack);
+        let (up, h) = (kept[0], kept[1]);
+        let dh = layer_norm_grad(h, g, self.norm, fz);
+        let mut dx = super::par_copy(&dh, 1 << 14, |_| {});
+        // The down projection's input, only for its LoRA factors' gradients.
+        let act = match l[1].has_lora() {
+            true => T::gelu_values(up),
+            false => vec![],
         };
-        Ok((out, x.1.shape().clone()))
-    }
-
-    fn tensor_grads(
-        &self,
-        x: &Tensor,
-        pack: Option<&Tensor>,
-        g: &Tensor,
-    ) -> Result<(Tensor, Option<Tensor>)> {
-        match x.dtype() {
-            candle_core::DType::F32 => self.grads::<f32>(x, pack, g),
-            candle_core::DType::F64 => self.grads::<f64>(x, pack, g),
-            dt => candle_core::bail!("encoder sublayer: {dt:?} gradients"),
-        }
-    }
-}
-
-impl CustomOp1 for EncoderSublayer {
-    fn name(&self) -> &'static str {
-        "metapeft-encoder-sublayer"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.cpu_forward((s, l), None)
-    }
-
-    fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        if !x.track_op() {
-            return Ok(None);
-        }
-        Ok(Some(self.tensor_grads(x, None, g)?.0))
-    }
-}
-
-impl CustomOp2 for EncoderSublayer {
-    fn name(&self) -> &'static str {
-        "metapeft-encoder-sublayer"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.cpu_forward((s1, l1), Some((s2, l2)))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        pack: &Tensor,
-        _y: &Tensor,
-        g: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dpack) = self.tensor_grads(x, Some(pack), g)?;
-        Ok((
-            x.track_op().then_some(dx),
-            dpack.filter(|_| pack.track_op()),
-        ))
+        let dact = l[1].backward(&dh, &act, fz, pack, dpack, None)?;
+        let dup = T::gelu_grads(up, &dact.unwrap_or_default());
+        l[0].backward(&dup, x, fz, pack, dpack, Some(&mut dx))?;
+        Ok(dx)
     }
 }
 
@@ -545,6 +442,10 @@ mod tests {
             l.spec(3, None),
         ];
         assert!(encoder_attention(&x, att, 3, None, l.norm()).is_err());
+        assert!(encoder_attention(&x, att, 2, None, l.norm())?.is_some());
+        let wide = Tensor::zeros((2, 1, 1, 3), candle_core::DType::F64, x.device())?;
+        let wide = encoder_attention(&x, att, 2, Some(&wide), l.norm());
+        assert!(wide.is_err(), "a mask of 2 sequences for 1");
         Ok(())
     }
 }

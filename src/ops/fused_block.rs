@@ -1,5 +1,6 @@
-//! What the fused sublayer ops ([`super::encoder_block`]) share: frozen linears with optional LoRA
-//! factors read from one packed tensor, and the activations a sublayer keeps for its backward.
+//! What the fused sublayer ops ([`super::encoder_block`], [`super::decoder_block`]) share: frozen
+//! linears with optional LoRA factors read from one packed tensor, the activations a sublayer
+//! keeps for its backward, and the op that runs a [`Sublayer`] in candle's graph.
 //!
 //! A sublayer composed from ops is four to eight graph nodes, each with a fresh output tensor, and
 //! every edge of the graph costs candle's backward a zero-filled buffer and an addition into it,
@@ -9,7 +10,11 @@
 
 use std::sync::Mutex;
 
-use candle_core::{CpuStorage, Result, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
+
+use super::activation::GeluSlice;
+use super::fused_attention::Elem;
+use super::{cpu_slice, with_cpu_slices};
 
 use super::frozen_linear::{frozen_product, frozen_product_onto};
 use super::lora_linear::{add_low_rank_onto, low_rank_grads, Mnkr};
@@ -42,6 +47,21 @@ impl LinearSpec<'_> {
                 && matches!((a.dims2(), b.dims2()), (Ok((r, ka)), Ok((nb, rb))) if ka == k && nb == n && rb == r)
         });
         k == inputs && same(self.w) && !self.w.track_op() && bias_ok && lora_ok
+    }
+}
+
+/// An additive attention mask as a fused sublayer reads it (contiguous, cut from the graph), or
+/// an error naming `op` where it does not broadcast to `[b, heads, t, t]`.
+pub(crate) fn block_mask(op: &str, m: &Tensor, [b, heads, t]: [usize; 3]) -> Result<Tensor> {
+    let fits = |m: usize, s: usize| m == s || m == 1;
+    match m.dims4() {
+        Ok((mb, mh, mq, mk)) if fits(mb, b) && fits(mh, heads) && fits(mq, t) && mk == t => {
+            Ok(m.contiguous()?.detach())
+        }
+        _ => candle_core::bail!(
+            "{op}: mask {:?} does not broadcast to [{b}, {heads}, {t}, {t}]",
+            m.dims()
+        ),
     }
 }
 
@@ -221,5 +241,199 @@ impl Kept {
             .map(|s| s.as_slice::<T>())
             .collect::<Result<Vec<_>>>()?;
         f(&slices)
+    }
+}
+
+/// The element types fused sublayers run on (f32, f64).
+pub(crate) trait BlockElem: Elem + GeluSlice {}
+
+impl BlockElem for f32 {}
+impl BlockElem for f64 {}
+
+/// What a sublayer's kernels see: the frozen tensors' data, the packed factors, the linears.
+pub(crate) struct Ctx<'a, T> {
+    pub fz: &'a [&'a [T]],
+    pub pack: &'a [T],
+    pub l: &'a [BlockLinear],
+}
+
+/// One kind of fused sublayer, over slices.
+pub(crate) trait Sublayer: Send + Sync + 'static {
+    const NAME: &'static str;
+
+    /// The output for the input `x` (same shape), and the activations to keep for the backward.
+    fn forward<T: BlockElem>(&self, x: &[T], c: &Ctx<T>) -> Result<(Vec<T>, Vec<Vec<T>>)>;
+
+    /// The input gradient for the output gradient `g`; the factors' gradients go into `dpack`.
+    fn backward<T: BlockElem>(
+        &self,
+        g: &[T],
+        x: &[T],
+        kept: &[&[T]],
+        c: &Ctx<T>,
+        dpack: &mut [T],
+    ) -> Result<Vec<T>>;
+}
+
+/// A [`Sublayer`] as one node of candle's graph: input `x`, and the packed LoRA factors when
+/// there are any.
+pub(crate) struct FusedSublayer<S> {
+    kind: S,
+    linears: Vec<BlockLinear>,
+    frozen: Vec<Tensor>,
+    kept: Kept,
+}
+
+/// Run sublayer `make(indices of extra)` on `x` with `linears`; `extra` are further frozen
+/// tensors (norm parameters, RoPE tables) the sublayer reads by index.
+pub(crate) fn apply<S: Sublayer>(
+    x: &Tensor,
+    linears: &[LinearSpec],
+    extra: &[&Tensor],
+    make: impl FnOnce(&[usize]) -> S,
+) -> Result<Tensor> {
+    let mut frozen = Frozen::new();
+    let linears = frozen.linears(linears)?;
+    let at = extra
+        .iter()
+        .map(|t| frozen.push(t))
+        .collect::<Result<Vec<_>>>()?;
+    let op = FusedSublayer {
+        kind: make(&at),
+        linears,
+        frozen: frozen.tensors,
+        kept: Kept::default(),
+    };
+    let x = x.contiguous()?;
+    match frozen.pack {
+        Some(pack) => x.apply_op2(&pack, op),
+        None => x.apply_op1(op),
+    }
+}
+
+impl<S: Sublayer> FusedSublayer<S> {
+    fn forward<T: BlockElem>(&self, x: &[T], pack: &[T]) -> Result<Vec<T>> {
+        let frozen: Vec<&Tensor> = self.frozen.iter().collect();
+        with_cpu_slices::<T, _>(&frozen, |fz| {
+            let c = Ctx {
+                fz,
+                pack,
+                l: &self.linears,
+            };
+            let (y, kept) = self.kind.forward(x, &c)?;
+            self.kept.keep(kept);
+            Ok(y)
+        })
+    }
+
+    /// `(dx, dpack)` for the output gradient `g`.
+    fn grads<T: BlockElem>(
+        &self,
+        x: &Tensor,
+        pack: Option<&Tensor>,
+        g: &Tensor,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let g = g.contiguous()?;
+        let ts: Vec<&Tensor> = [&g, x].into_iter().chain(pack).collect();
+        let frozen: Vec<&Tensor> = self.frozen.iter().collect();
+        with_cpu_slices::<T, _>(&ts, |s| {
+            let pack_values = s.get(2).copied().unwrap_or(&[]);
+            let (dx, dpack) = with_cpu_slices::<T, _>(&frozen, |fz| {
+                self.kept.with::<T, _>(|kept| {
+                    let c = Ctx {
+                        fz,
+                        pack: pack_values,
+                        l: &self.linears,
+                    };
+                    let mut dpack = vec![T::zero(); pack_values.len()];
+                    let dx = self.kind.backward(s[0], s[1], kept, &c, &mut dpack)?;
+                    Ok((dx, dpack))
+                })
+            })?;
+            let dx = Tensor::from_vec(dx, x.shape(), x.device())?;
+            let dpack = pack
+                .map(|p| Tensor::from_vec(dpack, p.shape(), p.device()))
+                .transpose()?;
+            Ok((dx, dpack))
+        })
+    }
+
+    fn cpu_forward(
+        &self,
+        x: (&CpuStorage, &Layout),
+        pack: Option<(&CpuStorage, &Layout)>,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = match x.0 {
+            CpuStorage::F32(_) => {
+                let p = pack.map(|(s, l)| cpu_slice::<f32>(s, l)).transpose()?;
+                CpuStorage::F32(self.forward(cpu_slice(x.0, x.1)?, p.unwrap_or(&[]))?)
+            }
+            CpuStorage::F64(_) => {
+                let p = pack.map(|(s, l)| cpu_slice::<f64>(s, l)).transpose()?;
+                CpuStorage::F64(self.forward(cpu_slice(x.0, x.1)?, p.unwrap_or(&[]))?)
+            }
+            _ => candle_core::bail!("{}: f32 or f64 only", S::NAME),
+        };
+        Ok((out, x.1.shape().clone()))
+    }
+
+    fn tensor_grads(
+        &self,
+        x: &Tensor,
+        pack: Option<&Tensor>,
+        g: &Tensor,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        match x.dtype() {
+            candle_core::DType::F32 => self.grads::<f32>(x, pack, g),
+            candle_core::DType::F64 => self.grads::<f64>(x, pack, g),
+            dt => candle_core::bail!("{}: {dt:?} gradients", S::NAME),
+        }
+    }
+}
+
+impl<S: Sublayer> CustomOp1 for FusedSublayer<S> {
+    fn name(&self) -> &'static str {
+        S::NAME
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.cpu_forward((s, l), None)
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        if !x.track_op() {
+            return Ok(None);
+        }
+        Ok(Some(self.tensor_grads(x, None, g)?.0))
+    }
+}
+
+impl<S: Sublayer> CustomOp2 for FusedSublayer<S> {
+    fn name(&self) -> &'static str {
+        S::NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.cpu_forward((s1, l1), Some((s2, l2)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        pack: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dpack) = self.tensor_grads(x, Some(pack), g)?;
+        Ok((
+            x.track_op().then_some(dx),
+            dpack.filter(|_| pack.track_op()),
+        ))
     }
 }

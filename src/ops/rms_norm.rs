@@ -11,7 +11,7 @@ struct RmsNorm {
     eps: f64,
 }
 
-fn fwd<T: WithDType + Float>(x: &[T], w: &[T], eps: f64) -> Vec<T> {
+pub(crate) fn fwd<T: WithDType + Float>(x: &[T], w: &[T], eps: f64) -> Vec<T> {
     let dim = w.len();
     let eps = T::from(eps).unwrap_or_else(T::epsilon);
     let mut out = vec![T::zero(); x.len()];

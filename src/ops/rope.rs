@@ -107,7 +107,7 @@ fn scale_frequency(f: f64, scaling: Option<&RopeScaling>) -> f64 {
 
 struct Rope;
 
-fn fwd<T: WithDType + Float>(x: &[T], cos: &[T], sin: &[T], dims: &[usize]) -> Vec<T> {
+pub(crate) fn fwd<T: WithDType + Float>(x: &[T], cos: &[T], sin: &[T], dims: &[usize]) -> Vec<T> {
     let (t, h, d) = (dims[1], dims[2], dims[3]);
     let half = d / 2;
     let mut out = vec![T::zero(); x.len()];
