@@ -12,7 +12,7 @@ use super::activation::{swiglu_grads_in_place, swiglu_values};
 use super::encoder_block::enabled;
 use super::first_order_fused;
 use super::fused_attention::{self, Dims, MaskRows};
-use super::fused_block::{apply, block_mask, BlockElem, Ctx, LinearSpec, Sublayer};
+use super::fused_block::{apply, block_mask, frozen_fits, BlockElem, Ctx, LinearSpec, Sublayer};
 use super::norm_grad::{rows_backward, Norm};
 
 /// An RMSNorm's frozen weight `[d]` and epsilon.
@@ -116,7 +116,7 @@ pub fn decoder_mlp(
 /// `d` features), a frozen norm weight of `h`'s dtype.
 fn fuses(h: &Tensor, specs: &[LinearSpec], inputs: &[usize], norm: &RmsNormSpec) -> Result<bool> {
     let d = h.dim(candle_core::D::Minus1)?;
-    let norm_ok = norm.w.dtype() == h.dtype() && !norm.w.track_op() && norm.w.elem_count() == d;
+    let norm_ok = frozen_fits(norm.w, h) && norm.w.elem_count() == d;
     let fits = specs.iter().zip(inputs).all(|(s, &k)| s.fits(h, k));
     let out_ok = specs.last().is_some_and(|s| s.w.dim(0).ok() == Some(d));
     Ok(enabled() && first_order_fused(&[h]) && norm_ok && fits && out_ok)
@@ -509,6 +509,90 @@ mod tests {
         };
         let err = check(mlp, &inputs, 1e-5)?;
         assert!(err < 1e-7, "MLP sublayer: rel error {err}");
+        Ok(())
+    }
+
+    /// Linear `i` of weights `w` and biases `bias` with the LoRA factors of [`ADAPTED`].
+    fn spec<'a>(
+        w: &'a [Tensor],
+        bias: &'a [Tensor],
+        (a, bb): (&'a [Var], &'a [Var]),
+        i: usize,
+    ) -> LinearSpec<'a> {
+        let j = ADAPTED.iter().position(|&m| m == i);
+        LinearSpec {
+            w: &w[i],
+            b: (i < 3).then(|| &bias[i]),
+            lora: j.map(|j| (a[j].as_tensor(), bb[j].as_tensor(), 0.7)),
+        }
+    }
+
+    /// A bf16/f16 base with f32 activations runs fused, widened inside: the same values and
+    /// gradients as the f32 weights it widens to (widening is exact).
+    #[test]
+    fn half_precision_weights_equal_their_widened_copy() -> Result<()> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        let (b, t, d, f, hd, heads) = (2, 6, 12, 20, 4, Heads { q: 4, kv: 2 });
+        let l = layer(d, f, heads, hd, t, 11)?;
+        let f32_of = |t: &Tensor| t.to_dtype(DType::F32);
+        let h = Var::from_tensor(&f32_of(&randn_f64(&[b, t, d], 1, 1.0)?)?)?;
+        let probe = f32_of(&randn_f64(&[b, t, d], 2, 1.0)?)?;
+        let a: Vec<Var> = ADAPTED
+            .iter()
+            .map(|&i| Var::from_tensor(&f32_of(&l.a[i])?))
+            .collect::<Result<_>>()?;
+        let bb: Vec<Var> = ADAPTED
+            .iter()
+            .map(|&i| Var::from_tensor(&f32_of(&l.bb[i])?))
+            .collect::<Result<_>>()?;
+        let (cos, sin) = (f32_of(&l.tables.0)?, f32_of(&l.tables.1)?);
+        let mask = causal_padded(b, t)?.to_dtype(DType::F32)?;
+        for half in [DType::BF16, DType::F16] {
+            let stored: Vec<Tensor> =
+                l.w.iter()
+                    .map(|w| w.to_dtype(half))
+                    .collect::<Result<_>>()?;
+            let bias: Vec<Tensor> =
+                l.b.iter()
+                    .map(|b| b.to_dtype(half))
+                    .collect::<Result<_>>()?;
+            let widen = |ts: &[Tensor]| {
+                ts.iter()
+                    .map(|t| t.to_dtype(DType::F32))
+                    .collect::<Result<Vec<_>>>()
+            };
+            let (wide, wide_bias) = (widen(&stored)?, widen(&bias)?);
+            let norm_half = l.norm.to_dtype(half)?;
+            let norm_wide = norm_half.to_dtype(DType::F32)?;
+            // The factors of q, v, o (attention) and down (MLP), with the input.
+            let vars = |js: std::ops::Range<usize>| -> Vec<&Var> {
+                let mut vars = vec![&h];
+                vars.extend(js.flat_map(|j| [&a[j], &bb[j]]));
+                vars
+            };
+            let ht = h.as_tensor();
+            let run = |w: &[Tensor], bias: &[Tensor], norm: &Tensor| -> Result<(Tensor, Tensor)> {
+                let n = RmsNormSpec { w: norm, eps: 1e-6 };
+                let s = |i| spec(w, bias, (&a, &bb), i);
+                let att = decoder_attention(
+                    ht,
+                    [s(0), s(1), s(2), s(3)],
+                    n,
+                    heads,
+                    (&cos, &sin),
+                    Some(&mask),
+                )?;
+                let mlp = decoder_mlp(ht, [s(4), s(5), s(6)], n)?;
+                Ok((att.expect("fused attention"), mlp.expect("fused MLP")))
+            };
+            let got = pool.install(|| run(&stored, &bias, &norm_half))?;
+            let want = pool.install(|| run(&wide, &wide_bias, &norm_wide))?;
+            assert_same_value_and_gradients(&pool, &got.0, &want.0, &probe, &vars(0..3), 1e-6)?;
+            assert_same_value_and_gradients(&pool, &got.1, &want.1, &probe, &vars(3..4), 1e-6)?;
+        }
         Ok(())
     }
 

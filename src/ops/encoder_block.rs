@@ -11,7 +11,7 @@ use candle_core::{Result, Tensor};
 
 use super::first_order_fused;
 use super::fused_attention::{self, Dims, MaskRows};
-use super::fused_block::{apply, block_mask, BlockElem, Ctx, LinearSpec, Sublayer};
+use super::fused_block::{apply, block_mask, frozen_fits, BlockElem, Ctx, LinearSpec, Sublayer};
 use super::norm_grad::{rows_backward, Norm};
 
 /// Whether encoder and decoder sublayers run as one op each: `METAPEFT_FUSED_BLOCKS=0` keeps the
@@ -93,7 +93,7 @@ fn fuses(x: &Tensor, specs: &[LinearSpec], inputs: &[usize], norm: &LayerNormSpe
     let d = x.dim(candle_core::D::Minus1)?;
     let norm_ok = [norm.w, norm.b]
         .iter()
-        .all(|t| t.dtype() == x.dtype() && !t.track_op() && t.elem_count() == d);
+        .all(|t| frozen_fits(t, x) && t.elem_count() == d);
     let fits = specs.iter().zip(inputs).all(|(s, &k)| s.fits(x, k));
     let out_ok = specs.last().is_some_and(|s| s.w.dim(0).ok() == Some(d));
     Ok(enabled() && first_order_fused(&[x]) && norm_ok && fits && out_ok)

@@ -376,6 +376,13 @@ fn banded<T: candle_core::WithDType>(
 /// The contiguous bf16/f16 weight of layout `l` as f32, with `rhs` (a view of `l`) re-based onto
 /// the copy.
 fn widen_weight(s: &CpuStorage, l: &Layout, rhs: &Layout) -> Result<(CpuStorage, Layout)> {
+    let out = widen_to_vec(s, l)?;
+    let rebased = Layout::new(rhs.shape().clone(), rhs.stride().to_vec(), 0);
+    Ok((CpuStorage::F32(out), rebased))
+}
+
+/// The contiguous bf16/f16 data of layout `l`, widened to f32 on the threads.
+fn widen_to_vec(s: &CpuStorage, l: &Layout) -> Result<Vec<f32>> {
     use rayon::prelude::*;
     let (a, b) = l
         .contiguous_offsets()
@@ -393,13 +400,27 @@ fn widen_weight(s: &CpuStorage, l: &Layout, rhs: &Layout) -> Result<(CpuStorage,
             .for_each(|(o, i)| o.iter_mut().zip(i).for_each(|(o, i)| *o = i.to_f32())),
         _ => candle_core::bail!("frozen_linear: cannot widen a {:?} weight", s.dtype()),
     }
-    let rebased = Layout::new(rhs.shape().clone(), rhs.stride().to_vec(), 0);
-    Ok((CpuStorage::F32(out), rebased))
+    Ok(out)
+}
+
+/// A bf16/f16 CPU tensor widened to f32 on the threads (other tensors as they are): a frozen
+/// half-precision weight, for one product or one fused op.
+pub(crate) fn widened(t: &Tensor) -> Result<Tensor> {
+    if !t.device().is_cpu() || !matches!(t.dtype(), DType::BF16 | DType::F16) {
+        return Ok(t.clone());
+    }
+    let t = t.contiguous()?;
+    let (s, l) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(s) = &*s else {
+        candle_core::bail!("widened: not a CPU tensor");
+    };
+    let w = widen_to_vec(s, l)?;
+    Tensor::from_vec(w, t.shape(), t.device())
 }
 
 /// Whether the op takes `w` as stored: half-precision weights with f32 activations on the CPU are
 /// widened inside the op, so a bf16 base keeps half the weight memory.
-fn widened_in_op(x: &Tensor, w: &Tensor) -> bool {
+pub(crate) fn widened_in_op(x: &Tensor, w: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == DType::F32 && matches!(w.dtype(), DType::BF16 | DType::F16)
 }
 

@@ -16,7 +16,7 @@ use super::activation::GeluSlice;
 use super::fused_attention::Elem;
 use super::{cpu_slice, with_cpu_slices};
 
-use super::frozen_linear::{frozen_product, frozen_product_onto};
+use super::frozen_linear::{frozen_product, frozen_product_onto, widened};
 use super::lora_linear::{add_low_rank_onto, low_rank_grads, Mnkr};
 use super::par_gemm::{matmul, matmul_acc, Strided};
 
@@ -40,14 +40,22 @@ impl LinearSpec<'_> {
         let same = |t: &Tensor| t.dtype() == x.dtype() && t.device().same_device(x.device());
         let bias_ok = self
             .b
-            .is_none_or(|b| same(b) && !b.track_op() && b.elem_count() == n);
+            .is_none_or(|b| frozen_fits(b, x) && b.elem_count() == n);
         let lora_ok = self.lora.is_none_or(|(a, b, _)| {
             same(a)
                 && same(b)
                 && matches!((a.dims2(), b.dims2()), (Ok((r, ka)), Ok((nb, rb))) if ka == k && nb == n && rb == r)
         });
-        k == inputs && same(self.w) && !self.w.track_op() && bias_ok && lora_ok
+        k == inputs && frozen_fits(self.w, x) && bias_ok && lora_ok
     }
+}
+
+/// Whether a fused op can take `t` as a frozen tensor (weight, bias, norm parameter) for input
+/// `x`: off the graph, on `x`'s device, in `x`'s dtype or bf16/f16 for f32 inputs (widened inside
+/// the op for its duration, so a half-precision base keeps half the weight memory).
+pub(crate) fn frozen_fits(t: &Tensor, x: &Tensor) -> bool {
+    let dtype_ok = t.dtype() == x.dtype() || super::frozen_linear::widened_in_op(x, t);
+    dtype_ok && t.device().same_device(x.device()) && !t.track_op()
 }
 
 /// An additive attention mask as a fused sublayer reads it (contiguous, cut from the graph), or
@@ -312,8 +320,14 @@ pub(crate) fn apply<S: Sublayer>(
 }
 
 impl<S: Sublayer> FusedSublayer<S> {
+    /// The frozen tensors in the compute dtype: half-precision ones widened for this call only.
+    fn frozen(&self) -> Result<Vec<Tensor>> {
+        self.frozen.iter().map(widened).collect()
+    }
+
     fn forward<T: BlockElem>(&self, x: &[T], pack: &[T]) -> Result<Vec<T>> {
-        let frozen: Vec<&Tensor> = self.frozen.iter().collect();
+        let frozen = self.frozen()?;
+        let frozen: Vec<&Tensor> = frozen.iter().collect();
         with_cpu_slices::<T, _>(&frozen, |fz| {
             let c = Ctx {
                 fz,
@@ -335,7 +349,8 @@ impl<S: Sublayer> FusedSublayer<S> {
     ) -> Result<(Tensor, Option<Tensor>)> {
         let g = g.contiguous()?;
         let ts: Vec<&Tensor> = [&g, x].into_iter().chain(pack).collect();
-        let frozen: Vec<&Tensor> = self.frozen.iter().collect();
+        let frozen = self.frozen()?;
+        let frozen: Vec<&Tensor> = frozen.iter().collect();
         with_cpu_slices::<T, _>(&ts, |s| {
             let pack_values = s.get(2).copied().unwrap_or(&[]);
             let (dx, dpack) = with_cpu_slices::<T, _>(&frozen, |fz| {
