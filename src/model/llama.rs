@@ -416,8 +416,8 @@ impl Llama {
     }
 
     /// `run` on sublayer `pre`'s linears `modules` and RMSNorm `{norm}_layernorm` when the deltas
-    /// change those linears by low-rank terms only (or not at all), keep the norm, and the base
-    /// keeps the weights dense; `None` otherwise or where the op declines.
+    /// change those linears by low-rank terms only (or not at all), and keep the norm (dense,
+    /// half-precision or quantized weights alike); `None` otherwise or where the op declines.
     #[allow(clippy::too_many_arguments)]
     fn fused_sublayer(
         &self,
@@ -443,11 +443,10 @@ impl Llama {
         let mut specs = Vec::with_capacity(names.len());
         for (name, change) in names.iter().zip(&changes) {
             let w_name = format!("{name}.weight");
-            let Some(w) = p
-                .get_opt(&w_name)
-                .filter(|_| p.quantized(&w_name).is_none())
-            else {
-                return Ok(None);
+            let w = match (p.quantized(&w_name), p.get_opt(&w_name)) {
+                (Some(q), _) => ops::FrozenWeight::Quantized(q),
+                (None, Some(w)) => ops::FrozenWeight::Dense(w),
+                (None, None) => return Ok(None),
             };
             specs.push(ops::LinearSpec {
                 w,

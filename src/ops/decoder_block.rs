@@ -42,7 +42,7 @@ pub fn decoder_attention(
     mask: Option<&Tensor>,
 ) -> Result<Option<Tensor>> {
     let (b, t, d) = h.dims3()?;
-    let q_out = linears[0].w.dim(0)?;
+    let q_out = linears[0].out_features()?;
     if heads.q == 0
         || heads.kv == 0
         || !heads.q.is_multiple_of(heads.kv)
@@ -59,7 +59,7 @@ pub fn decoder_attention(
     let tables_ok = [cos, sin]
         .iter()
         .all(|c| c.dims() == [t, hd / 2] && c.dtype() == h.dtype());
-    let outs_ok = linears[1].w.dim(0)? == kv_out && linears[2].w.dim(0)? == kv_out;
+    let outs_ok = linears[1].out_features()? == kv_out && linears[2].out_features()? == kv_out;
     let mask = match mask {
         Some(m) if m.dtype() != h.dtype() || m.rank() != 4 => return Ok(None),
         m => m
@@ -102,8 +102,8 @@ pub fn decoder_mlp(
     norm: RmsNormSpec,
 ) -> Result<Option<Tensor>> {
     let d = h.dim(candle_core::D::Minus1)?;
-    let f = linears[0].w.dim(0)?;
-    if linears[1].w.dim(0)? != f || !fuses(h, &linears, &[d, d, f], &norm)? {
+    let f = linears[0].out_features()?;
+    if linears[1].out_features()? != f || !fuses(h, &linears, &[d, d, f], &norm)? {
         return Ok(None);
     }
     let y = apply(h, &linears, &[norm.w], |at| DecoderMlp {
@@ -118,7 +118,9 @@ fn fuses(h: &Tensor, specs: &[LinearSpec], inputs: &[usize], norm: &RmsNormSpec)
     let d = h.dim(candle_core::D::Minus1)?;
     let norm_ok = frozen_fits(norm.w, h) && norm.w.elem_count() == d;
     let fits = specs.iter().zip(inputs).all(|(s, &k)| s.fits(h, k));
-    let out_ok = specs.last().is_some_and(|s| s.w.dim(0).ok() == Some(d));
+    let out_ok = specs
+        .last()
+        .is_some_and(|s| s.out_features().ok() == Some(d));
     Ok(enabled() && first_order_fused(&[h]) && norm_ok && fits && out_ok)
 }
 
@@ -257,12 +259,16 @@ impl Sublayer for DecoderMlp {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::fused_block::FrozenWeight;
     use crate::ops::gradcheck::{assert_same_value_and_gradients, check, randn_f64};
     use candle_core::{DType, Device, Var};
 
     /// A linear composed from candle ops: `x W^T + b + scale (x A^T) B^T`.
     fn composed_linear(x: &Tensor, s: &LinearSpec) -> Result<Tensor> {
-        let mut y = x.broadcast_matmul(&s.w.t()?)?;
+        let FrozenWeight::Dense(w) = s.w else {
+            panic!("composed_linear: a dense weight")
+        };
+        let mut y = x.broadcast_matmul(&w.t()?)?;
         if let Some(b) = s.b {
             y = y.broadcast_add(b)?;
         }
@@ -325,7 +331,7 @@ mod tests {
             factors: Option<(&'a Tensor, &'a Tensor)>,
         ) -> LinearSpec<'a> {
             LinearSpec {
-                w: &self.w[i],
+                w: FrozenWeight::Dense(&self.w[i]),
                 b: (i < 3).then(|| &self.b[i]),
                 lora: factors.map(|(a, b)| (a, b, 0.7)),
             }
@@ -369,7 +375,7 @@ mod tests {
             mask: Option<&Tensor>,
         ) -> Result<Tensor> {
             let (b, t, _) = h.dims3()?;
-            let hd = l[0].w.dim(0)? / self.heads.q;
+            let hd = l[0].out_features()? / self.heads.q;
             let (cos, sin) = &self.tables;
             let n = composed_rms_norm(h, &self.norm())?;
             let heads_of = |y: Tensor, heads: usize| y.reshape((b, t, heads, hd));
@@ -521,7 +527,7 @@ mod tests {
     ) -> LinearSpec<'a> {
         let j = ADAPTED.iter().position(|&m| m == i);
         LinearSpec {
-            w: &w[i],
+            w: FrozenWeight::Dense(&w[i]),
             b: (i < 3).then(|| &bias[i]),
             lora: j.map(|j| (a[j].as_tensor(), bb[j].as_tensor(), 0.7)),
         }
@@ -592,6 +598,92 @@ mod tests {
             let want = pool.install(|| run(&wide, &wide_bias, &norm_wide))?;
             assert_same_value_and_gradients(&pool, &got.0, &want.0, &probe, &vars(0..3), 1e-6)?;
             assert_same_value_and_gradients(&pool, &got.1, &want.1, &probe, &vars(3..4), 1e-6)?;
+        }
+        Ok(())
+    }
+
+    /// The seven linears on weights `ws`, biases on q, k, v and the LoRA factors of [`ADAPTED`].
+    fn specs_of<'a>(
+        ws: [FrozenWeight<'a>; 7],
+        bias: &'a [Tensor],
+        (a, bb): (&'a [Var], &'a [Var]),
+    ) -> [LinearSpec<'a>; 7] {
+        std::array::from_fn(|i| LinearSpec {
+            w: ws[i],
+            b: (i < 3).then(|| &bias[i]),
+            lora: ADAPTED
+                .iter()
+                .position(|&m| m == i)
+                .map(|j| (a[j].as_tensor(), bb[j].as_tensor(), 0.7)),
+        })
+    }
+
+    /// Quantized blocks (QLoRA-style) run fused through the exact tiled product: the same values
+    /// and gradients as the dense weights they dequantize to, biases and residuals included.
+    #[test]
+    fn quantized_weights_equal_their_dequantized_copy() -> Result<()> {
+        use crate::ops::QuantizedWeight;
+        use candle_core::quantized::GgmlDType;
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        // Reductions of 64, 32 and 96: whole Q8_0 / Q4_1 blocks of 32.
+        let (b, t, d, f, hd, heads) = (2, 9, 64, 96, 8, Heads { q: 4, kv: 2 });
+        let l = layer(d, f, heads, hd, t, 13)?;
+        let f32_of = |t: &Tensor| t.to_dtype(DType::F32);
+        let h = Var::from_tensor(&f32_of(&randn_f64(&[b, t, d], 1, 1.0)?)?)?;
+        let probe = f32_of(&randn_f64(&[b, t, d], 2, 1.0)?)?;
+        let a: Vec<Var> = ADAPTED
+            .iter()
+            .map(|&i| Var::from_tensor(&f32_of(&l.a[i])?))
+            .collect::<Result<_>>()?;
+        let bb: Vec<Var> = ADAPTED
+            .iter()
+            .map(|&i| Var::from_tensor(&f32_of(&l.bb[i])?))
+            .collect::<Result<_>>()?;
+        let (cos, sin) = (f32_of(&l.tables.0)?, f32_of(&l.tables.1)?);
+        let mask = causal_padded(b, t)?.to_dtype(DType::F32)?;
+        let bias: Vec<Tensor> = l.b.iter().map(f32_of).collect::<Result<_>>()?;
+        let norm = f32_of(&l.norm)?;
+        let n = RmsNormSpec {
+            w: &norm,
+            eps: 1e-6,
+        };
+        let vars = |js: std::ops::Range<usize>| -> Vec<&Var> {
+            let mut vars = vec![&h];
+            vars.extend(js.flat_map(|j| [&a[j], &bb[j]]));
+            vars
+        };
+        let ht = h.as_tensor();
+        for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_1] {
+            let q: Vec<QuantizedWeight> =
+                l.w.iter()
+                    .map(|w| QuantizedWeight::quantize(&f32_of(w)?, dtype))
+                    .collect::<Result<_>>()?;
+            let dense: Vec<Tensor> = q.iter().map(|q| q.dequantize()).collect::<Result<_>>()?;
+            let run = |ws: [FrozenWeight<'_>; 7]| -> Result<(Tensor, Tensor)> {
+                let l = specs_of(ws, &bias, (&a, &bb));
+                let s = |i: usize| l[i];
+                let att = decoder_attention(
+                    ht,
+                    [s(0), s(1), s(2), s(3)],
+                    n,
+                    heads,
+                    (&cos, &sin),
+                    Some(&mask),
+                )?;
+                let mlp = decoder_mlp(ht, [s(4), s(5), s(6)], n)?;
+                Ok((att.expect("fused attention"), mlp.expect("fused MLP")))
+            };
+            let quantized: [FrozenWeight; 7] =
+                std::array::from_fn(|i| FrozenWeight::Quantized(&q[i]));
+            let dequantized: [FrozenWeight; 7] =
+                std::array::from_fn(|i| FrozenWeight::Dense(&dense[i]));
+            let got = pool.install(|| run(quantized))?;
+            let want = pool.install(|| run(dequantized))?;
+            assert_same_value_and_gradients(&pool, &got.0, &want.0, &probe, &vars(0..3), 1e-4)?;
+            assert_same_value_and_gradients(&pool, &got.1, &want.1, &probe, &vars(3..4), 1e-4)?;
         }
         Ok(())
     }

@@ -77,7 +77,7 @@ pub fn encoder_ffn(
     norm: LayerNormSpec,
 ) -> Result<Option<Tensor>> {
     let d = x.dim(candle_core::D::Minus1)?;
-    let f = linears[0].w.dim(0)?;
+    let f = linears[0].out_features()?;
     if !fuses(x, &linears, &[d, f], &norm)? {
         return Ok(None);
     }
@@ -95,7 +95,9 @@ fn fuses(x: &Tensor, specs: &[LinearSpec], inputs: &[usize], norm: &LayerNormSpe
         .iter()
         .all(|t| frozen_fits(t, x) && t.elem_count() == d);
     let fits = specs.iter().zip(inputs).all(|(s, &k)| s.fits(x, k));
-    let out_ok = specs.last().is_some_and(|s| s.w.dim(0).ok() == Some(d));
+    let out_ok = specs
+        .last()
+        .is_some_and(|s| s.out_features().ok() == Some(d));
     Ok(enabled() && first_order_fused(&[x]) && norm_ok && fits && out_ok)
 }
 
@@ -210,12 +212,16 @@ impl Sublayer for EncoderFfn {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::fused_block::FrozenWeight;
     use crate::ops::gradcheck::{assert_same_value_and_gradients, check, randn_f64};
     use candle_core::Var;
 
     /// A linear composed from candle ops: `x W^T + b + scale (x A^T) B^T`.
     fn composed_linear(x: &Tensor, s: &LinearSpec) -> Result<Tensor> {
-        let mut y = x.broadcast_matmul(&s.w.t()?)?;
+        let FrozenWeight::Dense(w) = s.w else {
+            panic!("composed_linear: a dense weight")
+        };
+        let mut y = x.broadcast_matmul(&w.t()?)?;
         if let Some(b) = s.b {
             y = y.broadcast_add(b)?;
         }
@@ -295,7 +301,7 @@ mod tests {
             factors: Option<(&'a Tensor, &'a Tensor)>,
         ) -> LinearSpec<'a> {
             LinearSpec {
-                w: &self.w[i],
+                w: FrozenWeight::Dense(&self.w[i]),
                 b: Some(&self.b[i]),
                 lora: factors.map(|(a, b)| (a, b, 0.7)),
             }

@@ -10,7 +10,11 @@
 
 use std::sync::Mutex;
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType,
+};
+
+use super::quantized_linear::{quantized_product, QuantizedWeight};
 
 use super::activation::GeluSlice;
 use super::fused_attention::Elem;
@@ -24,18 +28,45 @@ use super::par_gemm::{matmul, matmul_acc, Strided};
 /// `scale * (x A^T) B^T` when its linear is adapted.
 #[derive(Clone, Copy)]
 pub struct LinearSpec<'a> {
-    pub w: &'a Tensor,
+    pub w: FrozenWeight<'a>,
     pub b: Option<&'a Tensor>,
     /// `(A: [r, in], B: [out, r], scale)`.
     pub lora: Option<(&'a Tensor, &'a Tensor, f64)>,
 }
 
+/// A sublayer linear's frozen weight `W: [out, in]`: a dense tensor (f32/f64, or bf16/f16
+/// widened per call), or quantized blocks (f32 inputs; QLoRA-style training).
+#[derive(Clone, Copy)]
+pub enum FrozenWeight<'a> {
+    Dense(&'a Tensor),
+    Quantized(&'a QuantizedWeight),
+}
+
+impl FrozenWeight<'_> {
+    /// `(out, in)`.
+    pub fn dims(&self) -> Result<(usize, usize)> {
+        match self {
+            Self::Dense(w) => w.dims2(),
+            Self::Quantized(q) => Ok(q.dims()),
+        }
+    }
+}
+
 impl LinearSpec<'_> {
+    /// Output features.
+    pub fn out_features(&self) -> Result<usize> {
+        Ok(self.w.dims()?.0)
+    }
+
     /// Whether the fused op can take this linear for input `x`: frozen weight and bias of `x`'s
-    /// dtype, factors of the same dtype, shapes that fit.
+    /// dtype (or widened, or quantized blocks for f32), factors of `x`'s dtype, shapes that fit.
     pub(crate) fn fits(&self, x: &Tensor, inputs: usize) -> bool {
-        let Ok((n, k)) = self.w.dims2() else {
+        let Ok((n, k)) = self.w.dims() else {
             return false;
+        };
+        let weight_ok = match self.w {
+            FrozenWeight::Dense(w) => frozen_fits(w, x),
+            FrozenWeight::Quantized(_) => x.device().is_cpu() && x.dtype() == DType::F32,
         };
         let same = |t: &Tensor| t.dtype() == x.dtype() && t.device().same_device(x.device());
         let bias_ok = self
@@ -46,7 +77,7 @@ impl LinearSpec<'_> {
                 && same(b)
                 && matches!((a.dims2(), b.dims2()), (Ok((r, ka)), Ok((nb, rb))) if ka == k && nb == n && rb == r)
         });
-        k == inputs && frozen_fits(self.w, x) && bias_ok && lora_ok
+        k == inputs && weight_ok && bias_ok && lora_ok
     }
 }
 
@@ -75,13 +106,20 @@ pub(crate) fn block_mask(op: &str, m: &Tensor, [b, heads, t]: [usize; 3]) -> Res
 
 /// A linear of a fused op: where its frozen tensors sit in the op's list, and its factors in the
 /// packed tensor.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct BlockLinear {
-    w: usize,
+    w: WeightAt,
     b: Option<usize>,
     n: usize,
     k: usize,
     lora: Option<Slot>,
+}
+
+/// Where a linear's weight is: an index into the frozen tensors, or its quantized blocks.
+#[derive(Clone, Debug)]
+enum WeightAt {
+    Dense(usize),
+    Quantized(QuantizedWeight),
 }
 
 /// Offsets of a linear's `A` and `B` in the packed factors, its rank and scale.
@@ -121,8 +159,11 @@ impl Frozen {
         let mut at = 0;
         let mut out = vec![];
         for spec in specs {
-            let (n, k) = spec.w.dims2()?;
-            let w = self.push(spec.w)?;
+            let (n, k) = spec.w.dims()?;
+            let w = match spec.w {
+                FrozenWeight::Dense(w) => WeightAt::Dense(self.push(w)?),
+                FrozenWeight::Quantized(q) => WeightAt::Quantized(q.clone()),
+            };
             let b = spec.b.map(|b| self.push(b)).transpose()?;
             let lora = match spec.lora {
                 None => None,
@@ -165,7 +206,7 @@ impl BlockLinear {
     }
 
     /// `x W^T (+ b) (+ scale (x A^T) B^T)` for `x: [m, k]`, added onto `residual` when given.
-    pub fn forward<T: WithDType>(
+    pub fn forward<T: BlockElem>(
         &self,
         x: &[T],
         fz: &[&[T]],
@@ -173,10 +214,17 @@ impl BlockLinear {
         residual: Option<&[T]>,
     ) -> Result<Vec<T>> {
         let m = x.len() / self.k.max(1);
-        let (w, b) = (fz[self.w], self.b.map(|i| fz[i]));
-        let mut out = match residual {
-            None => frozen_product(x, w, b, (m, self.n, self.k))?,
-            Some(res) => frozen_product_onto(x, w, b, res, (m, self.n, self.k))?,
+        let b = self.b.map(|i| fz[i]);
+        let mut out = match &self.w {
+            WeightAt::Dense(w) => match residual {
+                None => frozen_product(x, fz[*w], b, (m, self.n, self.k))?,
+                Some(res) => frozen_product_onto(x, fz[*w], b, res, (m, self.n, self.k))?,
+            },
+            WeightAt::Quantized(q) => {
+                let mut y = T::quantized_product(q, x, m, false)?;
+                add_rows_onto(&mut y, b, residual);
+                y
+            }
         };
         if let Some(s) = self.lora {
             let (a, bb) = self.factors(pack, s);
@@ -194,7 +242,7 @@ impl BlockLinear {
 
     /// For the output gradient `g: [m, n]` at input `x`: the input gradient added onto `dx` (or
     /// returned fresh when `dx` is `None`), the factors' gradients written into `dpack`.
-    pub fn backward<T: WithDType>(
+    pub fn backward<T: BlockElem>(
         &self,
         g: &[T],
         x: &[T],
@@ -204,18 +252,32 @@ impl BlockLinear {
         dx: Option<&mut [T]>,
     ) -> Result<Option<Vec<T>>> {
         let m = g.len() / self.n.max(1);
-        let (gv, wv) = (
-            Strided::row_major(g, 0, self.n),
-            Strided::row_major(fz[self.w], 0, self.k),
-        );
         let mut fresh = None;
-        let dx = match dx {
-            Some(dx) => {
+        let dx = match (&self.w, dx) {
+            (WeightAt::Dense(w), Some(dx)) => {
+                let (gv, wv) = (
+                    Strided::row_major(g, 0, self.n),
+                    Strided::row_major(fz[*w], 0, self.k),
+                );
                 matmul_acc(dx, (m, self.k, self.n), gv, wv, T::one())?;
                 dx
             }
-            None => fresh
-                .insert(matmul((m, self.k, self.n), gv, wv)?)
+            (WeightAt::Dense(w), None) => {
+                let (gv, wv) = (
+                    Strided::row_major(g, 0, self.n),
+                    Strided::row_major(fz[*w], 0, self.k),
+                );
+                fresh
+                    .insert(matmul((m, self.k, self.n), gv, wv)?)
+                    .as_mut_slice()
+            }
+            (WeightAt::Quantized(q), Some(dx)) => {
+                let part = T::quantized_product(q, g, m, true)?;
+                add_rows_onto(dx, None, Some(&part));
+                dx
+            }
+            (WeightAt::Quantized(q), None) => fresh
+                .insert(T::quantized_product(q, g, m, true)?)
                 .as_mut_slice(),
         };
         if let Some(s) = self.lora {
@@ -253,10 +315,52 @@ impl Kept {
 }
 
 /// The element types fused sublayers run on (f32, f64).
-pub(crate) trait BlockElem: Elem + GeluSlice {}
+pub(crate) trait BlockElem: Elem + GeluSlice {
+    /// `x W^T` (`x: [m, in]`) or, `transposed`, `x W` (`x: [m, out]`) on quantized blocks.
+    fn quantized_product(
+        w: &QuantizedWeight,
+        x: &[Self],
+        m: usize,
+        transposed: bool,
+    ) -> Result<Vec<Self>>;
+}
 
-impl BlockElem for f32 {}
-impl BlockElem for f64 {}
+impl BlockElem for f32 {
+    fn quantized_product(
+        w: &QuantizedWeight,
+        x: &[f32],
+        m: usize,
+        transposed: bool,
+    ) -> Result<Vec<f32>> {
+        quantized_product(w, x, m, transposed)
+    }
+}
+
+impl BlockElem for f64 {
+    fn quantized_product(_: &QuantizedWeight, _: &[f64], _: usize, _: bool) -> Result<Vec<f64>> {
+        // `LinearSpec::fits` admits quantized weights for f32 inputs only.
+        candle_core::bail!("fused sublayer: quantized weights take f32 inputs")
+    }
+}
+
+/// `out[i] += bias[i % bias.len()] + add[i]` on the threads, for the terms given.
+pub(crate) fn add_rows_onto<T: WithDType>(out: &mut [T], bias: Option<&[T]>, add: Option<&[T]>) {
+    use rayon::prelude::*;
+    let width = bias.map_or(1, |b| b.len().max(1));
+    // Whole rows per chunk, so a chunk's bias offsets start at 0.
+    let chunk = ((1 << 14) / width).max(1) * width;
+    out.par_chunks_mut(chunk).enumerate().for_each(|(c, o)| {
+        let at = c * chunk;
+        if let Some(b) = bias {
+            o.iter_mut()
+                .zip(b.iter().cycle())
+                .for_each(|(o, &b)| *o += b);
+        }
+        if let Some(a) = add {
+            o.iter_mut().zip(&a[at..]).for_each(|(o, &a)| *o += a);
+        }
+    });
+}
 
 /// What a sublayer's kernels see: the frozen tensors' data, the packed factors, the linears.
 pub(crate) struct Ctx<'a, T> {

@@ -42,7 +42,7 @@ pub use decoder_block::{decoder_attention, decoder_mlp, Heads, RmsNormSpec};
 pub use encoder_block::{encoder_attention, encoder_ffn, LayerNormSpec};
 pub use frozen_linear::{frozen_linear, linear};
 pub use fused_attention::attention_heads;
-pub use fused_block::LinearSpec;
+pub use fused_block::{FrozenWeight, LinearSpec};
 pub use layer_norm::layer_norm;
 pub use lm_head_loss::{lm_head_cross_entropy, quantized_lm_head_cross_entropy};
 pub use lora_linear::lora_linear;
