@@ -12,7 +12,10 @@ use super::activation::{swiglu_grads_in_place, swiglu_values};
 use super::encoder_block::enabled;
 use super::first_order_fused;
 use super::fused_attention::{self, Dims, MaskRows};
-use super::fused_block::{apply, block_mask, frozen_fits, BlockElem, Ctx, LinearSpec, Sublayer};
+use super::fused_block::{
+    apply, block_mask, frozen_fits, shared_backward, shared_forward, three, two, BlockElem, Ctx,
+    LinearSpec, Sublayer,
+};
 use super::norm_grad::{rows_backward, Norm};
 
 /// An RMSNorm's frozen weight `[d]` and epsilon.
@@ -173,9 +176,9 @@ impl Sublayer for DecoderAttention {
     fn forward<T: BlockElem>(&self, h: &[T], c: &Ctx<T>) -> Result<(Vec<T>, Vec<Vec<T>>)> {
         let (l, fz, pack) = (c.l, c.fz, c.pack);
         let n = rms_norm(h, self.norm, fz);
-        let q = self.rotate(&l[0].forward(&n, fz, pack, None)?, self.dims.h, false, fz);
-        let k = self.rotate(&l[1].forward(&n, fz, pack, None)?, self.dims.hkv, false, fz);
-        let v = l[2].forward(&n, fz, pack, None)?;
+        let [q, k, v] = three(shared_forward(&[&l[0], &l[1], &l[2]], &n, c)?)?;
+        let q = self.rotate(&q, self.dims.h, false, fz);
+        let k = self.rotate(&k, self.dims.hkv, false, fz);
         let mask = MaskRows::new(&self.mask, self.dims.tk)?;
         let a = fused_attention::forward(self.dims, &q, &k, &v, &mask, self.scale);
         let y = l[3].forward(&a, fz, pack, Some(h))?;
@@ -199,11 +202,8 @@ impl Sublayer for DecoderAttention {
         let (dq, dk, dv) = fused_attention::backward(self.dims, [q, k, v, &da], &mask, self.scale);
         let dq = self.rotate(&dq, self.dims.h, true, fz);
         let dk = self.rotate(&dk, self.dims.hkv, true, fz);
-        let mut dn = l[0]
-            .backward(&dq, n, fz, pack, dpack, None)?
-            .unwrap_or_default();
-        l[1].backward(&dk, n, fz, pack, dpack, Some(&mut dn))?;
-        l[2].backward(&dv, n, fz, pack, dpack, Some(&mut dn))?;
+        let qkv = [&l[0], &l[1], &l[2]];
+        let dn = shared_backward(&qkv, &[&dq, &dk, &dv], n, c, dpack, None)?.unwrap_or_default();
         // The residual path adds the output gradient as it is.
         let mut dh = rms_norm_grad(h, &dn, self.norm, fz);
         add_onto(&mut dh, g);
@@ -221,8 +221,7 @@ impl Sublayer for DecoderMlp {
     fn forward<T: BlockElem>(&self, h: &[T], c: &Ctx<T>) -> Result<(Vec<T>, Vec<Vec<T>>)> {
         let (l, fz, pack) = (c.l, c.fz, c.pack);
         let n = rms_norm(h, self.norm, fz);
-        let gate = l[0].forward(&n, fz, pack, None)?;
-        let up = l[1].forward(&n, fz, pack, None)?;
+        let [gate, up] = two(shared_forward(&[&l[0], &l[1]], &n, c)?)?;
         let y = l[2].forward(&swiglu_values(&gate, &up), fz, pack, Some(h))?;
         Ok((y, vec![n, gate, up]))
     }
@@ -246,10 +245,8 @@ impl Sublayer for DecoderMlp {
             .backward(g, &act, fz, pack, dpack, None)?
             .unwrap_or_default();
         let dup = swiglu_grads_in_place(gate, up, &mut dgate);
-        let mut dn = l[0]
-            .backward(&dgate, n, fz, pack, dpack, None)?
-            .unwrap_or_default();
-        l[1].backward(&dup, n, fz, pack, dpack, Some(&mut dn))?;
+        let gate_up = [&l[0], &l[1]];
+        let dn = shared_backward(&gate_up, &[&dgate, &dup], n, c, dpack, None)?.unwrap_or_default();
         let mut dh = rms_norm_grad(h, &dn, self.norm, fz);
         add_onto(&mut dh, g);
         Ok(dh)
@@ -531,6 +528,62 @@ mod tests {
             b: (i < 3).then(|| &bias[i]),
             lora: j.map(|j| (a[j].as_tensor(), bb[j].as_tensor(), 0.7)),
         }
+    }
+
+    /// Every linear adapted, with different ranks: q, k, v and gate, up share their input, so
+    /// their bottlenecks are computed together ([`super::super::fused_block::shared_forward`]);
+    /// still equal to the composed ops in value and every gradient.
+    #[test]
+    fn every_linear_adapted_with_mixed_ranks() -> Result<()> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        let (b, t, d, f, hd, heads) = (2, 11, 24, 40, 4, Heads { q: 4, kv: 2 });
+        let l = layer(d, f, heads, hd, t, 17)?;
+        let ranks = [3, 1, 2, 2, 4, 1, 3];
+        let mut a = vec![];
+        let mut bb = vec![];
+        for (i, w) in l.w.iter().enumerate() {
+            let (n, k) = w.dims2()?;
+            a.push(Var::from_tensor(&randn_f64(
+                &[ranks[i], k],
+                100 + i as u64,
+                0.3,
+            )?)?);
+            bb.push(Var::from_tensor(&randn_f64(
+                &[n, ranks[i]],
+                200 + i as u64,
+                0.3,
+            )?)?);
+        }
+        let spec = |i: usize| LinearSpec {
+            w: FrozenWeight::Dense(&l.w[i]),
+            b: (i < 3).then(|| &l.b[i]),
+            lora: Some((a[i].as_tensor(), bb[i].as_tensor(), 0.5 + 0.1 * i as f64)),
+        };
+        let h = Var::from_tensor(&randn_f64(&[b, t, d], 1, 1.0)?)?;
+        let probe = randn_f64(&[b, t, d], 2, 1.0)?;
+        let mask = causal_padded(b, t)?;
+        let vars = |among: std::ops::Range<usize>| -> Vec<&Var> {
+            let mut vars = vec![&h];
+            vars.extend(among.flat_map(|i| [&a[i], &bb[i]]));
+            vars
+        };
+        let ht = h.as_tensor();
+        let att = [spec(0), spec(1), spec(2), spec(3)];
+        let got = pool
+            .install(|| l.attention(ht, att, Some(&mask)))?
+            .expect("fused");
+        let want = l.composed_attention(ht, &att, Some(&mask))?;
+        assert_same_value_and_gradients(&pool, &got, &want, &probe, &vars(0..4), 1e-10)?;
+        let mlp = [spec(4), spec(5), spec(6)];
+        let got = pool
+            .install(|| decoder_mlp(ht, mlp, l.norm()))?
+            .expect("fused");
+        let want = l.composed_mlp(ht, &mlp)?;
+        assert_same_value_and_gradients(&pool, &got, &want, &probe, &vars(4..7), 1e-10)?;
+        Ok(())
     }
 
     /// A bf16/f16 base with f32 activations runs fused, widened inside: the same values and

@@ -11,7 +11,10 @@ use candle_core::{Result, Tensor};
 
 use super::first_order_fused;
 use super::fused_attention::{self, Dims, MaskRows};
-use super::fused_block::{apply, block_mask, frozen_fits, BlockElem, Ctx, LinearSpec, Sublayer};
+use super::fused_block::{
+    apply, block_mask, frozen_fits, shared_backward, shared_forward, three, BlockElem, Ctx,
+    LinearSpec, Sublayer,
+};
 use super::norm_grad::{rows_backward, Norm};
 
 /// Whether encoder and decoder sublayers run as one op each: `METAPEFT_FUSED_BLOCKS=0` keeps the
@@ -134,9 +137,7 @@ impl Sublayer for EncoderAttention {
 
     fn forward<T: BlockElem>(&self, x: &[T], c: &Ctx<T>) -> Result<(Vec<T>, Vec<Vec<T>>)> {
         let (l, fz, pack) = (c.l, c.fz, c.pack);
-        let q = l[0].forward(x, fz, pack, None)?;
-        let k = l[1].forward(x, fz, pack, None)?;
-        let v = l[2].forward(x, fz, pack, None)?;
+        let [q, k, v] = three(shared_forward(&[&l[0], &l[1], &l[2]], x, c)?)?;
         let mask = MaskRows::new(&self.mask, self.dims.tk)?;
         let a = fused_attention::forward(self.dims, &q, &k, &v, &mask, self.scale);
         let h = l[3].forward(&a, fz, pack, Some(x))?;
@@ -162,9 +163,8 @@ impl Sublayer for EncoderAttention {
             .unwrap_or_default();
         let mask = MaskRows::new(&self.mask, self.dims.tk)?;
         let (dq, dk, dv) = fused_attention::backward(self.dims, [q, k, v, &da], &mask, self.scale);
-        for (lin, dy) in l[..3].iter().zip([&dq, &dk, &dv]) {
-            lin.backward(dy, x, fz, pack, dpack, Some(&mut dx))?;
-        }
+        let qkv = [&l[0], &l[1], &l[2]];
+        shared_backward(&qkv, &[&dq, &dk, &dv], x, c, dpack, Some(&mut dx))?;
         Ok(dx)
     }
 }

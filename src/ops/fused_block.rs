@@ -154,9 +154,19 @@ impl Frozen {
     }
 
     /// Add the sublayer's linears in order; their factors go into the pack.
+    ///
+    /// The pack holds every `A` first, in the linears' order, then every `B`: the `A`s of
+    /// linears that read the same input sit next to each other, one `[sum r, k]` matrix
+    /// ([`shared_forward`]).
     pub fn linears(&mut self, specs: &[LinearSpec]) -> Result<Vec<BlockLinear>> {
-        let mut parts = vec![];
-        let mut at = 0;
+        let (mut a_parts, mut b_parts) = (vec![], vec![]);
+        let mut a_len = 0;
+        for spec in specs {
+            if let Some((a, _, _)) = spec.lora {
+                a_len += a.elem_count();
+            }
+        }
+        let (mut a_at, mut b_at) = (0, a_len);
         let mut out = vec![];
         for spec in specs {
             let (n, k) = spec.w.dims()?;
@@ -169,23 +179,25 @@ impl Frozen {
                 None => None,
                 Some((a, bb, scale)) => {
                     let r = a.dim(0)?;
-                    parts.push(a.flatten_all()?);
-                    parts.push(bb.flatten_all()?);
+                    a_parts.push(a.flatten_all()?);
+                    b_parts.push(bb.flatten_all()?);
                     let slot = Slot {
-                        a_at: at,
-                        b_at: at + r * k,
+                        a_at,
+                        b_at,
                         r,
                         scale,
                     };
-                    at += r * (k + n);
+                    a_at += r * k;
+                    b_at += n * r;
                     Some(slot)
                 }
             };
             out.push(BlockLinear { w, b, n, k, lora });
         }
-        self.pack = match parts.is_empty() {
+        a_parts.extend(b_parts);
+        self.pack = match a_parts.is_empty() {
             true => None,
-            false => Some(Tensor::cat(&parts, 0)?.contiguous()?),
+            false => Some(Tensor::cat(&a_parts, 0)?.contiguous()?),
         };
         Ok(out)
     }
@@ -231,6 +243,39 @@ impl BlockLinear {
             add_low_rank_onto(&mut out, [x, a, bb], self.sizes(m), s.scale)?;
         }
         Ok(out)
+    }
+
+    /// The frozen part `x W^T (+ b)`, without the LoRA term.
+    fn base_forward<T: BlockElem>(&self, x: &[T], fz: &[&[T]]) -> Result<Vec<T>> {
+        let m = x.len() / self.k.max(1);
+        let b = self.b.map(|i| fz[i]);
+        match &self.w {
+            WeightAt::Dense(w) => frozen_product(x, fz[*w], b, (m, self.n, self.k)),
+            WeightAt::Quantized(q) => {
+                let mut y = T::quantized_product(q, x, m, false)?;
+                add_rows_onto(&mut y, b, None);
+                Ok(y)
+            }
+        }
+    }
+
+    /// The frozen part's input gradient `g W` added onto `dx`.
+    fn base_backward<T: BlockElem>(&self, g: &[T], fz: &[&[T]], dx: &mut [T]) -> Result<()> {
+        let m = g.len() / self.n.max(1);
+        match &self.w {
+            WeightAt::Dense(w) => {
+                let (gv, wv) = (
+                    Strided::row_major(g, 0, self.n),
+                    Strided::row_major(fz[*w], 0, self.k),
+                );
+                matmul_acc(dx, (m, self.k, self.n), gv, wv, T::one())
+            }
+            WeightAt::Quantized(q) => {
+                let part = T::quantized_product(q, g, m, true)?;
+                add_rows_onto(dx, None, Some(&part));
+                Ok(())
+            }
+        }
     }
 
     fn factors<'p, T>(&self, pack: &'p [T], s: Slot) -> (&'p [T], &'p [T]) {
@@ -288,6 +333,162 @@ impl BlockLinear {
         }
         Ok(fresh)
     }
+}
+
+/// An adapted linear of a group, its factors' slot and its first column in the stacked rank.
+type Adapted<'l> = (&'l BlockLinear, Slot, usize);
+
+/// The adapted linears among `ls` when their `A`s are one block of the pack (see
+/// [`Frozen::linears`]): `(linear, slot, column offset)` and the total rank; `None` when they
+/// are not adjacent.
+fn adjacent_factors<'l>(ls: &[&'l BlockLinear]) -> Option<(Vec<Adapted<'l>>, usize)> {
+    let mut out = vec![];
+    let mut rank = 0;
+    for &l in ls {
+        if let Some(s) = l.lora {
+            if let Some(&(p, ps, _)) = out.last() {
+                let (p, ps): (&BlockLinear, Slot) = (p, ps);
+                if ps.a_at + ps.r * p.k != s.a_at || p.k != l.k {
+                    return None;
+                }
+            }
+            out.push((l, s, rank));
+            rank += s.r;
+        }
+    }
+    Some((out, rank))
+}
+
+/// `x W_i^T (+ b_i) (+ scale_i (x A_i^T) B_i^T)` for linears `ls` that read the same input `x`:
+/// the rank bottlenecks `x [A_1; A_2; ...]^T` of the adapted ones come from one product, not
+/// one thin product each.
+pub(crate) fn shared_forward<T: BlockElem>(
+    ls: &[&BlockLinear],
+    x: &[T],
+    c: &Ctx<T>,
+) -> Result<Vec<Vec<T>>> {
+    let Some((adapted, rank)) = adjacent_factors(ls).filter(|(a, _)| a.len() > 1) else {
+        return ls
+            .iter()
+            .map(|l| l.forward(x, c.fz, c.pack, None))
+            .collect();
+    };
+    let mut outs = ls
+        .iter()
+        .map(|l| l.base_forward(x, c.fz))
+        .collect::<Result<Vec<_>>>()?;
+    let (k, first) = (adapted[0].0.k, adapted[0].1.a_at);
+    let m = x.len() / k.max(1);
+    // z = x [A_1; A_2; ...]^T: [m, rank].
+    let z = matmul(
+        (m, rank, k),
+        Strided::row_major(x, 0, k),
+        Strided::transposed(c.pack, first, k),
+    )?;
+    for (out, l) in outs.iter_mut().zip(ls) {
+        let Some(&(_, s, col)) = adapted.iter().find(|(a, _, _)| std::ptr::eq(*a, *l)) else {
+            continue;
+        };
+        let b = &c.pack[s.b_at..s.b_at + l.n * s.r];
+        matmul_acc(
+            out,
+            (m, l.n, s.r),
+            Strided::row_major(&z, col, rank),
+            Strided::transposed(b, 0, s.r),
+            T::from_f64(s.scale),
+        )?;
+    }
+    Ok(outs)
+}
+
+/// The outputs of a [`shared_forward`] over three linears.
+pub(crate) fn three<T>(v: Vec<Vec<T>>) -> Result<[Vec<T>; 3]> {
+    v.try_into()
+        .map_err(|_| candle_core::Error::Msg("fused sublayer: expected 3 outputs".into()))
+}
+
+/// The outputs of a [`shared_forward`] over two linears.
+pub(crate) fn two<T>(v: Vec<Vec<T>>) -> Result<[Vec<T>; 2]> {
+    v.try_into()
+        .map_err(|_| candle_core::Error::Msg("fused sublayer: expected 2 outputs".into()))
+}
+
+/// The input gradient of [`shared_forward`] for output gradients `gs`, added onto `dx` (or
+/// returned fresh when `dx` is `None`); the factors' gradients written into `dpack`. The
+/// adapted linears' bottleneck gradients are stacked, so `dA`, the recomputed bottleneck and
+/// the low-rank input gradient are one product each.
+pub(crate) fn shared_backward<T: BlockElem>(
+    ls: &[&BlockLinear],
+    gs: &[&[T]],
+    x: &[T],
+    c: &Ctx<T>,
+    dpack: &mut [T],
+    dx: Option<&mut [T]>,
+) -> Result<Option<Vec<T>>> {
+    let k = ls.first().map_or(0, |l| l.k);
+    let m = x.len() / k.max(1);
+    let mut fresh = None;
+    let dx = match dx {
+        Some(dx) => dx,
+        None => fresh.insert(vec![T::zero(); m * k]).as_mut_slice(),
+    };
+    let Some((adapted, rank)) = adjacent_factors(ls).filter(|(a, _)| a.len() > 1) else {
+        for (l, g) in ls.iter().zip(gs) {
+            l.backward(g, x, c.fz, c.pack, dpack, Some(&mut *dx))?;
+        }
+        return Ok(fresh);
+    };
+    for (l, g) in ls.iter().zip(gs) {
+        l.base_backward(g, c.fz, dx)?;
+    }
+    let first = adapted[0].1.a_at;
+    let x_view = Strided::row_major(x, 0, k);
+    // gb = [scale_1 g_1 B_1, scale_2 g_2 B_2, ...]: [m, rank].
+    let mut gb = vec![T::zero(); m * rank];
+    let mut grads = Vec::with_capacity(adapted.len());
+    for &(l, s, col) in &adapted {
+        let i = ls.iter().position(|x| std::ptr::eq(*x, l)).unwrap_or(0);
+        let b = &c.pack[s.b_at..s.b_at + l.n * s.r];
+        let part = matmul(
+            (m, s.r, l.n),
+            Strided::row_major(gs[i], 0, l.n),
+            Strided::row_major(b, 0, s.r),
+        )?;
+        let sc = T::from_f64(s.scale);
+        for (row, src) in gb.chunks_exact_mut(rank).zip(part.chunks_exact(s.r)) {
+            row[col..col + s.r]
+                .iter_mut()
+                .zip(src)
+                .for_each(|(d, &v)| *d = v * sc);
+        }
+        grads.push((i, l, s, col));
+    }
+    // dx += gb [A_1; A_2; ...].
+    matmul_acc(
+        dx,
+        (m, k, rank),
+        Strided::row_major(&gb, 0, rank),
+        Strided::row_major(c.pack, first, k),
+        T::one(),
+    )?;
+    // d[A_1; A_2; ...] = gb^T x, one block of the pack.
+    let da = matmul((rank, k, m), Strided::transposed(&gb, 0, rank), x_view)?;
+    dpack[first..first + da.len()].copy_from_slice(&da);
+    // dB_i = scale_i g_i^T (x A_i^T), the bottlenecks recomputed together.
+    let z = matmul((m, rank, k), x_view, Strided::transposed(c.pack, first, k))?;
+    for (i, l, s, col) in grads {
+        let db = matmul(
+            (l.n, s.r, m),
+            Strided::transposed(gs[i], 0, l.n),
+            Strided::row_major(&z, col, rank),
+        )?;
+        let sc = T::from_f64(s.scale);
+        dpack[s.b_at..s.b_at + db.len()]
+            .iter_mut()
+            .zip(&db)
+            .for_each(|(d, &v)| *d = v * sc);
+    }
+    Ok(fresh)
 }
 
 /// Activations a fused op keeps from its forward for its backward.
