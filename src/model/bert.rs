@@ -230,40 +230,18 @@ impl Bert {
         norm: &str,
         run: impl FnOnce(&[ops::LinearSpec], ops::LayerNormSpec) -> candle_core::Result<Option<Tensor>>,
     ) -> Result<Option<Tensor>> {
-        if !ops::encoder_block::enabled() {
-            return Ok(None);
-        }
-        let names: Vec<String> = modules.iter().map(|m| format!("{pre}.{m}")).collect();
-        let Some(changes) = deltas.low_rank_only(&names, dp)? else {
-            return Ok(None);
-        };
         let (nw, nb) = (
             format!("{pre}.{norm}.LayerNorm.weight"),
             format!("{pre}.{norm}.LayerNorm.bias"),
         );
-        if deltas.replaces(&nw, p, dp)? || deltas.replaces(&nb, p, dp)? {
-            return Ok(None);
-        }
-        let mut specs = Vec::with_capacity(names.len());
-        for (name, change) in names.iter().zip(&changes) {
-            let w_name = format!("{name}.weight");
-            let w = match (p.quantized(&w_name), p.get_opt(&w_name)) {
-                (Some(q), _) => ops::FrozenWeight::Quantized(q),
-                (None, Some(w)) => ops::FrozenWeight::Dense(w),
-                (None, None) => return Ok(None),
+        super::fused_sublayer(p, deltas, dp, (pre, modules), &[&nw, &nb], |specs| {
+            let norm = ops::LayerNormSpec {
+                w: p.get(&nw)?,
+                b: p.get(&nb)?,
+                eps: self.cfg.layer_norm_eps,
             };
-            specs.push(ops::LinearSpec {
-                w,
-                b: p.get_opt(&format!("{name}.bias")),
-                lora: change.as_ref().map(|(a, b, s)| (a, b, *s)),
-            });
-        }
-        let norm = ops::LayerNormSpec {
-            w: p.get(&nw)?,
-            b: p.get(&nb)?,
-            eps: self.cfg.layer_norm_eps,
-        };
-        Ok(run(&specs, norm)?)
+            Ok(run(specs, norm)?)
+        })
     }
 
     /// The self-attention block composed: `LN(x + attention(x) Wo^T + bo)`.

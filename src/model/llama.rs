@@ -429,36 +429,14 @@ impl Llama {
         norm: &str,
         run: impl FnOnce(&[ops::LinearSpec], ops::RmsNormSpec) -> candle_core::Result<Option<Tensor>>,
     ) -> Result<Option<Tensor>> {
-        if !ops::encoder_block::enabled() {
-            return Ok(None);
-        }
-        let names: Vec<String> = modules.iter().map(|m| format!("{pre}.{m}")).collect();
-        let Some(changes) = deltas.low_rank_only(&names, dp)? else {
-            return Ok(None);
-        };
         let norm_name = format!("{pre}.{norm}_layernorm.weight");
-        if deltas.replaces(&norm_name, p, dp)? {
-            return Ok(None);
-        }
-        let mut specs = Vec::with_capacity(names.len());
-        for (name, change) in names.iter().zip(&changes) {
-            let w_name = format!("{name}.weight");
-            let w = match (p.quantized(&w_name), p.get_opt(&w_name)) {
-                (Some(q), _) => ops::FrozenWeight::Quantized(q),
-                (None, Some(w)) => ops::FrozenWeight::Dense(w),
-                (None, None) => return Ok(None),
+        super::fused_sublayer(p, deltas, dp, (pre, modules), &[&norm_name], |specs| {
+            let norm = ops::RmsNormSpec {
+                w: p.get(&norm_name)?,
+                eps: self.cfg.rms_norm_eps,
             };
-            specs.push(ops::LinearSpec {
-                w,
-                b: p.get_opt(&format!("{name}.bias")),
-                lora: change.as_ref().map(|(a, b, s)| (a, b, *s)),
-            });
-        }
-        let norm = ops::RmsNormSpec {
-            w: p.get(&norm_name)?,
-            eps: self.cfg.rms_norm_eps,
-        };
-        Ok(run(&specs, norm)?)
+            Ok(run(specs, norm)?)
+        })
     }
 
     /// The rest of layer `i` after attention: output projection, residual, and the MLP block;

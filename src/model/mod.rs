@@ -39,6 +39,48 @@ impl Arch {
     }
 }
 
+/// `run` on the linears `{pre}.{m}` of a sublayer that runs as one op (`ops::fused_block`):
+/// when fusing is on, the deltas change those linears by low-rank terms only (or not at all)
+/// and replace none of the sublayer's `norms`; dense, half-precision or quantized weights
+/// alike. `Ok(None)` otherwise, or where the op declines.
+pub(crate) fn fused_sublayer(
+    p: &crate::params::ParamStore,
+    deltas: &crate::peft::DeltaSet,
+    dp: &crate::params::ParamStore,
+    (pre, modules): (&str, &[&str]),
+    norms: &[&str],
+    run: impl FnOnce(&[crate::ops::LinearSpec]) -> crate::Result<Option<candle_core::Tensor>>,
+) -> crate::Result<Option<candle_core::Tensor>> {
+    use crate::ops::{FrozenWeight, LinearSpec};
+    if !crate::ops::encoder_block::enabled() {
+        return Ok(None);
+    }
+    let names: Vec<String> = modules.iter().map(|m| format!("{pre}.{m}")).collect();
+    let Some(changes) = deltas.low_rank_only(&names, dp)? else {
+        return Ok(None);
+    };
+    for norm in norms {
+        if deltas.replaces(norm, p, dp)? {
+            return Ok(None);
+        }
+    }
+    let mut specs = Vec::with_capacity(names.len());
+    for (name, change) in names.iter().zip(&changes) {
+        let w_name = format!("{name}.weight");
+        let w = match (p.quantized(&w_name), p.get_opt(&w_name)) {
+            (Some(q), _) => FrozenWeight::Quantized(q),
+            (None, Some(w)) => FrozenWeight::Dense(w),
+            (None, None) => return Ok(None),
+        };
+        specs.push(LinearSpec {
+            w,
+            b: p.get_opt(&format!("{name}.bias")),
+            lora: change.as_ref().map(|(a, b, s)| (a, b, *s)),
+        });
+    }
+    run(&specs)
+}
+
 /// The dense weight and bias of linear `module` where the layer may fuse it with the residual add
 /// (and the activation before it): no delta touches it and the base does not keep it quantized.
 pub(crate) fn untouched_linear<'a>(

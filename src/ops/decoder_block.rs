@@ -256,24 +256,10 @@ impl Sublayer for DecoderMlp {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::fused_block::testing::composed_linear;
     use crate::ops::fused_block::FrozenWeight;
     use crate::ops::gradcheck::{assert_same_value_and_gradients, check, randn_f64};
     use candle_core::{DType, Device, Var};
-
-    /// A linear composed from candle ops: `x W^T + b + scale (x A^T) B^T`.
-    fn composed_linear(x: &Tensor, s: &LinearSpec) -> Result<Tensor> {
-        let FrozenWeight::Dense(w) = s.w else {
-            panic!("composed_linear: a dense weight")
-        };
-        let mut y = x.broadcast_matmul(&w.t()?)?;
-        if let Some(b) = s.b {
-            y = y.broadcast_add(b)?;
-        }
-        if let Some((a, b, scale)) = s.lora {
-            y = (y + (x.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)? * scale)?)?;
-        }
-        Ok(y)
-    }
 
     /// RMSNorm composed from candle ops.
     fn composed_rms_norm(h: &Tensor, n: &RmsNormSpec) -> Result<Tensor> {

@@ -212,24 +212,10 @@ impl Sublayer for EncoderFfn {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::fused_block::testing::composed_linear;
     use crate::ops::fused_block::FrozenWeight;
     use crate::ops::gradcheck::{assert_same_value_and_gradients, check, randn_f64};
     use candle_core::Var;
-
-    /// A linear composed from candle ops: `x W^T + b + scale (x A^T) B^T`.
-    fn composed_linear(x: &Tensor, s: &LinearSpec) -> Result<Tensor> {
-        let FrozenWeight::Dense(w) = s.w else {
-            panic!("composed_linear: a dense weight")
-        };
-        let mut y = x.broadcast_matmul(&w.t()?)?;
-        if let Some(b) = s.b {
-            y = y.broadcast_add(b)?;
-        }
-        if let Some((a, b, scale)) = s.lora {
-            y = (y + (x.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)? * scale)?)?;
-        }
-        Ok(y)
-    }
 
     fn composed_attention(
         x: &Tensor,

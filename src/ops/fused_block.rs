@@ -757,3 +757,25 @@ impl<S: Sublayer> CustomOp2 for FusedSublayer<S> {
         ))
     }
 }
+
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::{FrozenWeight, LinearSpec};
+    use candle_core::{Result, Tensor};
+
+    /// A sublayer linear composed from candle ops: `x W^T + b + scale (x A^T) B^T`, the
+    /// reference the fused sublayers are tested against.
+    pub(crate) fn composed_linear(x: &Tensor, s: &LinearSpec) -> Result<Tensor> {
+        let FrozenWeight::Dense(w) = s.w else {
+            panic!("composed_linear: a dense weight")
+        };
+        let mut y = x.broadcast_matmul(&w.t()?)?;
+        if let Some(b) = s.b {
+            y = y.broadcast_add(b)?;
+        }
+        if let Some((a, b, scale)) = s.lora {
+            y = (y + (x.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)? * scale)?)?;
+        }
+        Ok(y)
+    }
+}
