@@ -2,16 +2,23 @@
 //! of `W: [n, k]` as `[k][16]`, so one step of the reduction reads the 16 rows' values in one
 //! contiguous 64-byte line.
 //!
-//! gemm packs its weight operand into such panels itself on every call. A weight that arrives
-//! in blocks anyway (a GGUF's quantized rows, dequantized tile by tile) is written straight into
-//! panels here, instead of into rows that gemm then packs again; the 16x6 AVX2 kernel below
-//! reads the panels and the activation rows in place. Other CPUs take gemm on the rows.
+//! gemm packs its weight operand into such panels itself on every call, one value at a time. A
+//! weight that arrives in blocks anyway (a GGUF's quantized rows, dequantized tile by tile) is
+//! written straight into panels here, instead of into rows that gemm then packs again; an f32
+//! weight's rows are put into panels by eight-wide transposes, tile by tile
+//! ([`weight_product`], the forward of every frozen linear layer through `par_gemm`). The 16x6
+//! AVX2 kernel below reads the panels and the activation rows in place. Other CPUs take gemm on
+//! the rows.
 
 /// Rows per panel.
 pub(crate) const PANEL: usize = 16;
 
-/// Reduction steps per block: a panel block (16 KB) stays in L1 while every token group uses it.
-const KC: usize = 256;
+/// Most reduction steps per block: a block of panels (8 x 768 lines of 64 bytes) stays in L2
+/// while the token groups pass over it.
+const KC: usize = 768;
+
+/// Panels per block (128 weight rows).
+const BLOCK_PANELS: usize = 8;
 
 /// Tokens per kernel call.
 const NR: usize = 6;
@@ -49,51 +56,144 @@ pub(crate) fn rows_to_panel(rows: &[f32], k: usize, panel: &mut [f32]) {
     }
 }
 
-/// `out[t][j] = sum_p x[t][p] * panel_j[p]` for the `cols <= 16` columns a run of panels gives,
-/// over all `m` rows of `x: [m, k]`: `panels` holds `ceil(cols / 16)` panels of `[k][16]`,
-/// `out` has row stride `ldo` and receives columns `0..cols` (written, not accumulated).
+/// `out[t][j] (+)= sum_p x[t][p] * panel_j[p]` for the `cols <= 16 * panels` columns a run of
+/// panels gives, over all `m` rows of `x: [m, k]` (row stride `ldx`): `panels` holds
+/// `ceil(cols / 16)` panels of `[k][16]`, `out` has row stride `ldo` and receives columns
+/// `0..cols`, written, or increased when `accumulate`.
+///
+/// gemm's loop order: a group of six tokens (in L1) meets every panel of a block (in L2) before
+/// the next group, so each token row is read from memory once per block of panels rather than
+/// once per panel (1.05-1.2x the panel-by-panel order, `BENCHMARKS.md`).
 ///
 /// # Safety
 /// Needs [`available`]; `out` must be valid for `m` rows of `cols` values at stride `ldo`, and
-/// no other thread may write those values meanwhile.
+/// no other thread may touch those values meanwhile.
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn product(
     x: &[f32],
-    (m, k): (usize, usize),
+    (m, k, ldx): (usize, usize, usize),
     panels: &[f32],
     cols: usize,
     out: *mut f32,
     ldo: usize,
+    accumulate: bool,
 ) {
     let np = cols.div_ceil(PANEL);
-    debug_assert!(x.len() >= m * k && panels.len() >= np * k * PANEL);
+    debug_assert!(k <= ldx && (m == 0 || x.len() >= (m - 1) * ldx + k));
+    debug_assert!(panels.len() >= np * k * PANEL);
+    // Equal reduction blocks of at most KC steps.
+    let kc = k.div_ceil(k.div_ceil(KC).max(1)).max(1);
     let mut kb = 0;
     while kb < k {
-        let kl = KC.min(k - kb);
-        for p in 0..np {
-            let panel = panels.as_ptr().add(p * k * PANEL + kb * PANEL);
-            let c0 = p * PANEL;
-            let width = PANEL.min(cols - c0);
+        let kl = kc.min(k - kb);
+        let first = kb == 0 && !accumulate;
+        let mut p0 = 0;
+        while p0 < np {
+            let p1 = (p0 + BLOCK_PANELS).min(np);
             let mut t = 0;
             while t < m {
                 let rows = NR.min(m - t);
-                let xs = x.as_ptr().add(t * k + kb);
-                let o = out.add(t * ldo + c0);
-                let first = kb == 0;
-                match rows {
-                    6 => avx2::kernel::<6>(kl, panel, xs, k, o, ldo, width, first),
-                    5 => avx2::kernel::<5>(kl, panel, xs, k, o, ldo, width, first),
-                    4 => avx2::kernel::<4>(kl, panel, xs, k, o, ldo, width, first),
-                    3 => avx2::kernel::<3>(kl, panel, xs, k, o, ldo, width, first),
-                    2 => avx2::kernel::<2>(kl, panel, xs, k, o, ldo, width, first),
-                    _ => avx2::kernel::<1>(kl, panel, xs, k, o, ldo, width, first),
+                let xs = x.as_ptr().add(t * ldx + kb);
+                for p in p0..p1 {
+                    let panel = panels.as_ptr().add(p * k * PANEL + kb * PANEL);
+                    let c0 = p * PANEL;
+                    let width = PANEL.min(cols - c0);
+                    let o = out.add(t * ldo + c0);
+                    match rows {
+                        6 => avx2::kernel::<6>(kl, panel, xs, ldx, o, ldo, width, first),
+                        5 => avx2::kernel::<5>(kl, panel, xs, ldx, o, ldo, width, first),
+                        4 => avx2::kernel::<4>(kl, panel, xs, ldx, o, ldo, width, first),
+                        3 => avx2::kernel::<3>(kl, panel, xs, ldx, o, ldo, width, first),
+                        2 => avx2::kernel::<2>(kl, panel, xs, ldx, o, ldo, width, first),
+                        _ => avx2::kernel::<1>(kl, panel, xs, ldx, o, ldo, width, first),
+                    }
                 }
                 t += rows;
             }
+            p0 = p1;
         }
-        kb += KC;
+        kb += kl;
     }
 }
+
+/// `out (+)= x W^T` for `x: [m, k]` (row stride `ldx`) and a row-major weight `W: [n, k]`:
+/// the weight's rows are put into panels tile by tile (up to 128 rows, one task each, split over
+/// the pool when `parallel`) and run through [`product`]. gemm packs the same rows itself on every
+/// call, gathering one value at a time; the transposes here are eight-wide, and the kernel's
+/// order suits a weight that is read once per call (`BENCHMARKS.md`).
+///
+/// # Safety
+/// Needs [`available`]; `x` must hold `m` rows at stride `ldx >= k`, `w` `n * k` values, and
+/// `out` must be valid for `m` rows of `n` values at stride `ldo` that no other thread touches
+/// meanwhile.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn weight_product(
+    x: &[f32],
+    (m, k, ldx): (usize, usize, usize),
+    w: &[f32],
+    n: usize,
+    out: *mut f32,
+    ldo: usize,
+    accumulate: bool,
+    parallel: bool,
+) {
+    use rayon::prelude::*;
+    use std::cell::RefCell;
+    thread_local! {
+        // One tile's panels per thread, kept between calls: a fresh buffer per task would be
+        // mapped and zeroed by the kernel again and again.
+        static PANELS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    }
+    debug_assert!(w.len() >= n * k);
+    let threads = if parallel {
+        rayon::current_num_threads().max(1)
+    } else {
+        1
+    };
+    let tile_rows = n
+        .div_ceil(threads * 4)
+        .next_multiple_of(PANEL)
+        .clamp(PANEL, TILE_ROWS);
+    let out = out as usize;
+    let tile = |i: usize| {
+        let r0 = i * tile_rows;
+        let r = tile_rows.min(n - r0);
+        let len = r.div_ceil(PANEL) * PANEL * k;
+        PANELS.with_borrow_mut(|panels| {
+            if panels.len() < len {
+                panels.resize(len, 0.0);
+            }
+            let rows = &w[r0 * k..(r0 + r) * k];
+            for (rows, panel) in rows.chunks(PANEL * k).zip(panels.chunks_mut(PANEL * k)) {
+                rows_to_panel(rows, k, panel);
+            }
+            // SAFETY: AVX2 and the shapes are the caller's; this tile writes only the columns
+            // r0..r0 + r of `out`.
+            unsafe {
+                product(
+                    x,
+                    (m, k, ldx),
+                    &panels[..len],
+                    r,
+                    (out as *mut f32).add(r0),
+                    ldo,
+                    accumulate,
+                )
+            };
+        });
+    };
+    let tiles = n.div_ceil(tile_rows);
+    if threads == 1 {
+        (0..tiles).for_each(tile);
+    } else {
+        (0..tiles).into_par_iter().for_each(tile);
+    }
+}
+
+/// Weight rows per tile of [`weight_product`]: eight panels, a block of [`product`].
+const TILE_ROWS: usize = PANEL * BLOCK_PANELS;
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
@@ -226,22 +326,38 @@ mod tests {
             .collect()
     }
 
-    /// Every token count (kernel widths 1 to 6 and their mixtures), partial last panels and
-    /// reductions across several blocks agree with a plain f64 product.
+    /// `x W^T` in f64 for `x` rows at stride `ldx`.
+    fn plain(x: &[f32], (m, k, ldx): (usize, usize, usize), w: &[f32], n: usize) -> Vec<f64> {
+        let mut y = vec![0f64; m * n];
+        for t in 0..m {
+            for j in 0..n {
+                y[t * n + j] = (0..k)
+                    .map(|p| x[t * ldx + p] as f64 * w[j * k + p] as f64)
+                    .sum();
+            }
+        }
+        y
+    }
+
+    /// Every token count (kernel widths 1 to 6 and their mixtures), partial last panels, more
+    /// panels than a block, reductions split into several blocks, token rows wider than the
+    /// reduction, written and accumulated outputs: all agree with a plain f64 product, and no
+    /// column past the output is touched.
     #[test]
     fn panels_give_the_plain_product() {
         if !available() {
             eprintln!("no AVX2/FMA here: the panel kernels are not used on this CPU");
             return;
         }
-        for &(m, n, k) in &[
-            (1, 16, 7),
-            (5, 20, 300),
-            (13, 37, 513),
-            (64, 48, 64),
-            (7, 3, 1),
+        for &(m, n, k, ldx) in &[
+            (1, 16, 7, 7),
+            (5, 20, 300, 303),
+            (13, 37, 513, 513),
+            (64, 48, 64, 64),
+            (7, 3, 1, 2),
+            (9, 150, 1600, 1601),
         ] {
-            let x = data(m * k, 1);
+            let x = data(m * ldx, 1);
             let w = data(n * k, 2);
             let np = n.div_ceil(PANEL);
             let mut panels = vec![1f32; np * k * PANEL];
@@ -249,24 +365,69 @@ mod tests {
                 let rows = &w[p * PANEL * k..((p + 1) * PANEL).min(n) * k];
                 rows_to_panel(rows, k, &mut panels[p * k * PANEL..(p + 1) * k * PANEL]);
             }
-            // A wider output: columns past `n` must stay untouched.
-            let ldo = n + 3;
-            let mut out = vec![7f32; m * ldo];
-            unsafe { product(&x, (m, k), &panels, n, out.as_mut_ptr(), ldo) };
-            for t in 0..m {
-                for j in 0..ldo {
-                    let got = out[t * ldo + j];
-                    if j >= n {
-                        assert_eq!(got, 7.0, "column {j} past the output was written");
-                        continue;
+            let want = plain(&x, (m, k, ldx), &w, n);
+            for accumulate in [false, true] {
+                // A wider output: columns past `n` must stay untouched.
+                let ldo = n + 3;
+                let mut out = vec![7f32; m * ldo];
+                let dims = (m, k, ldx);
+                unsafe { product(&x, dims, &panels, n, out.as_mut_ptr(), ldo, accumulate) };
+                let base = if accumulate { 7.0 } else { 0.0 };
+                for t in 0..m {
+                    for j in 0..ldo {
+                        let got = out[t * ldo + j];
+                        if j >= n {
+                            assert_eq!(got, 7.0, "column {j} past the output was written");
+                            continue;
+                        }
+                        let want = base + want[t * n + j];
+                        let tol = 1e-5 * (k as f64).sqrt();
+                        assert!(
+                            (got as f64 - want).abs() < tol,
+                            "[{m}, {n}, {k}] acc {accumulate} at ({t}, {j}): {got} vs {want}"
+                        );
                     }
-                    let want: f64 = (0..k)
-                        .map(|p| x[t * k + p] as f64 * w[j * k + p] as f64)
-                        .sum();
-                    let tol = 1e-5 * (k as f64).sqrt();
+                }
+            }
+        }
+    }
+
+    /// The tiled weight product on one thread and split over a pool (tiles of every size, a
+    /// last partial panel) equals the plain product, written or accumulated.
+    #[test]
+    fn weight_tiles_give_the_plain_product() {
+        if !available() {
+            eprintln!("no AVX2/FMA here: the panel kernels are not used on this CPU");
+            return;
+        }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .unwrap();
+        for &(m, n, k) in &[(8, 32, 16), (37, 301, 70), (20, 1000, 40)] {
+            let ldx = k + 5;
+            let x = data(m * ldx, 3);
+            let w = data(n * k, 4);
+            let want = plain(&x, (m, k, ldx), &w, n);
+            for (parallel, accumulate) in [(false, false), (true, false), (true, true)] {
+                let mut out = vec![2f32; m * n];
+                pool.install(|| unsafe {
+                    weight_product(
+                        &x,
+                        (m, k, ldx),
+                        &w,
+                        n,
+                        out.as_mut_ptr(),
+                        n,
+                        accumulate,
+                        parallel,
+                    )
+                });
+                let base = if accumulate { 2.0 } else { 0.0 };
+                for (i, (&got, &want)) in out.iter().zip(&want).enumerate() {
                     assert!(
-                        (got as f64 - want).abs() < tol,
-                        "[{m}, {n}, {k}] at ({t}, {j}): {got} vs {want}"
+                        (got as f64 - base - want).abs() < 1e-4,
+                        "[{m}, {n}, {k}] parallel {parallel} acc {accumulate} at {i}: {got}"
                     );
                 }
             }

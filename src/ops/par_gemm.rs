@@ -70,6 +70,47 @@ impl<'a, T> Strided<'a, T> {
     }
 }
 
+/// Whether f32 products against a row-major weight go through [`super::panel_gemm`]:
+/// `METAPEFT_PANEL_GEMM=0` leaves them to gemm (for A/B timing).
+fn panels_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("METAPEFT_PANEL_GEMM").map_or(true, |v| v != "0"))
+}
+
+/// `lhs` as f32 rows and `rhs`'s transpose as a contiguous row-major f32 weight `[n, k]`, when
+/// the product is `x W^T` of that kind (the forward of a linear layer) and big enough for the
+/// panel kernel; `None` sends it to gemm. Products scaled by anything but 1 stay with gemm.
+#[cfg(target_arch = "x86_64")]
+fn weight_operands<'a, T: WithDType>(
+    m: usize,
+    n: usize,
+    k: usize,
+    beta: T,
+    lhs: &Strided<'a, T>,
+    rhs: &Strided<'a, T>,
+) -> Option<(&'a [f32], &'a [f32])> {
+    let fits = T::DTYPE == candle_core::DType::F32
+        && beta == T::one()
+        && lhs.cs == 1
+        && lhs.rs as usize >= k
+        && rhs.rs == 1
+        && rhs.cs as usize == k
+        && m >= 8
+        && n >= 32
+        && k >= 16;
+    if !fits || !super::panel_gemm::available() || !panels_enabled() {
+        return None;
+    }
+    // SAFETY: T is f32 (checked above), so the slices reinterpret as what they are.
+    let (x, w) = unsafe {
+        (
+            std::slice::from_raw_parts(lhs.data.as_ptr() as *const f32, lhs.data.len()),
+            std::slice::from_raw_parts(rhs.data.as_ptr() as *const f32, rhs.data.len()),
+        )
+    };
+    Some((&x[lhs.offset..], &w[rhs.offset..rhs.offset + n * k]))
+}
+
 /// Below this many multiply-adds a product runs on the calling thread: waking another worker
 /// costs about as much as the work it would take over.
 const PARALLEL_MIN_MACS: usize = 1 << 22;
@@ -141,10 +182,28 @@ unsafe fn product<T: WithDType>(
         }
         return Ok(());
     }
+    let parallel = m * n * k >= PARALLEL_MIN_MACS;
+    #[cfg(target_arch = "x86_64")]
+    if let Some((x, w)) = weight_operands(m, n, k, beta, &lhs, &rhs) {
+        // SAFETY: the views were bounds-checked above; `dst` is the caller's `[m, n]`.
+        unsafe {
+            super::panel_gemm::weight_product(
+                x,
+                (m, k, lhs.rs as usize),
+                w,
+                n,
+                dst as *mut f32,
+                dst_rs,
+                read_dst,
+                parallel,
+            )
+        };
+        return Ok(());
+    }
     // Bands along the longer output side, each a multiple of gemm's 16-wide register tile.
     let threads = rayon::current_num_threads();
     let (long, tile) = (m.max(n), 16);
-    let bands = if m * n * k < PARALLEL_MIN_MACS {
+    let bands = if !parallel {
         1
     } else {
         threads.min(long.div_ceil(tile)).max(1)
@@ -271,6 +330,58 @@ mod tests {
                         assert!((got[i] - want[i]).abs() < 1e-9, "{m}x{n}x{k} at {i}");
                         let off = acc[i] - 1.0 - 0.5 * want[i];
                         assert!(off.abs() < 1e-9, "acc {m}x{n}x{k} at {i}");
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// f32 products of the linear-layer kind (`x W^T`, row-major weight) go through the panel
+    /// kernel: written and accumulated, row offsets and strides, small (one thread) and split,
+    /// and the shapes left to gemm (scaled, too small, weights not in plain rows), all equal
+    /// to a plain product.
+    #[test]
+    fn f32_weight_products_match_a_naive_product() -> Result<()> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        let f32s = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect::<Vec<f32>>();
+        for &(m, n, k) in &[(512, 200, 64), (9, 40, 16), (4, 64, 32), (130, 33, 600)] {
+            let (lda, a) = (k + 3, f32s(data(m * (k + 3) + 2, 5)));
+            let b = f32s(data(n * k + 1, 6));
+            let av = Strided {
+                data: &a,
+                offset: 2,
+                rs: lda as isize,
+                cs: 1,
+            };
+            let weight = Strided::transposed(&b, 1, k);
+            let rows = Strided::row_major(&b, 1, n);
+            let (a64, b64): (Vec<f64>, Vec<f64>) = (
+                a.iter().map(|&x| x as f64).collect(),
+                b.iter().map(|&x| x as f64).collect(),
+            );
+            fn to64<'d>(v: &Strided<f32>, data: &'d [f64]) -> Strided<'d, f64> {
+                Strided {
+                    data,
+                    offset: v.offset,
+                    rs: v.rs,
+                    cs: v.cs,
+                }
+            }
+            for bv in [weight, rows] {
+                let want = naive(m, n, k, &to64(&av, &a64), &to64(&bv, &b64));
+                let got = pool.install(|| matmul((m, n, k), av, bv))?;
+                for beta in [1.0f32, 0.5] {
+                    let mut acc = vec![1f32; m * n];
+                    pool.install(|| matmul_acc(&mut acc, (m, n, k), av, bv, beta))?;
+                    for i in 0..m * n {
+                        let tol = 1e-4 * (k as f64).sqrt();
+                        assert!((got[i] as f64 - want[i]).abs() < tol, "{m}x{n}x{k} at {i}");
+                        let off = acc[i] as f64 - 1.0 - beta as f64 * want[i];
+                        assert!(off.abs() < tol, "acc {beta} {m}x{n}x{k} at {i}");
                     }
                 }
             }

@@ -420,7 +420,7 @@ impl QuantizedMatmul {
                     }
                     // SAFETY: AVX2/FMA checked by the caller; this task writes only the columns
                     // r0..r0+r of `y` ([m, n_rows]).
-                    unsafe { product(x, (m, k), panels, r, out.get().add(r0), n_rows) };
+                    unsafe { product(x, (m, k, k), panels, r, out.get().add(r0), n_rows, false) };
                     Ok(())
                 },
             )?;
