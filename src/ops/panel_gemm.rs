@@ -193,6 +193,7 @@ pub(crate) unsafe fn weight_product(
 }
 
 /// Weight rows per tile of [`weight_product`]: eight panels, a block of [`product`].
+#[cfg(target_arch = "x86_64")]
 const TILE_ROWS: usize = PANEL * BLOCK_PANELS;
 
 #[cfg(target_arch = "x86_64")]

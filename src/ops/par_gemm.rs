@@ -72,6 +72,7 @@ impl<'a, T> Strided<'a, T> {
 
 /// Whether f32 products against a row-major weight go through [`super::panel_gemm`]:
 /// `METAPEFT_PANEL_GEMM=0` leaves them to gemm (for A/B timing).
+#[cfg(target_arch = "x86_64")]
 fn panels_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("METAPEFT_PANEL_GEMM").map_or(true, |v| v != "0"))
