@@ -501,21 +501,6 @@ mod tests {
         Ok(())
     }
 
-    /// Linear `i` of weights `w` and biases `bias` with the LoRA factors of [`ADAPTED`].
-    fn spec<'a>(
-        w: &'a [Tensor],
-        bias: &'a [Tensor],
-        (a, bb): (&'a [Var], &'a [Var]),
-        i: usize,
-    ) -> LinearSpec<'a> {
-        let j = ADAPTED.iter().position(|&m| m == i);
-        LinearSpec {
-            w: FrozenWeight::Dense(&w[i]),
-            b: (i < 3).then(|| &bias[i]),
-            lora: j.map(|j| (a[j].as_tensor(), bb[j].as_tensor(), 0.7)),
-        }
-    }
-
     /// Every linear adapted, with different ranks: q, k, v and gate, up share their input, so
     /// their bottlenecks are computed together ([`super::super::fused_block::shared_forward`]);
     /// still equal to the composed ops in value and every gradient.
@@ -582,63 +567,93 @@ mod tests {
             .unwrap();
         let (b, t, d, f, hd, heads) = (2, 6, 12, 20, 4, Heads { q: 4, kv: 2 });
         let l = layer(d, f, heads, hd, t, 11)?;
-        let f32_of = |t: &Tensor| t.to_dtype(DType::F32);
-        let h = Var::from_tensor(&f32_of(&randn_f64(&[b, t, d], 1, 1.0)?)?)?;
-        let probe = f32_of(&randn_f64(&[b, t, d], 2, 1.0)?)?;
-        let a: Vec<Var> = ADAPTED
-            .iter()
-            .map(|&i| Var::from_tensor(&f32_of(&l.a[i])?))
-            .collect::<Result<_>>()?;
-        let bb: Vec<Var> = ADAPTED
-            .iter()
-            .map(|&i| Var::from_tensor(&f32_of(&l.bb[i])?))
-            .collect::<Result<_>>()?;
-        let (cos, sin) = (f32_of(&l.tables.0)?, f32_of(&l.tables.1)?);
-        let mask = causal_padded(b, t)?.to_dtype(DType::F32)?;
+        let case = F32Case::new(&l, (b, t, d))?;
         for half in [DType::BF16, DType::F16] {
-            let stored: Vec<Tensor> =
-                l.w.iter()
-                    .map(|w| w.to_dtype(half))
-                    .collect::<Result<_>>()?;
-            let bias: Vec<Tensor> =
-                l.b.iter()
-                    .map(|b| b.to_dtype(half))
-                    .collect::<Result<_>>()?;
-            let widen = |ts: &[Tensor]| {
+            let to = |ts: &[Tensor], dtype| {
                 ts.iter()
-                    .map(|t| t.to_dtype(DType::F32))
+                    .map(|t| t.to_dtype(dtype))
                     .collect::<Result<Vec<_>>>()
             };
-            let (wide, wide_bias) = (widen(&stored)?, widen(&bias)?);
+            let (stored, bias) = (to(&l.w, half)?, to(&l.b, half)?);
+            let (wide, wide_bias) = (to(&stored, DType::F32)?, to(&bias, DType::F32)?);
             let norm_half = l.norm.to_dtype(half)?;
             let norm_wide = norm_half.to_dtype(DType::F32)?;
-            // The factors of q, v, o (attention) and down (MLP), with the input.
-            let vars = |js: std::ops::Range<usize>| -> Vec<&Var> {
-                let mut vars = vec![&h];
-                vars.extend(js.flat_map(|j| [&a[j], &bb[j]]));
-                vars
-            };
-            let ht = h.as_tensor();
-            let run = |w: &[Tensor], bias: &[Tensor], norm: &Tensor| -> Result<(Tensor, Tensor)> {
-                let n = RmsNormSpec { w: norm, eps: 1e-6 };
-                let s = |i| spec(w, bias, (&a, &bb), i);
-                let att = decoder_attention(
-                    ht,
-                    [s(0), s(1), s(2), s(3)],
-                    n,
-                    heads,
-                    (&cos, &sin),
-                    Some(&mask),
-                )?;
-                let mlp = decoder_mlp(ht, [s(4), s(5), s(6)], n)?;
-                Ok((att.expect("fused attention"), mlp.expect("fused MLP")))
-            };
-            let got = pool.install(|| run(&stored, &bias, &norm_half))?;
-            let want = pool.install(|| run(&wide, &wide_bias, &norm_wide))?;
-            assert_same_value_and_gradients(&pool, &got.0, &want.0, &probe, &vars(0..3), 1e-6)?;
-            assert_same_value_and_gradients(&pool, &got.1, &want.1, &probe, &vars(3..4), 1e-6)?;
+            let norm = |w| RmsNormSpec { w, eps: 1e-6 };
+            let got = pool.install(|| case.run(dense(&stored), &bias, norm(&norm_half), heads))?;
+            let want =
+                pool.install(|| case.run(dense(&wide), &wide_bias, norm(&norm_wide), heads))?;
+            let (p, tol) = (&case.probe, 1e-6);
+            assert_same_value_and_gradients(&pool, &got.0, &want.0, p, &case.vars(0..3), tol)?;
+            assert_same_value_and_gradients(&pool, &got.1, &want.1, p, &case.vars(3..4), tol)?;
         }
         Ok(())
+    }
+
+    /// The seven weights `w` as dense frozen weights.
+    fn dense(w: &[Tensor]) -> [FrozenWeight<'_>; 7] {
+        std::array::from_fn(|i| FrozenWeight::Dense(&w[i]))
+    }
+
+    /// f32 inputs of the half-precision and quantized tests: the sublayers' input, a probe for
+    /// the gradients, the LoRA factors of [`ADAPTED`], the RoPE tables and a padding mask.
+    struct F32Case {
+        h: Var,
+        probe: Tensor,
+        a: Vec<Var>,
+        bb: Vec<Var>,
+        tables: (Tensor, Tensor),
+        mask: Tensor,
+    }
+
+    impl F32Case {
+        fn new(l: &Layer, (b, t, d): (usize, usize, usize)) -> Result<Self> {
+            let f32_of = |t: &Tensor| t.to_dtype(DType::F32);
+            let vars = |vs: &[Var]| -> Result<Vec<Var>> {
+                ADAPTED
+                    .iter()
+                    .map(|&i| Var::from_tensor(&f32_of(vs[i].as_tensor())?))
+                    .collect()
+            };
+            Ok(Self {
+                h: Var::from_tensor(&f32_of(&randn_f64(&[b, t, d], 1, 1.0)?)?)?,
+                probe: f32_of(&randn_f64(&[b, t, d], 2, 1.0)?)?,
+                a: vars(&l.a)?,
+                bb: vars(&l.bb)?,
+                tables: (f32_of(&l.tables.0)?, f32_of(&l.tables.1)?),
+                mask: causal_padded(b, t)?.to_dtype(DType::F32)?,
+            })
+        }
+
+        /// The input and the factors of the adapted linears `js` (positions in [`ADAPTED`]):
+        /// q, v, o are 0..3 (attention), down is 3..4 (MLP).
+        fn vars(&self, js: std::ops::Range<usize>) -> Vec<&Var> {
+            let mut vars = vec![&self.h];
+            vars.extend(js.flat_map(|j| [&self.a[j], &self.bb[j]]));
+            vars
+        }
+
+        /// Both fused sublayers on the seven linears `ws` with biases `bias` and norm `n`.
+        fn run(
+            &self,
+            ws: [FrozenWeight<'_>; 7],
+            bias: &[Tensor],
+            n: RmsNormSpec,
+            heads: Heads,
+        ) -> Result<(Tensor, Tensor)> {
+            let s = specs_of(ws, bias, (&self.a, &self.bb));
+            let (cos, sin) = (&self.tables.0, &self.tables.1);
+            let h = self.h.as_tensor();
+            let att = decoder_attention(
+                h,
+                [s[0], s[1], s[2], s[3]],
+                n,
+                heads,
+                (cos, sin),
+                Some(&self.mask),
+            )?;
+            let mlp = decoder_mlp(h, [s[4], s[5], s[6]], n)?;
+            Ok((att.expect("fused attention"), mlp.expect("fused MLP")))
+        }
     }
 
     /// The seven linears on weights `ws`, biases on q, k, v and the LoRA factors of [`ADAPTED`].
@@ -670,59 +685,28 @@ mod tests {
         // Reductions of 64, 32 and 96: whole Q8_0 / Q4_1 blocks of 32.
         let (b, t, d, f, hd, heads) = (2, 9, 64, 96, 8, Heads { q: 4, kv: 2 });
         let l = layer(d, f, heads, hd, t, 13)?;
+        let case = F32Case::new(&l, (b, t, d))?;
         let f32_of = |t: &Tensor| t.to_dtype(DType::F32);
-        let h = Var::from_tensor(&f32_of(&randn_f64(&[b, t, d], 1, 1.0)?)?)?;
-        let probe = f32_of(&randn_f64(&[b, t, d], 2, 1.0)?)?;
-        let a: Vec<Var> = ADAPTED
-            .iter()
-            .map(|&i| Var::from_tensor(&f32_of(&l.a[i])?))
-            .collect::<Result<_>>()?;
-        let bb: Vec<Var> = ADAPTED
-            .iter()
-            .map(|&i| Var::from_tensor(&f32_of(&l.bb[i])?))
-            .collect::<Result<_>>()?;
-        let (cos, sin) = (f32_of(&l.tables.0)?, f32_of(&l.tables.1)?);
-        let mask = causal_padded(b, t)?.to_dtype(DType::F32)?;
         let bias: Vec<Tensor> = l.b.iter().map(f32_of).collect::<Result<_>>()?;
         let norm = f32_of(&l.norm)?;
         let n = RmsNormSpec {
             w: &norm,
             eps: 1e-6,
         };
-        let vars = |js: std::ops::Range<usize>| -> Vec<&Var> {
-            let mut vars = vec![&h];
-            vars.extend(js.flat_map(|j| [&a[j], &bb[j]]));
-            vars
-        };
-        let ht = h.as_tensor();
         for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_1] {
             let q: Vec<QuantizedWeight> =
                 l.w.iter()
                     .map(|w| QuantizedWeight::quantize(&f32_of(w)?, dtype))
                     .collect::<Result<_>>()?;
-            let dense: Vec<Tensor> = q.iter().map(|q| q.dequantize()).collect::<Result<_>>()?;
-            let run = |ws: [FrozenWeight<'_>; 7]| -> Result<(Tensor, Tensor)> {
-                let l = specs_of(ws, &bias, (&a, &bb));
-                let s = |i: usize| l[i];
-                let att = decoder_attention(
-                    ht,
-                    [s(0), s(1), s(2), s(3)],
-                    n,
-                    heads,
-                    (&cos, &sin),
-                    Some(&mask),
-                )?;
-                let mlp = decoder_mlp(ht, [s(4), s(5), s(6)], n)?;
-                Ok((att.expect("fused attention"), mlp.expect("fused MLP")))
-            };
+            let dequantized: Vec<Tensor> =
+                q.iter().map(|q| q.dequantize()).collect::<Result<_>>()?;
             let quantized: [FrozenWeight; 7] =
                 std::array::from_fn(|i| FrozenWeight::Quantized(&q[i]));
-            let dequantized: [FrozenWeight; 7] =
-                std::array::from_fn(|i| FrozenWeight::Dense(&dense[i]));
-            let got = pool.install(|| run(quantized))?;
-            let want = pool.install(|| run(dequantized))?;
-            assert_same_value_and_gradients(&pool, &got.0, &want.0, &probe, &vars(0..3), 1e-4)?;
-            assert_same_value_and_gradients(&pool, &got.1, &want.1, &probe, &vars(3..4), 1e-4)?;
+            let got = pool.install(|| case.run(quantized, &bias, n, heads))?;
+            let want = pool.install(|| case.run(dense(&dequantized), &bias, n, heads))?;
+            let (p, tol) = (&case.probe, 1e-4);
+            assert_same_value_and_gradients(&pool, &got.0, &want.0, p, &case.vars(0..3), tol)?;
+            assert_same_value_and_gradients(&pool, &got.1, &want.1, p, &case.vars(3..4), tol)?;
         }
         Ok(())
     }
