@@ -35,9 +35,17 @@ pub(crate) fn available() -> bool {
     }
 }
 
+/// Rows `[n, k]` (row-major) written into `ceil(n / 16)` panels of `[k][16]`, the last one's
+/// missing rows zero.
+pub(crate) fn rows_to_panels(rows: &[f32], k: usize, panels: &mut [f32]) {
+    for (rows, panel) in rows.chunks(PANEL * k).zip(panels.chunks_mut(PANEL * k)) {
+        rows_to_panel(rows, k, panel);
+    }
+}
+
 /// Rows `[rows, k]` (row-major, `rows <= 16`) written into one panel `[k][16]`, missing rows
 /// zero.
-pub(crate) fn rows_to_panel(rows: &[f32], k: usize, panel: &mut [f32]) {
+fn rows_to_panel(rows: &[f32], k: usize, panel: &mut [f32]) {
     let n = rows.len() / k.max(1);
     debug_assert!(n <= PANEL && panel.len() >= k * PANEL);
     #[cfg(target_arch = "x86_64")]
@@ -165,10 +173,7 @@ pub(crate) unsafe fn weight_product(
             if panels.len() < len {
                 panels.resize(len, 0.0);
             }
-            let rows = &w[r0 * k..(r0 + r) * k];
-            for (rows, panel) in rows.chunks(PANEL * k).zip(panels.chunks_mut(PANEL * k)) {
-                rows_to_panel(rows, k, panel);
-            }
+            rows_to_panels(&w[r0 * k..(r0 + r) * k], k, panels);
             // SAFETY: AVX2 and the shapes are the caller's; this tile writes only the columns
             // r0..r0 + r of `out`.
             unsafe {
@@ -360,12 +365,8 @@ mod tests {
         ] {
             let x = data(m * ldx, 1);
             let w = data(n * k, 2);
-            let np = n.div_ceil(PANEL);
-            let mut panels = vec![1f32; np * k * PANEL];
-            for p in 0..np {
-                let rows = &w[p * PANEL * k..((p + 1) * PANEL).min(n) * k];
-                rows_to_panel(rows, k, &mut panels[p * k * PANEL..(p + 1) * k * PANEL]);
-            }
+            let mut panels = vec![1f32; n.div_ceil(PANEL) * k * PANEL];
+            rows_to_panels(&w, k, &mut panels);
             let want = plain(&x, (m, k, ldx), &w, n);
             for accumulate in [false, true] {
                 // A wider output: columns past `n` must stay untouched.

@@ -404,7 +404,7 @@ impl QuantizedMatmul {
     /// [`super::panel_gemm`] instead of handed to gemm, which would pack them into panels again.
     #[cfg(target_arch = "x86_64")]
     fn product_by_panels(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
-        use super::panel_gemm::{product, rows_to_panel, PANEL};
+        use super::panel_gemm::{product, rows_to_panels};
         let (n_rows, k) = (self.w.rows, self.w.cols);
         let mut y = vec![0f32; m * n_rows];
         let tile_rows = self.tile_rows();
@@ -415,9 +415,7 @@ impl QuantizedMatmul {
                 || (vec![0f32; tile_rows * k], vec![0f32; tile_rows * k]),
                 |(tile, panels), i| -> Result<()> {
                     let (r0, r, t) = self.dequantized_tile(i, tile)?;
-                    for (rows, panel) in t.chunks(PANEL * k).zip(panels.chunks_mut(PANEL * k)) {
-                        rows_to_panel(rows, k, panel);
-                    }
+                    rows_to_panels(t, k, panels);
                     // SAFETY: AVX2/FMA checked by the caller; this task writes only the columns
                     // r0..r0+r of `y` ([m, n_rows]).
                     unsafe { product(x, (m, k, k), panels, r, out.get().add(r0), n_rows, false) };
