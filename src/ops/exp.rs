@@ -12,11 +12,34 @@ use num_traits::Float;
 pub(crate) trait ExpSlice: Float {
     /// `xs[i] = exp(xs[i])`.
     fn exp_in_place(xs: &mut [Self]);
+
+    /// `xs[i] = exp(xs[i] - shift)`, returning the sum of the results (added in f64).
+    fn exp_shifted_sum(xs: &mut [Self], shift: Self) -> f64;
+}
+
+/// `row = exp(row - max(row))`, returning the row's maximum and the sum of the exponentials:
+/// the core of a softmax or a log-sum-exp, in two passes over the row.
+pub(crate) fn exp_from_max<T: ExpSlice>(row: &mut [T]) -> (T, f64) {
+    let max = super::reduce::max(row);
+    (max, T::exp_shifted_sum(row, max))
+}
+
+fn exp_shifted_sum_scalar<T: Float>(xs: &mut [T], shift: T) -> f64 {
+    let mut sum = 0f64;
+    for x in xs {
+        *x = (*x - shift).exp();
+        sum += x.to_f64().unwrap_or(f64::NAN);
+    }
+    sum
 }
 
 impl ExpSlice for f64 {
     fn exp_in_place(xs: &mut [f64]) {
         xs.iter_mut().for_each(|x| *x = x.exp());
+    }
+
+    fn exp_shifted_sum(xs: &mut [f64], shift: f64) -> f64 {
+        exp_shifted_sum_scalar(xs, shift)
     }
 }
 
@@ -29,6 +52,15 @@ impl ExpSlice for f32 {
             return;
         }
         xs.iter_mut().for_each(|x| *x = x.exp());
+    }
+
+    fn exp_shifted_sum(xs: &mut [f32], shift: f32) -> f64 {
+        #[cfg(target_arch = "x86_64")]
+        if avx2_fma() {
+            // SAFETY: the CPU has AVX2 and FMA.
+            return unsafe { exp_shifted_sum_avx2(xs, shift) };
+        }
+        exp_shifted_sum_scalar(xs, shift)
     }
 }
 
@@ -63,6 +95,38 @@ unsafe fn exp_avx2(xs: &mut [f32]) {
         _mm256_storeu_ps(buf.as_mut_ptr(), y);
         rest.copy_from_slice(&buf[..rest.len()]);
     }
+}
+
+/// # Safety
+/// Needs AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exp_shifted_sum_avx2(xs: &mut [f32], shift: f32) -> f64 {
+    use std::arch::x86_64::*;
+    let s = _mm256_set1_ps(shift);
+    // Two f64 accumulators of four lanes each, one per half of the eight results.
+    let (mut lo, mut hi) = (_mm256_setzero_pd(), _mm256_setzero_pd());
+    let mut chunks = xs.chunks_exact_mut(8);
+    for c in &mut chunks {
+        let p = c.as_mut_ptr();
+        let y = exp8(_mm256_sub_ps(_mm256_loadu_ps(p), s));
+        _mm256_storeu_ps(p, y);
+        lo = _mm256_add_pd(lo, _mm256_cvtps_pd(_mm256_castps256_ps128(y)));
+        hi = _mm256_add_pd(hi, _mm256_cvtps_pd(_mm256_extractf128_ps(y, 1)));
+    }
+    let mut lanes = [0f64; 4];
+    _mm256_storeu_pd(lanes.as_mut_ptr(), _mm256_add_pd(lo, hi));
+    let mut sum: f64 = lanes.iter().sum();
+    let rest = chunks.into_remainder();
+    if !rest.is_empty() {
+        let mut buf = [0f32; 8];
+        buf[..rest.len()].copy_from_slice(rest);
+        let y = exp8(_mm256_sub_ps(_mm256_loadu_ps(buf.as_ptr()), s));
+        _mm256_storeu_ps(buf.as_mut_ptr(), y);
+        rest.copy_from_slice(&buf[..rest.len()]);
+        sum += rest.iter().map(|&v| v as f64).sum::<f64>();
+    }
+    sum
 }
 
 /// # Safety
@@ -147,5 +211,41 @@ mod tests {
         f32::exp_in_place(&mut edge);
         assert_eq!(&edge[..4], &[0.0, 0.0, f32::INFINITY, f32::INFINITY]);
         assert!(edge[4].is_nan());
+    }
+
+    #[test]
+    fn shifted_exponentials_and_their_sum_at_every_remainder() {
+        for n in (0..20).chain([49_152 + 3]) {
+            let xs: Vec<f32> = (0..n)
+                .map(|i| ((i * 37) % 101) as f32 * 0.3 - 20.0)
+                .collect();
+            let mut got = xs.clone();
+            let (max, sum) = exp_from_max(&mut got);
+            let want_max = xs.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            assert_eq!(max, want_max, "length {n}");
+            let want: Vec<f32> = xs.iter().map(|&x| exact(x - want_max)).collect();
+            for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+                assert!(ulps(g, w) <= 2, "length {n}, element {i}: {g} vs {w}");
+            }
+            // The sum is that of the stored results, and these are within 2 ulp of exact.
+            let stored: f64 = got.iter().map(|&v| v as f64).sum();
+            assert!(
+                (sum - stored).abs() <= 1e-12 * stored.max(1.0),
+                "{sum} vs {stored}"
+            );
+            let want_sum: f64 = want.iter().map(|&v| v as f64).sum();
+            assert!(
+                (sum - want_sum).abs() <= 1e-6 * want_sum.max(1.0),
+                "{sum} vs {want_sum}"
+            );
+            // The f64 path computes the same.
+            let mut wide: Vec<f64> = xs.iter().map(|&v| v as f64).collect();
+            let (m64, s64) = exp_from_max(&mut wide);
+            assert_eq!(m64, want_max as f64);
+            assert!((s64 - want_sum).abs() <= 1e-5 * want_sum.max(1.0));
+        }
+        // A NaN reaches the sum.
+        let mut xs = vec![1.0f32, f32::NAN, 2.0, 0.5, 0.0, 1.0, 1.0, 1.0, 3.0];
+        assert!(exp_from_max(&mut xs).1.is_nan());
     }
 }

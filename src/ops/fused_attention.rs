@@ -15,7 +15,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, WithDTyp
 use num_traits::Float;
 use rayon::prelude::*;
 
-use super::exp::ExpSlice;
+use super::exp::{exp_from_max, ExpSlice};
 use super::{attention, cpu_slice, first_order_fused, with_cpu_slices};
 
 /// Attention for `q: [b, tq, h * d]`, `k, v: [b, tk, h_kv * d]` (the projections' outputs; the
@@ -304,10 +304,7 @@ unsafe fn probabilities<T: Elem>(
         if let Some(m) = mask.values((bi, hi, qi), kend) {
             row.iter_mut().zip(m).for_each(|(s, &m)| *s += m);
         }
-        let max = row.iter().fold(T::neg_infinity(), |a, &s| Float::max(a, s));
-        row.iter_mut().for_each(|s| *s -= max);
-        T::exp_in_place(row);
-        let sum = row.iter().map(|&s| WithDType::to_f64(s)).sum::<f64>();
+        let (_, sum) = exp_from_max(row);
         let inv = T::from(sum.recip()).unwrap_or_else(T::nan);
         row.iter_mut().for_each(|s| *s *= inv);
     }

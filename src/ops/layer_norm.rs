@@ -5,6 +5,7 @@ use num_traits::Float;
 use rayon::prelude::*;
 
 use super::norm_grad::fused_norm_backward;
+use super::reduce::sum_by;
 use super::{cpu_slice, fused_ok, rows_per_task};
 
 struct LayerNorm {
@@ -14,21 +15,18 @@ struct LayerNorm {
 /// LayerNorm over rows of `w.len()` values, on the threads.
 pub(crate) fn fwd<T: WithDType + Float>(x: &[T], w: &[T], b: &[T], eps: f64) -> Vec<T> {
     let dim = w.len();
-    let eps = T::from(eps).unwrap_or_else(T::epsilon);
-    let n = T::from(dim).unwrap_or_else(T::one);
+    let n = dim as f64;
     let mut out = vec![T::zero(); x.len()];
     out.par_chunks_mut(dim)
         .zip(x.par_chunks(dim))
         .with_min_len(rows_per_task(dim))
         .for_each(|(o, xr)| {
-            let mean = xr.iter().fold(T::zero(), |a, &v| a + v) / n;
-            let var = xr
-                .iter()
-                .fold(T::zero(), |a, &v| a + (v - mean) * (v - mean))
-                / n;
-            let r = (var + eps).sqrt().recip();
-            for (i, o) in o.iter_mut().enumerate() {
-                *o = (xr[i] - mean) * r * w[i] + b[i];
+            let mean = sum_by(xr, |v| v) / n;
+            let var = sum_by(xr, |v| (v - mean) * (v - mean)) / n;
+            let r = T::from((var + eps).sqrt().recip()).unwrap_or_else(T::nan);
+            let mean = T::from(mean).unwrap_or_else(T::nan);
+            for (((o, &x), &w), &b) in o.iter_mut().zip(xr).zip(w).zip(b) {
+                *o = (x - mean) * r * w + b;
             }
         });
     out

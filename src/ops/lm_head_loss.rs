@@ -20,7 +20,7 @@ use candle_core::{
 use num_traits::Float;
 use rayon::prelude::*;
 
-use super::exp::ExpSlice;
+use super::exp::{exp_from_max, ExpSlice};
 use super::{cross_entropy, fused_ok, linear, softmax_last_dim};
 use crate::ops::frozen_linear::{frozen_linear, frozen_matmul};
 use crate::ops::par_gemm::{self, Strided};
@@ -176,14 +176,11 @@ impl LmHeadCe {
                     }
                     let t = t as usize;
                     let picked = WithDType::to_f64(row[t]);
-                    let max = row.iter().fold(T::neg_infinity(), |a, &v| Float::max(a, v));
                     // In place: the block's logits are not needed afterwards.
-                    row.iter_mut().for_each(|v| *v -= max);
-                    T::exp_in_place(row);
-                    let sum = row.iter().fold(T::zero(), |s, &v| s + v);
-                    let lse = WithDType::to_f64(max) + WithDType::to_f64(sum).ln();
+                    let (max, sum) = exp_from_max(row);
+                    let lse = WithDType::to_f64(max) + sum.ln();
                     if want {
-                        let k = T::from(scale).unwrap_or_else(T::nan) / sum;
+                        let k = T::from(scale / sum).unwrap_or_else(T::nan);
                         row.iter_mut().for_each(|v| *v *= k);
                         row[t] -= T::from(scale).unwrap_or_else(T::nan);
                     }

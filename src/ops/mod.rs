@@ -29,6 +29,7 @@ pub(crate) mod norm_grad;
 pub(crate) mod panel_gemm;
 pub(crate) mod par_gemm;
 pub mod quantized_linear;
+pub(crate) mod reduce;
 pub mod residual_linear;
 pub mod rms_norm;
 pub mod rope;

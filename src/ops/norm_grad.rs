@@ -14,6 +14,7 @@ use candle_core::{Device, Result, Storage, Tensor, WithDType};
 use num_traits::Float;
 use rayon::prelude::*;
 
+use super::reduce::{sum3_by, sum_by};
 use super::{cpu_slice, rows_per_task};
 
 /// Gradients of a norm's input, weight and bias.
@@ -140,28 +141,29 @@ pub(crate) fn rows_backward<T: WithDType + Float>(
                 .zip(xc.chunks_exact(dim))
                 .zip(gc.chunks_exact(dim))
             {
-                let f = |v: T| WithDType::to_f64(v);
+                // The row's sums in f64 (see `reduce`); the element-wise work in T.
                 let mean = match centered {
-                    true => xr.iter().map(|&v| f(v)).sum::<f64>() / n,
+                    true => sum_by(xr, |v| v) / n,
                     false => 0.0,
                 };
-                let var = xr.iter().map(|&v| (f(v) - mean).powi(2)).sum::<f64>() / n;
+                let var = sum_by(xr, |v| (v - mean) * (v - mean)) / n;
                 let r = (var + eps).sqrt().recip();
-                let (mut m1, mut m2) = (0f64, 0f64);
-                for ((&xi, &gi), &wi) in xr.iter().zip(gr).zip(wv) {
-                    let gx = f(gi) * f(wi);
-                    m1 += gx;
-                    m2 += gx * (f(xi) - mean) * r;
+                let m1 = match centered {
+                    true => sum3_by(gr, wv, xr, |g, w, _| g * w) / n,
+                    false => 0.0,
+                };
+                let m2 = sum3_by(gr, wv, xr, |g, w, x| g * w * (x - mean)) * r / n;
+                // dx = (g w - m1 - xhat m2) r = g w r - m1 r - (x - mean) m2 r^2.
+                let t = |v: f64| T::from(v).unwrap_or_else(T::nan);
+                let (rt, m1r, m2rr, mt) = (t(r), t(m1 * r), t(m2 * r * r), t(mean));
+                for (((o, &x), &g), &w) in d.iter_mut().zip(xr).zip(gr).zip(wv) {
+                    *o = g * w * rt - m1r - (x - mt) * m2rr;
                 }
-                let m1 = if centered { m1 / n } else { 0.0 };
-                let m2 = m2 / n;
-                for (i, ((o, &xi), &gi)) in d.iter_mut().zip(xr).zip(gr).enumerate() {
-                    let xhat = (f(xi) - mean) * r;
-                    let gx = f(gi) * f(wv[i]);
-                    *o = T::from((gx - m1 - xhat * m2) * r).unwrap_or_else(T::nan);
-                    if want_params {
-                        dw[i] += f(gi) * xhat;
-                        db[i] += f(gi);
+                if want_params {
+                    let f = |v: T| WithDType::to_f64(v);
+                    for ((&x, &g), (dw, db)) in xr.iter().zip(gr).zip(dw.iter_mut().zip(&mut db)) {
+                        *dw += f(g) * (f(x) - mean) * r;
+                        *db += f(g);
                     }
                 }
             }

@@ -5,6 +5,7 @@ use num_traits::Float;
 use rayon::prelude::*;
 
 use super::norm_grad::fused_norm_backward;
+use super::reduce::sum_by;
 use super::{cpu_slice, fused_ok, rows_per_task};
 
 struct RmsNorm {
@@ -19,12 +20,9 @@ pub(crate) fn fwd<T: WithDType + Float>(x: &[T], w: &[T], eps: f64) -> Vec<T> {
         .zip(x.par_chunks(dim))
         .with_min_len(rows_per_task(dim))
         .for_each(|(o, xr)| {
-            // Accumulate in f64: the kernel is memory-bound, and f32 sums over thousands of
-            // features are a visible share of the model's rounding error.
-            let ms = xr.iter().fold(0f64, |a, &v| {
-                let v = WithDType::to_f64(v);
-                a + v * v
-            }) / dim as f64;
+            // Accumulate in f64: f32 sums over thousands of features are a visible share of
+            // the model's rounding error.
+            let ms = sum_by(xr, |v| v * v) / dim as f64;
             let r = T::from((ms + WithDType::to_f64(eps)).sqrt().recip()).unwrap_or_else(T::nan);
             for ((o, &xv), &wv) in o.iter_mut().zip(xr).zip(w) {
                 *o = xv * r * wv;

@@ -4,7 +4,7 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, WithDTyp
 use num_traits::Float;
 use rayon::prelude::*;
 
-use super::exp::ExpSlice;
+use super::exp::{exp_from_max, ExpSlice};
 use super::{cpu_slice, fused_ok, rows_per_task};
 
 struct Softmax;
@@ -18,10 +18,8 @@ fn fwd<T: WithDType + Float + ExpSlice + std::ops::AddAssign + std::ops::MulAssi
         .zip(x.par_chunks(dim))
         .with_min_len(rows_per_task(dim))
         .for_each(|(o, xr)| {
-            let max = xr.iter().fold(T::neg_infinity(), |m, &v| Float::max(m, v));
-            o.iter_mut().zip(xr).for_each(|(o, &v)| *o = v - max);
-            T::exp_in_place(o);
-            let sum = o.iter().map(|&v| WithDType::to_f64(v)).sum::<f64>();
+            o.copy_from_slice(xr);
+            let (_, sum) = exp_from_max(o);
             let inv = T::from(sum.recip()).unwrap_or_else(T::nan);
             o.iter_mut().for_each(|o| *o *= inv);
         });
