@@ -28,10 +28,15 @@ use crate::ops::quantized_linear::{
     quantized_linear_exact, quantized_linear_t, quantized_product, QuantizedWeight,
 };
 
-/// Logit elements per block: ~32 MB of f32, reused from block to block. Each block's products
-/// pack the whole head again, so blocks much smaller cost time (SmolLM2 LoRA step, alternated
-/// A/B: 16 MB blocks 1.04-1.10x the time of 64 MB ones, 32 MB ones 1.01x).
-const BLOCK_ELEMS: usize = 1 << 23;
+/// Logit elements per block: up to 128 MB of f32 (all 512 rows of a 4 x 128 SmolLM2 batch), in
+/// a buffer kept from call to call ([`LOGITS`]). Each block's products transpose and pack the
+/// whole head again, so smaller blocks cost time (SmolLM2 LoRA step, alternated A/B: 16 MB
+/// blocks 1.04-1.10x the time of 64 MB ones, 32 MB ones 1.01x; see BENCHMARKS.md for one block).
+const BLOCK_ELEMS: usize = 1 << 25;
+
+/// The f32 logits buffer, kept between calls: a block beyond glibc's 32 MiB mmap ceiling would
+/// otherwise be a fresh mapping, faulted in and zeroed page by page, at every call.
+static LOGITS: Mutex<Vec<f32>> = Mutex::new(Vec::new());
 
 struct LmHeadCe {
     targets: Vec<i64>,
@@ -43,6 +48,8 @@ struct LmHeadCe {
     /// Compute the weight's gradient in the forward too (a trainable head; needs `want_grad`).
     want_w_grad: bool,
     w_grad: Mutex<Option<Tensor>>,
+    /// Logit elements per block of the dense head ([`BLOCK_ELEMS`]; smaller in tests).
+    block_elems: usize,
 }
 
 /// The loss and, when wanted, the hidden states' and the weight's gradients.
@@ -60,6 +67,14 @@ trait Owned:
     + Sync
 {
     fn take(s: CpuStorage) -> Result<Vec<Self>>;
+
+    /// A buffer of `len` values (contents unspecified) for a block's logits.
+    fn scratch(len: usize) -> Vec<Self> {
+        vec![Self::zero(); len]
+    }
+
+    /// Hands a block's buffer back for the next [`Owned::scratch`].
+    fn recycle(_buf: Vec<Self>) {}
 }
 
 impl Owned for f32 {
@@ -67,6 +82,24 @@ impl Owned for f32 {
         match s {
             CpuStorage::F32(v) => Ok(v),
             _ => candle_core::bail!("lm_head_cross_entropy: expected f32"),
+        }
+    }
+
+    fn scratch(len: usize) -> Vec<f32> {
+        // Another thread holding the buffer (two heads at once) gets a fresh one.
+        let mut buf = LOGITS
+            .try_lock()
+            .map(|mut b| std::mem::take(&mut *b))
+            .unwrap_or_default();
+        buf.resize(len, 0.0);
+        buf
+    }
+
+    fn recycle(buf: Vec<f32>) {
+        if let Ok(mut b) = LOGITS.try_lock() {
+            if buf.capacity() >= b.capacity() {
+                *b = buf;
+            }
         }
     }
 }
@@ -100,7 +133,7 @@ impl LmHeadCe {
         let dw = Mutex::new(self.want_w_grad.then(|| vec![T::zero(); vocab * d]));
         let (loss, dh) = self.blocks(
             (n, d, vocab),
-            BLOCK_ELEMS,
+            self.block_elems,
             |r0, m| {
                 let lhs = Layout::contiguous_with_offset((m, d), h0 + r0 * d);
                 if par_gemm::enabled() {
@@ -109,7 +142,9 @@ impl LmHeadCe {
                         Strided::from_layout(hs, &lhs)?,
                         Strided::from_layout(ws, &w_t)?,
                     );
-                    return par_gemm::matmul((m, vocab, d), hv, wv);
+                    let mut logits = T::scratch(m * vocab);
+                    par_gemm::matmul_to(&mut logits, (m, vocab, d), hv, wv)?;
+                    return Ok(logits);
                 }
                 T::take(h.matmul(w, (1, m, vocab, d), &lhs, &w_t)?)
             },
@@ -118,14 +153,14 @@ impl LmHeadCe {
                     // dW += dlogits^T h for this block's rows, in place: a product per block
                     // would be a fresh 113 MB (SmolLM2) mapping, zeroed page by page.
                     let hv = Strided::row_major(h.as_slice::<T>()?, h0 + r0 * d, d);
-                    let dlt = Strided::transposed(&dl, 0, vocab);
+                    let dlt = Strided::transposed(dl, 0, vocab);
                     par_gemm::matmul_acc(acc, (vocab, d, m), dlt, hv, T::one())?;
                 }
                 if par_gemm::enabled() {
                     let ws = Strided::from_layout(w.as_slice::<T>()?, &w_kn)?;
-                    return par_gemm::matmul((m, d, vocab), Strided::row_major(&dl, 0, vocab), ws);
+                    return par_gemm::matmul((m, d, vocab), Strided::row_major(dl, 0, vocab), ws);
                 }
-                let dl = T::to_cpu_storage_owned(dl);
+                let dl = T::to_cpu_storage_owned(dl.to_vec());
                 let lay = Layout::contiguous((m, vocab));
                 T::take(dl.matmul(w, (1, m, d, vocab), &lay, &w_kn)?)
             },
@@ -134,13 +169,14 @@ impl LmHeadCe {
     }
 
     /// The blocked loop over `block_elems / vocab` rows at a time: `logits(r0, m)` gives a block's
-    /// `[m, vocab]` logits, `grad(dlogits, m, r0)` its `[m, d]` hidden-state gradient.
+    /// `[m, vocab]` logits, `grad(dlogits, m, r0)` its `[m, d]` hidden-state gradient. The
+    /// logits' buffer goes back to [`Owned::recycle`] after each block.
     fn blocks<T: Owned>(
         &self,
         (n, d, vocab): (usize, usize, usize),
         block_elems: usize,
         logits_of: impl Fn(usize, usize) -> Result<Vec<T>>,
-        grad_of: impl Fn(Vec<T>, usize, usize) -> Result<Vec<T>>,
+        grad_of: impl Fn(&[T], usize, usize) -> Result<Vec<T>>,
     ) -> Result<(T, Option<Vec<T>>)> {
         let rows = (block_elems / vocab.max(1)).clamp(1, n.max(1));
         let scale = 1.0 / self.count.max(1) as f64;
@@ -188,9 +224,10 @@ impl LmHeadCe {
                 })
                 .sum::<f64>();
             if let Some(dh) = dh.as_mut() {
-                let g = grad_of(logits, m, r0)?;
+                let g = grad_of(&logits, m, r0)?;
                 dh[r0 * d..(r0 + m) * d].copy_from_slice(&g);
             }
+            T::recycle(logits);
             r0 += m;
         }
         let loss = T::from(total * scale).unwrap_or_else(T::nan);
@@ -293,8 +330,8 @@ impl LmHeadCe {
     }
 }
 
-/// Logit elements per block with a quantized head: every block dequantizes the whole head (tile
-/// by tile) once, twice when training, so its blocks are 4x the dense op's (64 MB of f32).
+/// Logit elements per block with a quantized head (64 MB of f32): every block dequantizes the
+/// whole head (tile by tile) once, twice when training.
 const QUANTIZED_BLOCK_ELEMS: usize = 1 << 24;
 
 /// [`LmHeadCe`] with the head kept as GGUF blocks (QLoRA-style training): each block's logits
@@ -324,7 +361,7 @@ impl CustomOp1 for QuantizedLmHeadCe {
             (n, d, vocab),
             QUANTIZED_BLOCK_ELEMS,
             |r0, m| quantized_product(&self.w, &x[r0 * d..(r0 + m) * d], m, false),
-            |dl, m, _| quantized_product(&self.w, &dl, m, true),
+            |dl, m, _| quantized_product(&self.w, dl, m, true),
         )?;
         if let Some(dh) = dh {
             self.ce
@@ -378,9 +415,21 @@ pub fn lm_head_cross_entropy(
     targets: &Tensor,
     ignore_index: i64,
 ) -> Result<Tensor> {
+    in_blocks(hidden, w, targets, ignore_index, BLOCK_ELEMS)
+}
+
+/// [`lm_head_cross_entropy`] with `block_elems` logits per block.
+fn in_blocks(
+    hidden: &Tensor,
+    w: &Tensor,
+    targets: &Tensor,
+    ignore_index: i64,
+    block_elems: usize,
+) -> Result<Tensor> {
     let d = hidden.dim(candle_core::D::Minus1)?;
     let h = hidden.reshape(((), d))?;
     let mut ce = LmHeadCe::new(&h, targets, ignore_index)?;
+    ce.block_elems = block_elems;
     if !fused_ok(&h) || (w.track_op() && !ce.want_grad) {
         return cross_entropy(&linear(&h, w, None)?, targets, ignore_index);
     }
@@ -417,6 +466,7 @@ impl LmHeadCe {
             grad: Mutex::new(None),
             want_w_grad: false,
             w_grad: Mutex::new(None),
+            block_elems: BLOCK_ELEMS,
         })
     }
 }
@@ -435,6 +485,7 @@ fn with_mode(hidden: &Tensor, w: &Tensor, targets: &[i64], precompute: bool) -> 
             grad: Mutex::new(None),
             want_w_grad: false,
             w_grad: Mutex::new(None),
+            block_elems: BLOCK_ELEMS,
         },
     )
 }
@@ -463,10 +514,12 @@ mod tests {
     }
 
     /// A trained head (full fine-tuning of a tied embedding): the weight's gradient accumulates
-    /// over blocks (5 here) and equals the unfused one, as do the value and the hidden states'.
+    /// over blocks (5 here, the last one short) and equals the unfused one, as do the value and
+    /// the hidden states'.
     #[test]
     fn a_trained_head_gets_the_unfused_gradients() -> Result<()> {
         let (n, vocab, d) = (1100, 16_000, 6);
+        let block_elems = 250 * vocab;
         let h = Var::from_tensor(&randn_f64(&[n, d], 87, 1.0)?)?;
         let w = Var::from_tensor(&randn_f64(&[vocab, d], 88, 0.5)?)?;
         let t: Vec<i64> = (0..n as i64)
@@ -479,7 +532,7 @@ mod tests {
             })
             .collect();
         let t = Tensor::new(t.as_slice(), &Device::Cpu)?;
-        let fused = lm_head_cross_entropy(h.as_tensor(), w.as_tensor(), &t, -100)?;
+        let fused = in_blocks(h.as_tensor(), w.as_tensor(), &t, -100, block_elems)?;
         let plain = cross_entropy(&linear(h.as_tensor(), w.as_tensor(), None)?, &t, -100)?;
         let (fv, pv) = (fused.to_scalar::<f64>()?, plain.to_scalar::<f64>()?);
         assert!((fv - pv).abs() < 1e-12 * pv.abs(), "{fv} vs {pv}");
@@ -507,11 +560,17 @@ mod tests {
         let gb = plain.backward()?.get(h.as_tensor()).cloned().unwrap();
         let diff = (ga - gb)?.abs()?.max_all()?.to_scalar::<f64>()?;
         assert!(diff < 1e-12, "gradient differs by {diff}");
-        // f32 with several blocks agrees too.
+        // f32 in blocks of 1, 4 and all 6 rows agrees too, each block's logits in the buffer
+        // the last one left behind (whatever it held).
         let h32 = h.as_tensor().to_dtype(DType::F32)?;
         let w32 = w.to_dtype(DType::F32)?;
-        let a32 = lm_head_cross_entropy(&h32, &w32, &t, -100)?.to_scalar::<f32>()?;
-        assert!((a32 as f64 - b).abs() < 1e-5);
+        for rows in [1, 4, 6] {
+            let a32 = in_blocks(&h32, &w32, &t, -100, rows * 7)?.to_scalar::<f32>()?;
+            assert!(
+                (a32 as f64 - b).abs() < 1e-5,
+                "{rows} rows a block: {a32} vs {b}"
+            );
+        }
         Ok(())
     }
 

@@ -132,6 +132,24 @@ pub(crate) fn matmul<T: WithDType>(
     Ok(out)
 }
 
+/// `dst = lhs [m, k] x rhs [k, n]` into the first `m * n` values of `dst` (row-major), whatever
+/// they held.
+pub(crate) fn matmul_to<T: WithDType>(
+    dst: &mut [T],
+    (m, n, k): (usize, usize, usize),
+    lhs: Strided<'_, T>,
+    rhs: Strided<'_, T>,
+) -> Result<()> {
+    if dst.len() < m * n {
+        bail!(
+            "par_gemm: destination of {} elements for [{m}, {n}]",
+            dst.len()
+        );
+    }
+    // SAFETY: `dst` holds `[m, n]` row-major, checked above.
+    unsafe { product(m, n, k, dst.as_mut_ptr(), n, (false, T::one()), lhs, rhs) }
+}
+
 /// `dst += beta * lhs [m, k] x rhs [k, n]` for a row-major `dst: [m, n]`.
 pub(crate) fn matmul_acc<T: WithDType>(
     dst: &mut [T],
