@@ -101,7 +101,7 @@ pub(crate) unsafe fn product(
             let p1 = (p0 + BLOCK_PANELS).min(np);
             let mut t = 0;
             while t < m {
-                let rows = NR.min(m - t);
+                let rows = token_group(m - t);
                 let xs = x.as_ptr().add(t * ldx + kb);
                 for p in p0..p1 {
                     let panel = panels.as_ptr().add(p * k * PANEL + kb * PANEL);
@@ -122,6 +122,18 @@ pub(crate) unsafe fn product(
             p0 = p1;
         }
         kb += kl;
+    }
+}
+
+/// Tokens for the next kernel call with `left` tokens to go: six, except that the last 7-9 are
+/// split into two calls of 3-5. The kernel's accumulators are its only independent chains of
+/// FMAs, and two FMA pipes of 4 cycles' latency need eight of them: a call of 4-6 tokens (8-12
+/// accumulators) runs at the kernel's peak, one of 2 tokens at half of it (m = 128 = 21 x 6 + 2).
+fn token_group(left: usize) -> usize {
+    match left {
+        7 | 8 => 4,
+        9 => 5,
+        _ => NR.min(left),
     }
 }
 
@@ -345,6 +357,27 @@ mod tests {
         y
     }
 
+    /// Token groups cover every count exactly, none wider than the kernel, and from three tokens
+    /// on none narrower than three.
+    #[test]
+    fn token_groups_cover_the_tokens_in_wide_calls() {
+        for m in 1..200 {
+            let mut groups = vec![];
+            let mut t = 0;
+            while t < m {
+                let g = token_group(m - t);
+                assert!((1..=NR).contains(&g), "{m} tokens: a group of {g}");
+                groups.push(g);
+                t += g;
+            }
+            assert_eq!(t, m);
+            if m >= 3 {
+                assert!(groups.iter().all(|&g| g >= 3), "{m} tokens: {groups:?}");
+            }
+        }
+        assert_eq!(token_group(8), 4);
+    }
+
     /// Every token count (kernel widths 1 to 6 and their mixtures), partial last panels, more
     /// panels than a block, reductions split into several blocks, token rows wider than the
     /// reduction, written and accumulated outputs: all agree with a plain f64 product, and no
@@ -362,6 +395,8 @@ mod tests {
             (64, 48, 64, 64),
             (7, 3, 1, 2),
             (9, 150, 1600, 1601),
+            (2, 40, 33, 35),
+            (8, 17, 20, 20),
         ] {
             let x = data(m * ldx, 1);
             let w = data(n * k, 2);
