@@ -5,16 +5,18 @@ use num_traits::Float;
 use rayon::prelude::*;
 
 use super::exp::ExpSlice;
-use super::{cpu_slice, first_order_fused, fused_ok, with_cpu_slices};
+use super::{chunk_of, cpu_slice, first_order_fused, fused_ok, par_fill, with_cpu_slices};
 
 const CHUNK: usize = 4096;
 
 fn map<T: WithDType + Float>(x: &[T], f: impl Fn(T) -> T + Sync) -> Vec<T> {
-    let mut out = vec![T::zero(); x.len()];
-    out.par_chunks_mut(CHUNK)
-        .zip(x.par_chunks(CHUNK))
-        .for_each(|(o, xs)| o.iter_mut().zip(xs).for_each(|(o, &v)| *o = f(v)));
-    out
+    let f = &f;
+    par_fill(
+        x.len(),
+        CHUNK,
+        |i| chunk_of(x, CHUNK, i).iter().map(move |&v| f(v)),
+        |_, _| {},
+    )
 }
 
 /// `f(x, exp(arg(x)))` per element, the exponentials over whole chunks (vectorised).
@@ -23,15 +25,17 @@ fn map_with_exp<T: WithDType + Float + ExpSlice>(
     arg: impl Fn(T) -> T + Sync,
     f: impl Fn(T, T) -> T + Sync,
 ) -> Vec<T> {
-    let mut out = vec![T::zero(); x.len()];
-    out.par_chunks_mut(CHUNK)
-        .zip(x.par_chunks(CHUNK))
-        .for_each(|(o, xs)| {
-            o.iter_mut().zip(xs).for_each(|(o, &v)| *o = arg(v));
+    let arg = &arg;
+    par_fill(
+        x.len(),
+        CHUNK,
+        |i| chunk_of(x, CHUNK, i).iter().map(move |&v| arg(v)),
+        |i, o| {
             T::exp_in_place(o);
+            let xs = chunk_of(x, CHUNK, i);
             o.iter_mut().zip(xs).for_each(|(o, &v)| *o = f(v, *o));
-        });
-    out
+        },
+    )
 }
 
 /// `f(x, exp(-x))` per element.
@@ -54,17 +58,19 @@ fn zip_map_with_exp<T: WithDType + Float + ExpSlice>(
     arg: impl Fn(T) -> T + Sync,
     f: impl Fn(T, T, T) -> T + Sync,
 ) -> Vec<T> {
-    let mut out = vec![T::zero(); x.len()];
-    out.par_chunks_mut(CHUNK)
-        .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
-        .for_each(|(o, (xs, gs))| {
-            o.iter_mut().zip(xs).for_each(|(o, &v)| *o = arg(v));
+    let arg = &arg;
+    par_fill(
+        x.len(),
+        CHUNK,
+        |i| chunk_of(x, CHUNK, i).iter().map(move |&v| arg(v)),
+        |i, o| {
             T::exp_in_place(o);
+            let (xs, gs) = (chunk_of(x, CHUNK, i), chunk_of(g, CHUNK, i));
             for ((o, &v), &g) in o.iter_mut().zip(xs).zip(gs) {
                 *o = f(v, *o, g);
             }
-        });
-    out
+        },
+    )
 }
 
 fn silu_of<T: Float>(v: T, exp_neg: T) -> T {
@@ -210,18 +216,19 @@ impl CustomOp2 for SwiGlu {
 
 /// `silu(gate) * up` per element, over the threads.
 pub(crate) fn swiglu_values<T: WithDType + Float + ExpSlice>(gate: &[T], up: &[T]) -> Vec<T> {
-    let mut out = vec![T::zero(); gate.len()];
-    out.par_chunks_mut(CHUNK)
-        .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
-        .for_each(|(o, (gs, us))| {
-            // o = exp(-a), then a / (1 + exp(-a)) * b.
-            o.iter_mut().zip(gs).for_each(|(o, &a)| *o = -a);
+    // o = exp(-a), then a / (1 + exp(-a)) * b.
+    par_fill(
+        gate.len(),
+        CHUNK,
+        |i| chunk_of(gate, CHUNK, i).iter().map(|&a| -a),
+        |i, o| {
             T::exp_in_place(o);
+            let (gs, us) = (chunk_of(gate, CHUNK, i), chunk_of(up, CHUNK, i));
             for ((o, &a), &b) in o.iter_mut().zip(gs).zip(us) {
                 *o = a / (T::one() + *o) * b;
             }
-        });
-    out
+        },
+    )
 }
 
 /// SwiGLU's first-order gradients `(g * up * silu'(gate), g * silu(gate))` in one pass over the

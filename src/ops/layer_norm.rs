@@ -2,11 +2,10 @@
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, WithDType, D};
 use num_traits::Float;
-use rayon::prelude::*;
 
 use super::norm_grad::fused_norm_backward;
 use super::reduce::sum_by;
-use super::{cpu_slice, fused_ok, rows_per_task};
+use super::{chunk_of, cpu_slice, fused_ok, par_fill};
 
 struct LayerNorm {
     eps: f64,
@@ -16,20 +15,22 @@ struct LayerNorm {
 pub(crate) fn fwd<T: WithDType + Float>(x: &[T], w: &[T], b: &[T], eps: f64) -> Vec<T> {
     let dim = w.len();
     let n = dim as f64;
-    let mut out = vec![T::zero(); x.len()];
-    out.par_chunks_mut(dim)
-        .zip(x.par_chunks(dim))
-        .with_min_len(rows_per_task(dim))
-        .for_each(|(o, xr)| {
+    par_fill(
+        x.len(),
+        dim,
+        |i| {
+            let xr = chunk_of(x, dim, i);
             let mean = sum_by(xr, |v| v) / n;
             let var = sum_by(xr, |v| (v - mean) * (v - mean)) / n;
             let r = T::from((var + eps).sqrt().recip()).unwrap_or_else(T::nan);
             let mean = T::from(mean).unwrap_or_else(T::nan);
-            for (((o, &x), &w), &b) in o.iter_mut().zip(xr).zip(w).zip(b) {
-                *o = (x - mean) * r * w + b;
-            }
-        });
-    out
+            xr.iter()
+                .zip(w)
+                .zip(b)
+                .map(move |((&x, &w), &b)| (x - mean) * r * w + b)
+        },
+        |_, _| {},
+    )
 }
 
 impl CustomOp3 for LayerNorm {

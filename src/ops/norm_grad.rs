@@ -15,7 +15,7 @@ use num_traits::Float;
 use rayon::prelude::*;
 
 use super::reduce::{sum3_by, sum_by};
-use super::{cpu_slice, rows_per_task};
+use super::{chunk_of, cpu_slice, par_fill, rows_per_task};
 
 /// Gradients of a norm's input, weight and bias.
 pub(crate) struct NormGrads {
@@ -127,44 +127,53 @@ pub(crate) fn rows_backward<T: WithDType + Float>(
         want_params,
     } = norm;
     let dim = wv.len();
-    let mut dx = vec![T::zero(); xv.len()];
-    let per = dim * rows_per_task(dim);
-    let pdim = if want_params { dim } else { 0 };
     let n = dim as f64;
-    let partials = dx
-        .par_chunks_mut(per)
-        .zip(xv.par_chunks(per).zip(gv.par_chunks(per)))
-        .map(|(dxc, (xc, gc))| {
-            let (mut dw, mut db) = (vec![0f64; pdim], vec![0f64; pdim]);
-            for ((d, xr), gr) in dxc
-                .chunks_exact_mut(dim)
-                .zip(xc.chunks_exact(dim))
-                .zip(gc.chunks_exact(dim))
-            {
-                // The row's sums in f64 (see `reduce`); the element-wise work in T.
-                let mean = match centered {
-                    true => sum_by(xr, |v| v) / n,
-                    false => 0.0,
-                };
-                let var = sum_by(xr, |v| (v - mean) * (v - mean)) / n;
-                let r = (var + eps).sqrt().recip();
-                let m1 = match centered {
-                    true => sum3_by(gr, wv, xr, |g, w, _| g * w) / n,
-                    false => 0.0,
-                };
-                let m2 = sum3_by(gr, wv, xr, |g, w, x| g * w * (x - mean)) * r / n;
-                // dx = (g w - m1 - xhat m2) r = g w r - m1 r - (x - mean) m2 r^2.
-                let t = |v: f64| T::from(v).unwrap_or_else(T::nan);
-                let (rt, m1r, m2rr, mt) = (t(r), t(m1 * r), t(m2 * r * r), t(mean));
-                for (((o, &x), &g), &w) in d.iter_mut().zip(xr).zip(gr).zip(wv) {
-                    *o = g * w * rt - m1r - (x - mt) * m2rr;
-                }
-                if want_params {
-                    let f = |v: T| WithDType::to_f64(v);
-                    for ((&x, &g), (dw, db)) in xr.iter().zip(gr).zip(dw.iter_mut().zip(&mut db)) {
-                        *dw += f(g) * (f(x) - mean) * r;
-                        *db += f(g);
-                    }
+    // A row's mean (0 for RMSNorm) and 1 / sqrt(var + eps); its sums in f64 (see `reduce`).
+    let stats = |xr: &[T]| {
+        let mean = match centered {
+            true => sum_by(xr, |v| v) / n,
+            false => 0.0,
+        };
+        let var = sum_by(xr, |v| (v - mean) * (v - mean)) / n;
+        (mean, (var + eps).sqrt().recip())
+    };
+    let dx = par_fill(
+        xv.len(),
+        dim,
+        |i| {
+            let (xr, gr) = (chunk_of(xv, dim, i), chunk_of(gv, dim, i));
+            let (mean, r) = stats(xr);
+            let m1 = match centered {
+                true => sum3_by(gr, wv, xr, |g, w, _| g * w) / n,
+                false => 0.0,
+            };
+            let m2 = sum3_by(gr, wv, xr, |g, w, x| g * w * (x - mean)) * r / n;
+            // dx = (g w - m1 - xhat m2) r = g w r - m1 r - (x - mean) m2 r^2, in T.
+            let t = |v: f64| T::from(v).unwrap_or_else(T::nan);
+            let (rt, m1r, m2rr, mt) = (t(r), t(m1 * r), t(m2 * r * r), t(mean));
+            xr.iter()
+                .zip(gr)
+                .zip(wv)
+                .map(move |((&x, &g), &w)| g * w * rt - m1r - (x - mt) * m2rr)
+        },
+        |_, _| {},
+    );
+    if !want_params {
+        return (dx, vec![]);
+    }
+    // The weight's and bias's gradients (trained norms only), a second pass over the rows.
+    let per = dim * rows_per_task(dim);
+    let f = |v: T| WithDType::to_f64(v);
+    let partials = xv
+        .par_chunks(per)
+        .zip(gv.par_chunks(per))
+        .map(|(xc, gc)| {
+            let (mut dw, mut db) = (vec![0f64; dim], vec![0f64; dim]);
+            for (xr, gr) in xc.chunks_exact(dim).zip(gc.chunks_exact(dim)) {
+                let (mean, r) = stats(xr);
+                for ((&x, &g), (dw, db)) in xr.iter().zip(gr).zip(dw.iter_mut().zip(&mut db)) {
+                    *dw += f(g) * (f(x) - mean) * r;
+                    *db += f(g);
                 }
             }
             (dw, db)

@@ -2,11 +2,10 @@
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, WithDType, D};
 use num_traits::Float;
-use rayon::prelude::*;
 
 use super::norm_grad::fused_norm_backward;
 use super::reduce::sum_by;
-use super::{cpu_slice, fused_ok, rows_per_task};
+use super::{chunk_of, cpu_slice, fused_ok, par_fill};
 
 struct RmsNorm {
     eps: f64,
@@ -15,20 +14,19 @@ struct RmsNorm {
 pub(crate) fn fwd<T: WithDType + Float>(x: &[T], w: &[T], eps: f64) -> Vec<T> {
     let dim = w.len();
     let eps = T::from(eps).unwrap_or_else(T::epsilon);
-    let mut out = vec![T::zero(); x.len()];
-    out.par_chunks_mut(dim)
-        .zip(x.par_chunks(dim))
-        .with_min_len(rows_per_task(dim))
-        .for_each(|(o, xr)| {
+    par_fill(
+        x.len(),
+        dim,
+        |i| {
+            let xr = chunk_of(x, dim, i);
             // Accumulate in f64: f32 sums over thousands of features are a visible share of
             // the model's rounding error.
             let ms = sum_by(xr, |v| v * v) / dim as f64;
             let r = T::from((ms + WithDType::to_f64(eps)).sqrt().recip()).unwrap_or_else(T::nan);
-            for ((o, &xv), &wv) in o.iter_mut().zip(xr).zip(w) {
-                *o = xv * r * wv;
-            }
-        });
-    out
+            xr.iter().zip(w).map(move |(&xv, &wv)| xv * r * wv)
+        },
+        |_, _| {},
+    )
 }
 
 impl CustomOp2 for RmsNorm {
