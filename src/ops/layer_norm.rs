@@ -3,8 +3,7 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, WithDType, D};
 use num_traits::Float;
 
-use super::norm_grad::fused_norm_backward;
-use super::reduce::sum_by;
+use super::norm_grad::{fused_norm_backward, row_stats};
 use super::{chunk_of, cpu_slice, fused_ok, par_fill};
 
 struct LayerNorm {
@@ -14,15 +13,13 @@ struct LayerNorm {
 /// LayerNorm over rows of `w.len()` values, on the threads.
 pub(crate) fn fwd<T: WithDType + Float>(x: &[T], w: &[T], b: &[T], eps: f64) -> Vec<T> {
     let dim = w.len();
-    let n = dim as f64;
     par_fill(
         x.len(),
         dim,
         |i| {
             let xr = chunk_of(x, dim, i);
-            let mean = sum_by(xr, |v| v) / n;
-            let var = sum_by(xr, |v| (v - mean) * (v - mean)) / n;
-            let r = T::from((var + eps).sqrt().recip()).unwrap_or_else(T::nan);
+            let (mean, r) = row_stats(xr, true, eps);
+            let r = T::from(r).unwrap_or_else(T::nan);
             let mean = T::from(mean).unwrap_or_else(T::nan);
             xr.iter()
                 .zip(w)

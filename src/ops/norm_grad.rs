@@ -110,6 +110,20 @@ fn run<T: WithDType + Float>([x, w, g]: [&Tensor; 3], norm: Norm) -> Result<Norm
     })
 }
 
+/// A row's mean (0 for RMSNorm, `centered` false) and `1 / sqrt(var + eps)`, where RMSNorm's
+/// `var` is `mean(x^2)`: what the norms' forward and backward both compute per row. The sums run
+/// in f64 (see `reduce`): f32 sums over thousands of features are a visible share of a model's
+/// rounding error.
+pub(crate) fn row_stats<T: WithDType>(xr: &[T], centered: bool, eps: f64) -> (f64, f64) {
+    let n = xr.len().max(1) as f64;
+    let mean = match centered {
+        true => sum_by(xr, |v| v) / n,
+        false => 0.0,
+    };
+    let var = sum_by(xr, |v| (v - mean) * (v - mean)) / n;
+    (mean, (var + eps).sqrt().recip())
+}
+
 /// Per task, partial sums of a norm's weight and bias gradients.
 pub(crate) type ParamPartials = Vec<(Vec<f64>, Vec<f64>)>;
 
@@ -128,15 +142,7 @@ pub(crate) fn rows_backward<T: WithDType + Float>(
     } = norm;
     let dim = wv.len();
     let n = dim as f64;
-    // A row's mean (0 for RMSNorm) and 1 / sqrt(var + eps); its sums in f64 (see `reduce`).
-    let stats = |xr: &[T]| {
-        let mean = match centered {
-            true => sum_by(xr, |v| v) / n,
-            false => 0.0,
-        };
-        let var = sum_by(xr, |v| (v - mean) * (v - mean)) / n;
-        (mean, (var + eps).sqrt().recip())
-    };
+    let stats = |xr: &[T]| row_stats(xr, centered, eps);
     let dx = par_fill(
         xv.len(),
         dim,

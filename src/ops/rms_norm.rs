@@ -3,8 +3,7 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, WithDType, D};
 use num_traits::Float;
 
-use super::norm_grad::fused_norm_backward;
-use super::reduce::sum_by;
+use super::norm_grad::{fused_norm_backward, row_stats};
 use super::{chunk_of, cpu_slice, fused_ok, par_fill};
 
 struct RmsNorm {
@@ -13,16 +12,15 @@ struct RmsNorm {
 
 pub(crate) fn fwd<T: WithDType + Float>(x: &[T], w: &[T], eps: f64) -> Vec<T> {
     let dim = w.len();
-    let eps = T::from(eps).unwrap_or_else(T::epsilon);
+    // eps as the input's dtype holds it.
+    let eps = WithDType::to_f64(T::from(eps).unwrap_or_else(T::epsilon));
     par_fill(
         x.len(),
         dim,
         |i| {
             let xr = chunk_of(x, dim, i);
-            // Accumulate in f64: f32 sums over thousands of features are a visible share of
-            // the model's rounding error.
-            let ms = sum_by(xr, |v| v * v) / dim as f64;
-            let r = T::from((ms + WithDType::to_f64(eps)).sqrt().recip()).unwrap_or_else(T::nan);
+            let (_, r) = row_stats(xr, false, eps);
+            let r = T::from(r).unwrap_or_else(T::nan);
             xr.iter().zip(w).map(move |(&xv, &wv)| xv * r * wv)
         },
         |_, _| {},
