@@ -33,10 +33,13 @@ WORKLOADS = {
     "lora-all": "LoRA r=8 on all 7 linears: train step, batch 4 x 128",
     "full": "full fine-tuning: train step, batch 4 x 128",
     "forward": "forward, 1 x 128",
+    "forward-packed": "forward, 1 x 128 (metapeft: the inference layout, `--weights packed`)",
     "minilm-lora": "all-MiniLM-L6-v2 + LoRA r=8 (query,value) classifier step, 16 x 64",
     "fomaml": "FOMAML episode: 5 inner SGD steps on 4 x 128 + query gradient (LoRA q,v)",
     "generate": "greedy generation, 32-token prompt + 64 new tokens",
 }
+# Workloads that differ only on the metapeft side: PyTorch runs its own counterpart.
+PYTORCH_SIDE = {"forward-packed": "forward"}
 ALL_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -94,6 +97,7 @@ def minilm_step():
 
 
 def child(workload, runs, warmup, seq):
+    workload = PYTORCH_SIDE.get(workload, workload)
     import torch
     from transformers import AutoModelForCausalLM
 

@@ -12,7 +12,7 @@ use crate::peft::lora::{Lora, LoraConfig};
 use crate::peft::DeltaSet;
 use crate::{Error, Result};
 
-pub const WORKLOADS: [(&str, &str); 31] = [
+pub const WORKLOADS: [(&str, &str); 34] = [
     (
         "matmul",
         "f32 1024 x 1024 x 1024 matmul: the machine's matmul peak, for the % column",
@@ -27,6 +27,10 @@ pub const WORKLOADS: [(&str, &str); 31] = [
     ),
     ("full", "full fine-tuning: train step, batch 4 x 128"),
     ("forward", "forward, 1 x 128"),
+    (
+        "forward-packed",
+        "forward, 1 x 128, from the inference layout (`--weights packed`: f32 in panels)",
+    ),
     (
         "generate",
         "greedy generation, 32-token prompt + 64 new tokens",
@@ -90,9 +94,11 @@ pub const WORKLOADS: [(&str, &str); 31] = [
     ("decode-q8_0", "decode only, from Q8_0 weights"),
     ("decode-q4_1", "decode only, from the GGUF's Q4_1 blocks"),
     ("decode-bf16", "decode only, from a bf16 copy of the weights"),
+    ("decode-packed", "decode only, from the inference layout (f32 in panels)"),
     ("prefill", "prefill: 128-token prompt into a KV cache, last logits"),
     ("prefill-q8_0", "prefill from Q8_0 weights, 128-token prompt"),
     ("prefill-q4_1", "prefill from Q4_1 weights, 128-token prompt"),
+    ("prefill-packed", "prefill from the inference layout (f32 in panels), 128-token prompt"),
     (
         "tams-forward",
         "forward 4 x 128 with a TAMS cell in every layer, one-hot architecture (unselected ops skipped)",
@@ -136,6 +142,8 @@ pub fn storage_of(workload: &str) -> crate::model::BaseStorage {
         B::Requantized(candle_core::quantized::GgmlDType::Q8_0)
     } else if workload.ends_with("-q4_1") || workload.ends_with("-gguf") {
         B::Gguf
+    } else if workload.ends_with("-packed") {
+        B::Packed
     } else if workload.ends_with("-bf16") {
         B::Dense(candle_core::DType::BF16)
     } else {
@@ -397,7 +405,7 @@ pub fn run(
                 Ok(())
             })?;
         }
-        "forward" => {
+        "forward" | "forward-packed" => {
             let ids = Tensor::from_vec(text_tokens(ck, t)?, (1, t), &dev)?;
             timing.flops = forward_flops(model, t, t);
             let e = ParamStore::new();
@@ -406,7 +414,7 @@ pub fn run(
                 Ok(())
             })?;
         }
-        "prefill" | "prefill-q8_0" | "prefill-q4_1" => {
+        "prefill" | "prefill-q8_0" | "prefill-q4_1" | "prefill-packed" => {
             let n = 128;
             let ids = Tensor::from_vec(text_tokens(ck, n)?, (1, n), &dev)?;
             timing.tokens = n;
@@ -418,7 +426,7 @@ pub fn run(
                 Ok(())
             })?;
         }
-        "decode" | "decode-q8_0" | "decode-q4_1" | "decode-bf16" => {
+        "decode" | "decode-q8_0" | "decode-q4_1" | "decode-bf16" | "decode-packed" => {
             let prompt = text_tokens(ck, 32)?;
             let n = 64;
             timing.tokens = n;

@@ -47,9 +47,9 @@ impl ParamStore {
     pub fn get(&self, name: &str) -> Result<&Tensor> {
         if let Some(q) = self.quantized.get(name) {
             return Err(Error::invalid(format!(
-                "parameter `{name}` is stored quantized ({:?}) and this step needs it dense: \
-                 load the base in f32 or bf16 (`--base-dtype`)",
-                q.dtype()
+                "parameter `{name}` is stored {} and this step needs it dense: load the \
+                 base in f32 or bf16 (`--base-dtype`, `--weights`)",
+                q.kind()
             )));
         }
         self.entries
@@ -228,6 +228,29 @@ impl ParamStore {
         }
         for (k, q) in &self.quantized {
             out.quantized.insert(k.clone(), q.clone());
+        }
+        Ok(out)
+    }
+
+    /// The store with every frozen matrix (dense or quantized) kept as f32 panels, the matmul
+    /// kernel's own layout (the inference layout: the f32 values, no per-product transposes of
+    /// the weights). Other entries are unchanged.
+    /// Taken by value: each dense matrix is dropped once packed, so memory never holds the whole
+    /// base twice.
+    pub fn into_packed(self) -> Result<Self> {
+        let mut out = ParamStore::new();
+        for (k, p) in self.entries {
+            match p {
+                Param::Frozen(t) if t.rank() == 2 => {
+                    let packed = QuantizedWeight::panels(&t)?;
+                    out.insert_quantized(k, packed)
+                }
+                p => out.insert(k, p),
+            }
+        }
+        for (k, q) in self.quantized {
+            let packed = q.to_panels()?;
+            out.quantized.insert(k, packed);
         }
         Ok(out)
     }

@@ -570,6 +570,12 @@ fn half_and_quantized_bases_train_and_score_like_f32() {
     assert_eq!(code, 1);
     assert!(err.contains("expected f32, bf16, f16, gguf"), "{err}");
     let (code, _, err) = adapt_line(
+        "--task fortunes/science --base-dtype packed",
+        &["--out", &o],
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("inference layout"), "{err}");
+    let (code, _, err) = adapt_line(
         "--task fortunes/science --method full --base-dtype bf16",
         &["--out", &o],
     );

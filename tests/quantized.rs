@@ -102,3 +102,67 @@ fn generate_answers_from_quantized_weights() {
         assert!(out.contains("Paris"), "--weights {w}: {out}");
     }
 }
+
+/// The inference layout (`--weights packed`) holds the f32 weights: the same logits up to
+/// summation order over a prompt and teacher-forced steps (prompt pass on the panel kernel,
+/// steps on the tensor path), and `generate` prints the same text from both.
+#[test]
+fn packed_weights_give_the_f32_models_logits_and_text() {
+    let f32ck = common::smollm2();
+    let packed = BaseStorage::Packed
+        .load(&common::smollm2_path().to_string_lossy())
+        .expect("load packed");
+    assert!(packed
+        .params
+        .quantized("model.embed_tokens.weight")
+        .is_some());
+    let Arch::Llama(cfg) = &f32ck.arch else {
+        panic!("decoder expected")
+    };
+    let m = Llama::new(cfg.clone(), &Device::Cpu).unwrap();
+    let ids = f32ck
+        .tokenizer
+        .encode("The history of the Roman empire", false)
+        .unwrap();
+    let (e, d) = (ParamStore::new(), DeltaSet::none());
+    let (mut cf, mut cp) = (
+        KvCache::new(cfg.num_hidden_layers),
+        KvCache::new(cfg.num_hidden_layers),
+    );
+    let mut input = ids;
+    for step in 0..8 {
+        let t = Tensor::from_vec(input.clone(), (1, input.len()), &Device::Cpu).unwrap();
+        let lf = m.forward_last(&f32ck.params, &d, &e, &t, &mut cf).unwrap();
+        let lp = m.forward_last(&packed.params, &d, &e, &t, &mut cp).unwrap();
+        let lf = lf.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let lp = lp.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let scale = lf.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let diff = lf
+            .iter()
+            .zip(&lp)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            diff <= 1e-4 * scale,
+            "step {step}: max |diff| {diff}, logits up to {scale}"
+        );
+        input = vec![metapeft::generate::argmax(&lf)];
+    }
+    let text = |w: &str| {
+        let (code, out, err) = common::metapeft(&[
+            "generate",
+            "--chat",
+            "--prompt",
+            "What is the capital of France?",
+            "--weights",
+            w,
+            "--max-new-tokens",
+            "24",
+        ]);
+        assert_eq!(code, 0, "{err}");
+        out
+    };
+    let (f, p) = (text("f32"), text("packed"));
+    assert!(p.contains("Paris"), "{p}");
+    assert_eq!(f, p);
+}

@@ -226,6 +226,12 @@ pub fn run(a: Args) -> Result<()> {
         _ => super::model_or_default(r.model.clone(), metapeft::assets::SMOLLM2)?,
     };
     let storage = BaseStorage::parse(r.base_dtype.as_deref().unwrap_or("f32"))?;
+    if storage == BaseStorage::Packed {
+        bail!(
+            "--base-dtype packed is the inference layout (`generate --weights packed`); training \
+             steps are faster on f32, which holds the same values"
+        );
+    }
     if storage != BaseStorage::Dense(DType::F32) && method == "full" {
         bail!(
             "--base-dtype {} stores a frozen base; --method full trains it: use f32",

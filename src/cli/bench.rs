@@ -11,7 +11,7 @@ metapeft bench --workload lora-qv --workload full --runs 7\n\n\
 Workloads:\n  matmul    f32 1024^3 matmul: the machine's peak (the % column of the others)\n  lora-qv   LoRA r=8 on q,v: train step (fwd+bwd+AdamW), 4 x 128 tokens\n  \
 lora-all  LoRA r=8 on all 7 linears: train step, 4 x 128\n  lora-qv-bf16  lora-qv with the frozen base stored in bf16\n  lora-qv-gguf  lora-qv on the GGUF's own quantized blocks (QLoRA-style)\n  lora-qv-q8_0  lora-qv on the base requantized to Q8_0\n  \
 lora-qv-ckpt, lora-all-ckpt, lora-qv-gguf-ckpt, fomaml-ckpt, minilm-lora-ckpt, full-ckpt  the same with activation checkpointing (less memory, one more forward)\n  minilm-lora  all-MiniLM-L6-v2 + LoRA r=8 (query, value) classifier step, 16 x 64 (always MiniLM)\n  startup   load checkpoint + tokenizer + model + LoRA (everything before the first step)\n  full      full fine-tuning step, 4 x 128\n  \
-forward   forward pass, 1 x 128\n  generate  greedy generation, 32-token prompt + 64 new tokens\n  \
+forward   forward pass, 1 x 128\n  forward-packed, prefill-packed, decode-packed  the same from the inference layout (--weights packed)\n  generate  greedy generation, 32-token prompt + 64 new tokens\n  \
 generate-q8_0, generate-q4_1  the same from quantized weights (requantized from the file as needed)\n  \
 decode, decode-q8_0, decode-q4_1, decode-bf16  the 64 new tokens alone (tok/s of decoding; the prompt is not timed)\n  \
 prefill, prefill-q8_0, prefill-q4_1  a 128-token prompt into an empty KV cache, last logits\n  \

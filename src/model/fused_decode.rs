@@ -8,8 +8,8 @@
 //! small ops on one row (norms, quantizing the activations) are cheap enough that every thread
 //! computes them itself instead of waiting for one.
 //!
-//! Only the base model, in f32 or with Q8_0/Q4_1 blocks (integer kernels, as the tensor path uses
-//! when decoding): anything else, deltas included, takes the tensor path. The prompt also does
+//! Only the base model, in f32 (row-major, or in the panels of `BaseStorage::Packed`) or with
+//! Q8_0/Q4_1 blocks (integer kernels, as the tensor path uses when decoding): anything else, deltas included, takes the tensor path. The prompt also does
 //! (`gemm` is the right tool for many rows); its KV cache is copied in
 //! ([`FusedDecoder::with_cache`]).
 
@@ -24,6 +24,7 @@ use super::head_screen::{self, HeadScreen};
 use super::llama::{KvCache, Llama};
 use crate::ops::matvec::{dot_fn, DotFn};
 use crate::ops::quantized_linear::rescore_near_top;
+use crate::ops::QuantizedWeight;
 use crate::params::ParamStore;
 use crate::quant::{quantize_input, Q8Block, QWeight};
 use crate::{Error, Result};
@@ -47,11 +48,16 @@ enum Matrix {
     Dense { t: Tensor, n: usize, k: usize },
     /// Q8_0 / Q4_1 blocks.
     Quant(QWeight),
+    /// f32 in 16-row panels (the inference layout), read in place.
+    Panels(QuantizedWeight),
 }
 
 impl Matrix {
     fn of(p: &ParamStore, name: &str, n: usize, k: usize) -> Option<Self> {
         if let Some(q) = p.quantized(name) {
+            if q.is_panels() {
+                return (q.dims() == (n, k)).then(|| Matrix::Panels(q.clone()));
+            }
             let q = q.integer_view()?;
             return (q.n == n && q.k == k).then_some(Matrix::Quant(q));
         }
@@ -404,6 +410,7 @@ enum MatrixView<'a> {
     Bf16 { w: &'a [half::bf16], k: usize },
     F16 { w: &'a [half::f16], k: usize },
     Quant(&'a QWeight),
+    Panels { w: &'a [f32], k: usize },
 }
 
 /// One thread's copy of the row a matrix multiplies, and its 8-bit blocks when some matrix is
@@ -450,6 +457,7 @@ impl MatrixView<'_> {
                 }
             }
             MatrixView::Quant(q) => q.dot_rows(&x.q, rows, out),
+            MatrixView::Panels { w, k } => crate::ops::matvec::panel_rows(w, *k, &x.f, rows, out),
         }
     }
 }
@@ -667,6 +675,7 @@ impl FusedDecoder {
                     x.copy_from_slice(&row);
                 }
                 Matrix::Quant(q) => q.dequantize_row(token as usize, x),
+                Matrix::Panels(q) => q.row_into(token as usize, x)?,
             }
         }
         // Hold every f32 matrix's storage for the step and read it in place.
@@ -681,7 +690,7 @@ impl FusedDecoder {
             .iter()
             .map(|m| match m {
                 Matrix::Dense { t, .. } => Some(t.storage_and_layout()),
-                Matrix::Quant(_) => None,
+                Matrix::Quant(_) | Matrix::Panels(_) => None,
             })
             .collect();
         let mut views = Vec::with_capacity(matrices.len());
@@ -710,7 +719,11 @@ impl FusedDecoder {
                     }
                 }
                 (Matrix::Quant(q), _) => MatrixView::Quant(q),
-                _ => unreachable!("a guard exactly for each f32 matrix"),
+                (Matrix::Panels(q), _) => MatrixView::Panels {
+                    w: q.panel_values().expect("panels, as `Matrix::of` checked"),
+                    k: q.dims().1,
+                },
+                (Matrix::Dense { .. }, None) => unreachable!("a guard for each dense matrix"),
             });
         }
         let team = self.team.as_ref().expect("spawned above");
@@ -756,6 +769,7 @@ impl FusedDecoder {
         if self.screen.is_none() {
             self.screen = Some(match (&self.head, head_screen::enabled()) {
                 (Matrix::Dense { t, .. }, true) => HeadScreen::of(t)?,
+                (Matrix::Panels(q), true) => HeadScreen::of_panels(q)?,
                 _ => None,
             });
         }
@@ -1059,6 +1073,47 @@ mod tests {
         Ok(())
     }
 
+    /// Weights kept as f32 panels (the inference layout) give the f32 weights' logits on the
+    /// tensor path and in the fused decoder (3 threads: shares that split panels), and greedy
+    /// steps through the screen made from the panels pick the full head's argmax.
+    #[test]
+    fn packed_weights_give_the_f32_logits_on_both_paths() -> Result<()> {
+        for (tie, bias) in [(false, false), (true, true)] {
+            let (m, p) = model(tie, bias)?;
+            let packed = p.clone().into_packed()?;
+            assert!(packed
+                .quantized("model.layers.1.mlp.down_proj.weight")
+                .is_some());
+            for threads in [1, 3] {
+                let dense = both(&m, &p, false, threads)?;
+                let panels = both(&m, &packed, false, threads)?;
+                for (step, ((want, _), (tensor, fused))) in dense.iter().zip(&panels).enumerate() {
+                    let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+                    for (what, got) in [("tensor path", tensor), ("fused", fused)] {
+                        let diff = max_diff(want, got);
+                        assert!(
+                            diff <= 1e-5 * (1.0 + scale),
+                            "tie {tie} bias {bias}, {threads} threads, step {step}, {what}: \
+                             max |diff| {diff} (logits up to {scale})"
+                        );
+                    }
+                }
+            }
+            let none = (DeltaSet::none(), ParamStore::new());
+            let mut cache = KvCache::new(m.cfg.num_hidden_layers);
+            let ids = Tensor::new(&PROMPT, &Device::Cpu)?.unsqueeze(0)?;
+            m.forward_last(&packed, &none.0, &none.1, &ids, &mut cache)?;
+            let new = || FusedDecoder::new(&m, &packed).expect("panels");
+            let (mut full, mut greedy) = (new().with_cache(&cache)?, new().with_cache(&cache)?);
+            assert!(greedy.screen()?.is_some(), "a head in panels has a screen");
+            for (step, id) in continuation().into_iter().enumerate() {
+                let want = crate::generate::argmax(&full.step(id)?);
+                assert_eq!(greedy.step_greedy(id)?, want, "tie {tie}, step {step}");
+            }
+        }
+        Ok(())
+    }
+
     /// With Q8_0/Q4_1 blocks both paths quantize the activations to 8 bits, where a different
     /// f32 summation order can flip an element's rounding: the two are not bit-equal, so each is
     /// held to the exact product (the dequantized weights in f32) and the fused decoder must be
@@ -1227,6 +1282,7 @@ mod tests {
         let (m, p) = model(false, false)?;
         assert!(FusedDecoder::new(&m, &p).is_some());
         assert!(FusedDecoder::new(&m, &p.frozen_matrices_to(DType::BF16)?).is_some());
+        assert!(FusedDecoder::new(&m, &p.clone().into_packed()?).is_some());
         assert!(FusedDecoder::new(&m, &p.to_dtype(DType::F64)?).is_none());
         // Q4_0 blocks have no integer kernel here.
         assert!(FusedDecoder::new(&m, &p.quantize_matrices(GgmlDType::Q4_0)?).is_none());

@@ -1,4 +1,5 @@
-//! The greedy next token of a dense (f32, bf16 or f16) LM head without reading all of it.
+//! The greedy next token of a dense (f32, bf16 or f16, row-major or in f32 panels) LM head
+//! without reading all of it.
 //!
 //! A decode step is bound by reading the weights once, and the tied head of SmolLM2-135M
 //! (49152 x 576) is a fifth of those bytes in f32. Greedy decoding needs only the argmax, so a
@@ -18,8 +19,28 @@ use std::sync::{Arc, Mutex};
 use candle_core::{DType, Tensor, TensorId};
 use rayon::prelude::*;
 
+use crate::ops::QuantizedWeight;
 use crate::quant::{q8_input_error_norm, Q8Block, QKind, QWeight, BLOCK};
 use crate::Result;
+
+/// Rows `start..start + len` of a dense head in f32, for [`HeadScreen::build`].
+fn tensor_rows(head: &Tensor) -> impl Fn(usize, usize) -> Result<Vec<f32>> + Sync + '_ {
+    |start, len| {
+        Ok(head
+            .narrow(0, start, len)?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?)
+    }
+}
+
+/// Which head a screen was made from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum HeadId {
+    Tensor(TensorId),
+    /// [`QuantizedWeight::id`].
+    Panels(u64),
+}
 
 /// A head's Q8_0 copy and the constants of its error bound.
 pub(crate) struct HeadScreen {
@@ -44,24 +65,45 @@ impl HeadScreen {
     /// builds a decoder per call (evaluation generates hundreds of times with the same head).
     /// The last screen made is kept, holding a quarter of the head's f32 bytes.
     pub(crate) fn of(head: &Tensor) -> Result<Option<Arc<Self>>> {
-        static LAST: Mutex<Option<(TensorId, Arc<HeadScreen>)>> = Mutex::new(None);
+        Self::cached(HeadId::Tensor(head.id()), head.dims2()?, tensor_rows(head))
+    }
+
+    /// [`Self::of`] for a head kept as f32 panels (the inference layout).
+    pub(crate) fn of_panels(head: &QuantizedWeight) -> Result<Option<Arc<Self>>> {
+        Self::cached(HeadId::Panels(head.id()), head.dims(), |start, len| {
+            let mut rows = vec![0f32; len * head.dims().1];
+            head.dequantize_rows_serial(start, len, &mut rows)?;
+            Ok(rows)
+        })
+    }
+
+    /// The last screen made if it is `id`'s, else a new one from `rows(start, len)` (the head's
+    /// rows `start..start + len` in f32), kept as the last.
+    fn cached(
+        id: HeadId,
+        dims: (usize, usize),
+        rows: impl Fn(usize, usize) -> Result<Vec<f32>> + Sync,
+    ) -> Result<Option<Arc<Self>>> {
+        static LAST: Mutex<Option<(HeadId, Arc<HeadScreen>)>> = Mutex::new(None);
         let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((id, s)) = last.as_ref() {
-            if *id == head.id() {
+        if let Some((last_id, s)) = last.as_ref() {
+            if *last_id == id {
                 return Ok(Some(s.clone()));
             }
         }
-        let Some(s) = Self::build(head)? else {
+        let Some(s) = Self::build(dims, rows)? else {
             return Ok(None);
         };
         let s = Arc::new(s);
-        *last = Some((head.id(), s.clone()));
+        *last = Some((id, s.clone()));
         Ok(Some(s))
     }
 
     /// `None` for rows that are not whole Q8_0 blocks.
-    fn build(head: &Tensor) -> Result<Option<Self>> {
-        let (n, k) = head.dims2()?;
+    fn build(
+        (n, k): (usize, usize),
+        rows: impl Fn(usize, usize) -> Result<Vec<f32>> + Sync,
+    ) -> Result<Option<Self>> {
         if !k.is_multiple_of(BLOCK) || n == 0 {
             return Ok(None);
         }
@@ -73,11 +115,7 @@ impl HeadScreen {
             .into_par_iter()
             .map(|c| -> Result<Chunk> {
                 let (start, len) = (c * CHUNK_ROWS, CHUNK_ROWS.min(n - c * CHUNK_ROWS));
-                let w = head
-                    .narrow(0, start, len)?
-                    .to_dtype(DType::F32)?
-                    .flatten_all()?
-                    .to_vec1::<f32>()?;
+                let w = rows(start, len)?;
                 let mut bytes = Vec::with_capacity(len * row_bytes);
                 let (mut errs, mut norms) = (Vec::with_capacity(len), Vec::with_capacity(len));
                 for row in w.chunks_exact(k) {
@@ -168,7 +206,7 @@ mod tests {
         rows[7] = rows[3].iter().map(|v| v * 1.000_01).collect();
         rows[11] = rows[3].clone();
         head = Tensor::new(rows.clone(), &Device::Cpu)?;
-        let screen = HeadScreen::build(&head)?.expect("whole blocks");
+        let screen = HeadScreen::build(head.dims2()?, tensor_rows(&head))?.expect("whole blocks");
         for seed in 0..20u64 {
             let mut x = randn(1, k, 100 + seed, 3.0)?
                 .flatten_all()?
@@ -218,7 +256,7 @@ mod tests {
 
     #[test]
     fn rows_of_partial_blocks_have_no_screen() -> Result<()> {
-        assert!(HeadScreen::build(&randn(4, 40, 2, 1.0)?)?.is_none());
+        assert!(HeadScreen::build((4, 40), tensor_rows(&randn(4, 40, 2, 1.0)?))?.is_none());
         Ok(())
     }
 }

@@ -56,6 +56,76 @@ pub(crate) fn matvec_f32(x: &[f32], m: usize, w: &[f32], n: usize, k: usize, out
 
 pub(crate) type DotFn = fn(&[f32], &[f32]) -> f32;
 
+/// `out[i] = W[rows.start + i] . x` for a weight `W: [n, k]` kept in 16-row panels (the layout of
+/// `ops::panel_gemm`: panel `p` is `[k][16]`, rows `16p..16p + 16`): every panel that `rows`
+/// touches is read once, whole, as one linear stream, and its 16 sums kept where `rows` wants
+/// them.
+pub(crate) fn panel_rows(
+    w: &[f32],
+    k: usize,
+    x: &[f32],
+    rows: std::ops::Range<usize>,
+    out: &mut [f32],
+) {
+    use super::panel_gemm::PANEL;
+    let x = &x[..k];
+    for p in rows.start / PANEL..rows.end.div_ceil(PANEL) {
+        let panel = &w[p * PANEL * k..(p + 1) * PANEL * k];
+        let sums = panel_dot(panel, x);
+        for (i, s) in sums.iter().enumerate() {
+            let j = p * PANEL + i;
+            if rows.contains(&j) {
+                out[j - rows.start] = *s;
+            }
+        }
+    }
+}
+
+/// The 16 sums `panel[.][i] . x` of one panel `[k][16]`.
+fn panel_dot(panel: &[f32], x: &[f32]) -> [f32; 16] {
+    #[cfg(target_arch = "x86_64")]
+    if super::panel_gemm::available() {
+        // SAFETY: AVX2 and FMA were checked; the lengths are asserted inside.
+        return unsafe { panel_dot_avx2(panel, x) };
+    }
+    let mut acc = [0f32; 16];
+    for (line, &v) in panel.chunks_exact(16).zip(x) {
+        for (a, &w) in acc.iter_mut().zip(line) {
+            *a += v * w;
+        }
+    }
+    acc
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn panel_dot_avx2(panel: &[f32], x: &[f32]) -> [f32; 16] {
+    use std::arch::x86_64::*;
+    let k = x.len();
+    assert!(panel.len() >= k * 16);
+    let p = panel.as_ptr();
+    // Two lines per iteration into separate sums: four chains of FMAs.
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut c = 0;
+    while c + 2 <= k {
+        let (x0, x1) = (_mm256_set1_ps(x[c]), _mm256_set1_ps(x[c + 1]));
+        acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(p.add(c * 16)), x0, acc[0]);
+        acc[1] = _mm256_fmadd_ps(_mm256_loadu_ps(p.add(c * 16 + 8)), x0, acc[1]);
+        acc[2] = _mm256_fmadd_ps(_mm256_loadu_ps(p.add(c * 16 + 16)), x1, acc[2]);
+        acc[3] = _mm256_fmadd_ps(_mm256_loadu_ps(p.add(c * 16 + 24)), x1, acc[3]);
+        c += 2;
+    }
+    if c < k {
+        let x0 = _mm256_set1_ps(x[c]);
+        acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(p.add(c * 16)), x0, acc[0]);
+        acc[1] = _mm256_fmadd_ps(_mm256_loadu_ps(p.add(c * 16 + 8)), x0, acc[1]);
+    }
+    let mut out = [0f32; 16];
+    _mm256_storeu_ps(out.as_mut_ptr(), _mm256_add_ps(acc[0], acc[2]));
+    _mm256_storeu_ps(out.as_mut_ptr().add(8), _mm256_add_ps(acc[1], acc[3]));
+    out
+}
+
 pub(crate) fn dot_fn() -> DotFn {
     #[cfg(target_arch = "x86_64")]
     {
@@ -218,6 +288,33 @@ pub(crate) unsafe fn hsum256(v: std::arch::x86_64::__m256) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Any range of rows of a panel-packed weight (37 rows: a partial last panel; ranges that
+    /// start and end inside panels; odd and even `k`) gets each row's dot product.
+    #[test]
+    fn panel_rows_are_the_rows_dot_products() {
+        for k in [1, 7, 64, 77] {
+            let (n, x) = (37, data(k, 3));
+            let w = data(n * k, 5);
+            let mut panels = vec![0f32; n.next_multiple_of(16) * k];
+            super::super::panel_gemm::rows_to_panels(&w, k, &mut panels);
+            for rows in [0..37, 3..20, 16..32, 30..37, 5..6, 9..9] {
+                let mut out = vec![f32::NAN; rows.len()];
+                panel_rows(&panels, k, &x, rows.clone(), &mut out);
+                for (j, got) in rows.clone().zip(&out) {
+                    let want: f32 = x
+                        .iter()
+                        .zip(&w[j * k..(j + 1) * k])
+                        .map(|(a, b)| a * b)
+                        .sum();
+                    assert!(
+                        (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                        "k {k}, rows {rows:?}, row {j}: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
 
     fn data(len: usize, seed: u32) -> Vec<f32> {
         let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);

@@ -6,9 +6,10 @@
 //! weight that arrives in blocks anyway (a GGUF's quantized rows, dequantized tile by tile) is
 //! written straight into panels here, instead of into rows that gemm then packs again; an f32
 //! weight's rows are put into panels by eight-wide transposes, tile by tile
-//! ([`weight_product`], the forward of every frozen linear layer through `par_gemm`). The 16x6
-//! AVX2 kernel below reads the panels and the activation rows in place. Other CPUs take gemm on
-//! the rows.
+//! ([`weight_product`], the forward of every frozen linear layer through `par_gemm`). A base
+//! loaded in the inference layout (`BaseStorage::Packed`) keeps its weights as panels, read in
+//! place with the next tile fetched meanwhile ([`product_prefetching`]). The 16x6 AVX2 kernel
+//! below reads the panels and the activation rows in place. Other CPUs take gemm on the rows.
 
 /// Rows per panel.
 pub(crate) const PANEL: usize = 16;
@@ -87,11 +88,44 @@ pub(crate) unsafe fn product(
     ldo: usize,
     accumulate: bool,
 ) {
+    product_prefetching(x, (m, k, ldx), panels, cols, out, ldo, accumulate, &[])
+}
+
+/// [`product`], fetching `ahead` (the weight's next panels, still in memory) into L2 meanwhile,
+/// spread over the kernel calls: read only when the first token group gets to them, those panels
+/// would keep that group waiting on memory (64 bytes per 192 flops is more than one core's share
+/// of the memory bandwidth); the other groups find them in L2.
+///
+/// # Safety
+/// As [`product`].
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn product_prefetching(
+    x: &[f32],
+    (m, k, ldx): (usize, usize, usize),
+    panels: &[f32],
+    cols: usize,
+    out: *mut f32,
+    ldo: usize,
+    accumulate: bool,
+    ahead: &[f32],
+) {
     let np = cols.div_ceil(PANEL);
     debug_assert!(k <= ldx && (m == 0 || x.len() >= (m - 1) * ldx + k));
     debug_assert!(panels.len() >= np * k * PANEL);
     // Equal reduction blocks of at most KC steps.
     let kc = k.div_ceil(k.div_ceil(KC).max(1)).max(1);
+    // Lines of 64 bytes of `ahead` per kernel call, spread over all the calls.
+    let mut groups = 0;
+    let mut t = 0;
+    while t < m {
+        t += token_group(m - t);
+        groups += 1;
+    }
+    let calls = (k.div_ceil(kc) * groups * np).max(1);
+    let lines = ahead.len().div_ceil(PANEL);
+    let per_call = lines.div_ceil(calls);
+    let mut fetched = 0;
     let mut kb = 0;
     while kb < k {
         let kl = kc.min(k - kb);
@@ -104,17 +138,20 @@ pub(crate) unsafe fn product(
                 let rows = token_group(m - t);
                 let xs = x.as_ptr().add(t * ldx + kb);
                 for p in p0..p1 {
+                    let n = per_call.min(lines - fetched).min(kl);
+                    let pf = (ahead.as_ptr().add(fetched * PANEL), n);
+                    fetched += n;
                     let panel = panels.as_ptr().add(p * k * PANEL + kb * PANEL);
                     let c0 = p * PANEL;
                     let width = PANEL.min(cols - c0);
                     let o = out.add(t * ldo + c0);
                     match rows {
-                        6 => avx2::kernel::<6>(kl, panel, xs, ldx, o, ldo, width, first),
-                        5 => avx2::kernel::<5>(kl, panel, xs, ldx, o, ldo, width, first),
-                        4 => avx2::kernel::<4>(kl, panel, xs, ldx, o, ldo, width, first),
-                        3 => avx2::kernel::<3>(kl, panel, xs, ldx, o, ldo, width, first),
-                        2 => avx2::kernel::<2>(kl, panel, xs, ldx, o, ldo, width, first),
-                        _ => avx2::kernel::<1>(kl, panel, xs, ldx, o, ldo, width, first),
+                        6 => avx2::kernel::<6>(kl, panel, xs, ldx, o, ldo, width, first, pf),
+                        5 => avx2::kernel::<5>(kl, panel, xs, ldx, o, ldo, width, first, pf),
+                        4 => avx2::kernel::<4>(kl, panel, xs, ldx, o, ldo, width, first, pf),
+                        3 => avx2::kernel::<3>(kl, panel, xs, ldx, o, ldo, width, first, pf),
+                        2 => avx2::kernel::<2>(kl, panel, xs, ldx, o, ldo, width, first, pf),
+                        _ => avx2::kernel::<1>(kl, panel, xs, ldx, o, ldo, width, first, pf),
                     }
                 }
                 t += rows;
@@ -277,7 +314,9 @@ mod avx2 {
     }
 
     /// `R` tokens against one panel over `kl` steps: `o[r][0..width]` (row stride `ldo`) set to
-    /// the sums when `first`, else increased by them.
+    /// the sums when `first`, else increased by them. Meanwhile the `pf.1 <= kl` lines of 64
+    /// bytes at `pf.0` are fetched into L2, one every `kl / pf.1` steps (a burst of them would
+    /// stall the loads on the core's few outstanding misses).
     ///
     /// # Safety
     /// Needs AVX2 and FMA; `panel` holds `kl` lines of 16 floats, `x` `R` rows (stride `ldx`) of
@@ -293,9 +332,10 @@ mod avx2 {
         ldo: usize,
         width: usize,
         first: bool,
+        pf: (*const f32, usize),
     ) {
         let mut acc = [[_mm256_setzero_ps(); 2]; R];
-        for p in 0..kl {
+        let mut step = |p: usize| {
             let w0 = _mm256_loadu_ps(panel.add(p * PANEL));
             let w1 = _mm256_loadu_ps(panel.add(p * PANEL + 8));
             for (r, a) in acc.iter_mut().enumerate() {
@@ -303,6 +343,19 @@ mod avx2 {
                 a[0] = _mm256_fmadd_ps(w0, b, a[0]);
                 a[1] = _mm256_fmadd_ps(w1, b, a[1]);
             }
+        };
+        let (lines, stride) = match pf.1 {
+            0 => (0, kl),
+            n => (n, kl / n),
+        };
+        for l in 0..lines {
+            _mm_prefetch::<_MM_HINT_T1>(pf.0.add(l * PANEL) as *const i8);
+            for p in l * stride..(l + 1) * stride {
+                step(p);
+            }
+        }
+        for p in lines * stride..kl {
+            step(p);
         }
         for (r, a) in acc.iter().enumerate() {
             let dst = o.add(r * ldo);

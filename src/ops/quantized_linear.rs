@@ -18,21 +18,45 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-/// A frozen weight `[out, in]` kept as GGUF blocks, row-major (each row is whole blocks).
+/// A frozen weight `[out, in]` in a layout only the ops here read: GGUF blocks (quantized), or
+/// f32 values already in the panel kernel's layout.
 #[derive(Clone)]
 pub struct QuantizedWeight {
-    bytes: Arc<Vec<u8>>,
+    /// Unique to these values (clones share it): caches keyed on a weight (a head's screen) use
+    /// it, where an address could be reused by the next weight.
+    id: u64,
+    storage: Storage,
+    /// The block type; `F32` for panels.
     dtype: GgmlDType,
     rows: usize,
     cols: usize,
+}
+
+/// How a [`QuantizedWeight`] holds its values.
+#[derive(Clone)]
+enum Storage {
+    /// Rows of whole blocks, exactly as a GGUF file stores them.
+    Blocks(Arc<Vec<u8>>),
+    /// f32 values in the layout of `ops::panel_gemm`: `ceil(rows / 16)` panels of `[cols][16]`,
+    /// the last one's missing rows zero. Products read them in place, where a row-major f32
+    /// weight is transposed into panels on every call (the inference layout of
+    /// `BaseStorage::Packed`: same values, no transposes).
+    Panels(Arc<Vec<f32>>),
+}
+
+fn fresh_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 impl std::fmt::Debug for QuantizedWeight {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "QuantizedWeight({:?}, [{}, {}])",
-            self.dtype, self.rows, self.cols
+            "QuantizedWeight({}, [{}, {}])",
+            self.kind(),
+            self.rows,
+            self.cols
         )
     }
 }
@@ -165,19 +189,117 @@ impl QuantizedWeight {
         }
         let bytes = qt.data()?.into_owned();
         let w = Self {
-            bytes: Arc::new(bytes),
+            id: fresh_id(),
+            storage: Storage::Blocks(Arc::new(bytes)),
             dtype,
             rows,
             cols,
         };
-        if w.bytes.len() != rows * w.row_bytes() {
+        if w.size_in_bytes() != rows * w.row_bytes() {
             return Err(err(format!(
                 "quantized_linear: {} bytes for a {dtype:?} [{rows}, {cols}] weight, expected {}",
-                w.bytes.len(),
+                w.size_in_bytes(),
                 rows * w.row_bytes()
             )));
         }
         Ok(w)
+    }
+
+    /// A dense `[out, in]` weight as f32 panels (exactly its values, widened to f32): the
+    /// inference layout: panels of 16 rows, `[cols][16]` each, the last one padded with zeros.
+    pub fn panels(w: &Tensor) -> Result<Self> {
+        let (rows, cols) = match w.dims() {
+            &[r, c] if r > 0 && c > 0 => (r, c),
+            d => {
+                return Err(err(format!(
+                    "quantized_linear: only a non-empty matrix can be kept as panels, not {d:?}"
+                )))
+            }
+        };
+        if !w.device().is_cpu() {
+            return Err(err("quantized_linear: panels are for weights on the CPU"));
+        }
+        // No copy of an f32 weight's values on the way: packing a whole base holds one matrix
+        // twice at most.
+        let w = w.to_dtype(DType::F32)?.contiguous()?;
+        let (storage, layout) = w.storage_and_layout();
+        let candle_core::Storage::Cpu(CpuStorage::F32(v)) = &*storage else {
+            return Err(err("quantized_linear: expected f32 storage"));
+        };
+        let Some((a, b)) = layout.contiguous_offsets() else {
+            return Err(err("quantized_linear: expected a contiguous weight"));
+        };
+        let values = &v[a..b];
+        Self::panels_from(rows, cols, |r0, n, dst| {
+            dst.copy_from_slice(&values[r0 * cols..(r0 + n) * cols]);
+            Ok(())
+        })
+    }
+
+    /// The same weight as f32 panels (blocks dequantized 16 rows at a time, never all at once).
+    pub fn to_panels(&self) -> Result<Self> {
+        if self.is_panels() {
+            return Ok(self.clone());
+        }
+        Self::panels_from(self.rows, self.cols, |r0, n, dst| {
+            self.dequantize_rows_serial(r0, n, dst)
+        })
+    }
+
+    /// Panels of `rows x cols` values, `fill(r0, n, dst)` writing rows `r0..r0 + n` (row-major)
+    /// into `dst`; one panel per task.
+    fn panels_from(
+        rows: usize,
+        cols: usize,
+        fill: impl Fn(usize, usize, &mut [f32]) -> Result<()> + Sync,
+    ) -> Result<Self> {
+        use super::panel_gemm::{rows_to_panels, PANEL};
+        let mut panels = vec![0f32; rows.next_multiple_of(PANEL) * cols];
+        panels
+            .par_chunks_mut(PANEL * cols)
+            .enumerate()
+            .try_for_each_init(
+                || vec![0f32; PANEL * cols],
+                |buf, (i, panel)| {
+                    let (r0, n) = (i * PANEL, PANEL.min(rows - i * PANEL));
+                    fill(r0, n, &mut buf[..n * cols])?;
+                    rows_to_panels(&buf[..n * cols], cols, panel);
+                    Ok::<_, candle_core::Error>(())
+                },
+            )?;
+        Ok(Self {
+            id: fresh_id(),
+            storage: Storage::Panels(Arc::new(panels)),
+            dtype: GgmlDType::F32,
+            rows,
+            cols,
+        })
+    }
+
+    /// Whether the values are f32 panels rather than GGUF blocks.
+    pub fn is_panels(&self) -> bool {
+        matches!(self.storage, Storage::Panels(_))
+    }
+
+    /// The panels' values, `ceil(rows / 16)` panels of `[cols][16]`, if that is the storage.
+    pub(crate) fn panel_values(&self) -> Option<&[f32]> {
+        match &self.storage {
+            Storage::Panels(v) => Some(v),
+            Storage::Blocks(_) => None,
+        }
+    }
+
+    /// See the field.
+    pub(crate) fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// How the values are held, for messages: `quantized (Q4_1 blocks)`, `packed (f32 panels)`.
+    pub fn kind(&self) -> String {
+        match self.storage {
+            Storage::Blocks(_) => format!("quantized ({:?} blocks)", self.dtype),
+            Storage::Panels(_) => "packed (f32 panels)".to_string(),
+        }
     }
 
     /// Quantize a dense `[out, in]` weight (a user converting an f32 base, and tests).
@@ -191,13 +313,19 @@ impl QuantizedWeight {
         if perm.len() != self.rows || perm.iter().any(|&p| p >= self.rows) {
             return Err(err("quantized_linear: bad row permutation"));
         }
+        let Storage::Blocks(bytes) = &self.storage else {
+            return Err(err(
+                "quantized_linear: rows of f32 panels are permuted before packing, not after",
+            ));
+        };
         let rb = self.row_bytes();
-        let mut out = Vec::with_capacity(self.bytes.len());
+        let mut out = Vec::with_capacity(bytes.len());
         for &p in perm {
-            out.extend_from_slice(&self.bytes[p * rb..(p + 1) * rb]);
+            out.extend_from_slice(&bytes[p * rb..(p + 1) * rb]);
         }
         Ok(Self {
-            bytes: Arc::new(out),
+            id: fresh_id(),
+            storage: Storage::Blocks(Arc::new(out)),
             ..self.clone()
         })
     }
@@ -210,9 +338,12 @@ impl QuantizedWeight {
         (self.rows, self.cols)
     }
 
-    /// Bytes held: the blocks only.
+    /// Bytes held: the blocks or panels only.
     pub fn size_in_bytes(&self) -> usize {
-        self.bytes.len()
+        match &self.storage {
+            Storage::Blocks(b) => b.len(),
+            Storage::Panels(v) => v.len() * 4,
+        }
     }
 
     fn row_bytes(&self) -> usize {
@@ -221,22 +352,42 @@ impl QuantizedWeight {
 
     /// Rows `[r0, r0 + n)` as f32, row-major, into `dst` (`n * cols` values).
     fn dequantize_rows(&self, r0: usize, n: usize, dst: &mut [f32]) -> Result<()> {
-        let rb = self.row_bytes();
-        let cols = self.cols;
-        let src = &self.bytes[r0 * rb..(r0 + n) * rb];
         // Rows are independent: dequantize them in parallel.
-        src.par_chunks(rb)
-            .zip(dst.par_chunks_mut(cols))
-            .try_for_each(|(s, d)| self.row_to_f32(s, d))
+        dst[..n * self.cols]
+            .par_chunks_mut(self.cols)
+            .enumerate()
+            .try_for_each(|(i, d)| self.row_into(r0 + i, d))
     }
 
     /// [`Self::dequantize_rows`] on the calling thread.
-    fn dequantize_rows_serial(&self, r0: usize, n: usize, dst: &mut [f32]) -> Result<()> {
-        let rb = self.row_bytes();
-        let src = &self.bytes[r0 * rb..(r0 + n) * rb];
-        src.chunks(rb)
-            .zip(dst.chunks_mut(self.cols))
-            .try_for_each(|(s, d)| self.row_to_f32(s, d))
+    pub(crate) fn dequantize_rows_serial(
+        &self,
+        r0: usize,
+        n: usize,
+        dst: &mut [f32],
+    ) -> Result<()> {
+        dst[..n * self.cols]
+            .chunks_mut(self.cols)
+            .enumerate()
+            .try_for_each(|(i, d)| self.row_into(r0 + i, d))
+    }
+
+    /// Row `i` as f32 into `d` (`cols` values).
+    pub(crate) fn row_into(&self, i: usize, d: &mut [f32]) -> Result<()> {
+        match &self.storage {
+            Storage::Blocks(bytes) => {
+                let rb = self.row_bytes();
+                self.row_to_f32(&bytes[i * rb..(i + 1) * rb], d)
+            }
+            Storage::Panels(v) => {
+                use super::panel_gemm::PANEL;
+                let panel = &v[i / PANEL * PANEL * self.cols..][..PANEL * self.cols];
+                for (o, line) in d.iter_mut().zip(panel.chunks_exact(PANEL)) {
+                    *o = line[i % PANEL];
+                }
+                Ok(())
+            }
+        }
     }
 
     fn row_to_f32(&self, s: &[u8], d: &mut [f32]) -> Result<()> {
@@ -276,13 +427,9 @@ impl QuantizedWeight {
             candle_core::bail!("token id {bad} is outside the {} embedding rows", self.rows);
         }
         let mut out = vec![0f32; ids.len() * self.cols];
-        let rb = self.row_bytes();
         out.par_chunks_mut(self.cols)
             .zip(ids.par_iter())
-            .try_for_each(|(d, &i)| {
-                let i = i as usize;
-                self.row_to_f32(&self.bytes[i * rb..(i + 1) * rb], d)
-            })?;
+            .try_for_each(|(d, &i)| self.row_into(i as usize, d))?;
         Tensor::from_vec(out, (ids.len(), self.cols), &candle_core::Device::Cpu)
     }
 
@@ -405,6 +552,9 @@ impl QuantizedMatmul {
     #[cfg(target_arch = "x86_64")]
     fn product_by_panels(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
         use super::panel_gemm::{product, rows_to_panels};
+        if let Storage::Panels(panels) = &self.w.storage {
+            return Ok(self.product_in_place(panels, x, m));
+        }
         let (n_rows, k) = (self.w.rows, self.w.cols);
         let mut y = vec![0f32; m * n_rows];
         let tile_rows = self.tile_rows();
@@ -423,6 +573,44 @@ impl QuantizedMatmul {
                 },
             )?;
         Ok(y)
+    }
+
+    /// [`Self::product_by_panels`] on a weight already in panels: each tile's task reads its
+    /// panels where they are.
+    #[cfg(target_arch = "x86_64")]
+    fn product_in_place(&self, panels: &[f32], x: &[f32], m: usize) -> Vec<f32> {
+        let (n_rows, k) = (self.w.rows, self.w.cols);
+        let tile_rows = self.tile_rows();
+        let mut y = Vec::with_capacity(m * n_rows);
+        let out = SharedOut(y.as_mut_ptr());
+        (0..n_rows.div_ceil(tile_rows))
+            .into_par_iter()
+            .for_each(|i| {
+                let r0 = i * tile_rows;
+                let r = tile_rows.min(n_rows - r0);
+                // Tiles start on whole panels (`tile_rows` is a multiple of 16).
+                let end = (r0 + r).next_multiple_of(super::panel_gemm::PANEL) * k;
+                let tile = &panels[r0 * k..end];
+                // The next tile, most often this thread's next task (rayon splits the range in runs).
+                let ahead = &panels[end..(end + tile_rows * k).min(panels.len())];
+                // SAFETY: AVX2/FMA checked by the caller; this task writes only (all of) the columns
+                // r0..r0+r of `y` ([m, n_rows]), within its capacity.
+                unsafe {
+                    super::panel_gemm::product_prefetching(
+                        x,
+                        (m, k, k),
+                        tile,
+                        r,
+                        out.get().add(r0),
+                        n_rows,
+                        false,
+                        ahead,
+                    )
+                };
+            });
+        // SAFETY: the tiles cover every column of every row, each written above.
+        unsafe { y.set_len(m * n_rows) };
+        y
     }
 
     /// `x W` (`x: [m, out]`, the input-gradient direction): every tile adds into all of `y`, so
@@ -597,11 +785,14 @@ impl QuantizedWeight {
             GgmlDType::Q4_1 => crate::quant::QKind::Q4_1,
             _ => return None,
         };
+        let Storage::Blocks(bytes) = &self.storage else {
+            return None;
+        };
         Some(crate::quant::QWeight::from_shared(
             kind,
             self.rows,
             self.cols,
-            self.bytes.clone(),
+            bytes.clone(),
         ))
     }
 }
@@ -624,11 +815,8 @@ pub fn quantized_logits(x: &Tensor, w: &QuantizedWeight) -> Result<Tensor> {
     let dims = y.dims().to_vec();
     let mut yv = y.flatten_all()?.to_vec1::<f32>()?;
     let xv = x.flatten_all()?.to_vec1::<f32>()?;
-    let rb = w.row_bytes();
     for (yr, xr) in yv.chunks_mut(w.rows).zip(xv.chunks(w.cols)) {
-        rescore_near_top(yr, xr, |j, row| {
-            w.row_to_f32(&w.bytes[j * rb..(j + 1) * rb], row)
-        })?;
+        rescore_near_top(yr, xr, |j, row| w.row_into(j, row))?;
     }
     Tensor::from_vec(yv, dims, x.device())
 }
@@ -777,6 +965,80 @@ mod tests {
             )?;
             assert!(e < 1e-5, "{dtype:?}: input gradient off by {e}");
         }
+        Ok(())
+    }
+
+    /// f32 panels hold exactly the weight's values (partial last panels included) in every
+    /// direction: the product and its input gradient, embedding rows, and the dense weight back;
+    /// blocks turned into panels hold their dequantized values.
+    #[test]
+    fn panels_hold_the_f32_weight_exactly() -> Result<()> {
+        let dev = Device::Cpu;
+        for (out, inp, m) in [(37, 20, 1), (130, 576, 9), (16, 1536, 128), (300, 64, 5)] {
+            let w = Tensor::randn(0f32, 1.0, (out, inp), &dev)?;
+            let q = QuantizedWeight::panels(&w)?;
+            assert!(q.is_panels() && q.dims() == (out, inp));
+            assert_eq!(q.size_in_bytes(), out.next_multiple_of(16) * inp * 4);
+            assert_eq!(q.dequantize()?.to_vec2::<f32>()?, w.to_vec2::<f32>()?);
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (m, inp), &dev)?)?;
+            let y = quantized_linear(x.as_tensor(), &q)?;
+            let want = super::super::frozen_linear(x.as_tensor(), &w)?;
+            let e = max_rel(&y, &want)?;
+            assert!(e < 1e-5, "[{out}, {inp}]: forward off by {e}");
+            let g = y.sqr()?.sum_all()?.backward()?;
+            let gw = want.sqr()?.sum_all()?.backward()?;
+            let e = max_rel(
+                g.get(x.as_tensor()).unwrap(),
+                gw.get(x.as_tensor()).unwrap(),
+            )?;
+            assert!(e < 1e-5, "[{out}, {inp}]: input gradient off by {e}");
+            let ids = Tensor::new(&[0u32, out as u32 - 1, 17 % out as u32], &dev)?;
+            assert_eq!(
+                q.rows(&ids)?.to_vec2::<f32>()?,
+                w.index_select(&ids, 0)?.to_vec2::<f32>()?
+            );
+        }
+        let w = Tensor::randn(0f32, 1.0, (40, 64), &dev)?;
+        let b = QuantizedWeight::quantize(&w, GgmlDType::Q4_1)?;
+        let p = b.to_panels()?;
+        assert!(p.is_panels() && !b.is_panels());
+        assert_eq!(
+            p.dequantize()?.to_vec2::<f32>()?,
+            b.dequantize()?.to_vec2::<f32>()?
+        );
+        // Half precision is widened exactly.
+        let h = w.to_dtype(DType::BF16)?;
+        let p = QuantizedWeight::panels(&h)?;
+        assert_eq!(
+            p.dequantize()?.to_vec2::<f32>()?,
+            h.to_dtype(DType::F32)?.to_vec2::<f32>()?
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn panels_refuse_what_they_cannot_hold() -> Result<()> {
+        let dev = Device::Cpu;
+        let e = QuantizedWeight::panels(&Tensor::zeros(8, DType::F32, &dev)?)
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("non-empty matrix"), "{e}");
+        assert!(QuantizedWeight::panels(&Tensor::zeros((0, 4), DType::F32, &dev)?).is_err());
+        let p = QuantizedWeight::panels(&Tensor::zeros((3, 4), DType::F32, &dev)?)?;
+        let e = p
+            .permute_rows(&[2, 1, 0])
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("before packing"), "{e}");
+        let x = Tensor::zeros((2, 5), DType::F32, &dev)?;
+        let e = quantized_linear(&x, &p).unwrap_err().to_string();
+        assert!(e.contains("5 features"), "{e}");
+        let mut store = crate::params::ParamStore::new();
+        store.insert_quantized("w", p);
+        let e = store.get("w").unwrap_err().to_string();
+        assert!(e.contains("stored packed (f32 panels)"), "{e}");
         Ok(())
     }
 

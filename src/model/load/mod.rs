@@ -96,15 +96,20 @@ pub enum BaseStorage {
     Gguf,
     /// Every matrix whose rows are whole blocks requantized to this type.
     Requantized(candle_core::quantized::GgmlDType),
+    /// f32 values in the matmul kernel's own layout (panels of 16 rows): the inference layout.
+    /// Same values and results as `Dense(F32)`, without transposing every weight into panels on
+    /// every product; gradients still reach the input, but training steps are faster on `f32`.
+    Packed,
 }
 
 impl BaseStorage {
-    pub const NAMES: &'static str = "f32, bf16, f16, gguf, q8_0, q4_1 or q4_0";
+    pub const NAMES: &'static str = "f32, bf16, f16, gguf, q8_0, q4_1, q4_0 or packed";
 
     pub fn parse(v: &str) -> Result<Self> {
         use candle_core::quantized::GgmlDType as G;
         Ok(match v.to_ascii_lowercase().as_str() {
             "f32" => Self::Dense(DType::F32),
+            "packed" => Self::Packed,
             "bf16" => Self::Dense(DType::BF16),
             "f16" => Self::Dense(DType::F16),
             "gguf" | "quantized" => Self::Gguf,
@@ -129,6 +134,16 @@ impl BaseStorage {
             Self::Dense(dt) => {
                 let mut ck = load(spec, &dev)?;
                 ck.params = ck.params.frozen_matrices_to(dt)?;
+                ck
+            }
+            Self::Packed => {
+                // From a GGUF, its blocks are dequantized straight into panels (never the whole
+                // f32 base and its panels at once).
+                let mut ck = match ModelSource::resolve(spec)? {
+                    ModelSource::Gguf(_) => load_quantized(spec, &dev)?,
+                    _ => load(spec, &dev)?,
+                };
+                ck.params = ck.params.into_packed()?;
                 ck
             }
             Self::Requantized(q) => {
