@@ -9,9 +9,9 @@
 //! computes them itself instead of waiting for one.
 //!
 //! Only the base model, in f32 (row-major, or in the panels of `BaseStorage::Packed`) or with
-//! Q8_0/Q4_1 blocks (integer kernels, as the tensor path uses when decoding): anything else, deltas included, takes the tensor path. The prompt also does
-//! (`gemm` is the right tool for many rows); its KV cache is copied in
-//! ([`FusedDecoder::with_cache`]).
+//! Q8_0/Q4_1 blocks (integer kernels, as the tensor path uses when decoding): anything else,
+//! deltas included, takes the tensor path. The prompt also does (`gemm` is the right tool for
+//! many rows); its KV cache is copied in ([`FusedDecoder::with_cache`]).
 
 use std::cell::UnsafeCell;
 use std::ops::Range;

@@ -139,7 +139,10 @@ pub(crate) unsafe fn product_prefetching(
                 let xs = x.as_ptr().add(t * ldx + kb);
                 for p in p0..p1 {
                     let n = per_call.min(lines - fetched).min(kl);
-                    let pf = (ahead.as_ptr().add(fetched * PANEL), n);
+                    let pf = match n {
+                        0 => (std::ptr::null(), 0),
+                        n => (ahead.as_ptr().add(fetched * PANEL), n),
+                    };
                     fetched += n;
                     let panel = panels.as_ptr().add(p * k * PANEL + kb * PANEL);
                     let c0 = p * PANEL;

@@ -591,10 +591,11 @@ impl QuantizedMatmul {
                 // Tiles start on whole panels (`tile_rows` is a multiple of 16).
                 let end = (r0 + r).next_multiple_of(super::panel_gemm::PANEL) * k;
                 let tile = &panels[r0 * k..end];
-                // The next tile, most often this thread's next task (rayon splits the range in runs).
+                // The next tile: most often this thread's next task (rayon splits the range
+                // into runs).
                 let ahead = &panels[end..(end + tile_rows * k).min(panels.len())];
-                // SAFETY: AVX2/FMA checked by the caller; this task writes only (all of) the columns
-                // r0..r0+r of `y` ([m, n_rows]), within its capacity.
+                // SAFETY: AVX2/FMA checked by the caller; this task writes only (all of) the
+                // columns r0..r0+r of `y` ([m, n_rows]), within its capacity.
                 unsafe {
                     super::panel_gemm::product_prefetching(
                         x,
