@@ -81,48 +81,23 @@ pub(crate) fn panel_rows(
     }
 }
 
-/// The 16 sums `panel[.][i] . x` of one panel `[k][16]`.
+/// The 16 sums `panel[.][i] . x` of one panel `[k][16]`: the panel kernel with one token.
 fn panel_dot(panel: &[f32], x: &[f32]) -> [f32; 16] {
+    let mut out = [0f32; 16];
     #[cfg(target_arch = "x86_64")]
     if super::panel_gemm::available() {
-        // SAFETY: AVX2 and FMA were checked; the lengths are asserted inside.
-        return unsafe { panel_dot_avx2(panel, x) };
+        let k = x.len();
+        assert!(panel.len() >= k * 16);
+        // SAFETY: AVX2 and FMA were checked; one row of `k` values against one whole panel,
+        // written into 16 values.
+        unsafe { super::panel_gemm::product(x, (1, k, k), panel, 16, out.as_mut_ptr(), 16, false) };
+        return out;
     }
-    let mut acc = [0f32; 16];
     for (line, &v) in panel.chunks_exact(16).zip(x) {
-        for (a, &w) in acc.iter_mut().zip(line) {
+        for (a, &w) in out.iter_mut().zip(line) {
             *a += v * w;
         }
     }
-    acc
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn panel_dot_avx2(panel: &[f32], x: &[f32]) -> [f32; 16] {
-    use std::arch::x86_64::*;
-    let k = x.len();
-    assert!(panel.len() >= k * 16);
-    let p = panel.as_ptr();
-    // Two lines per iteration into separate sums: four chains of FMAs.
-    let mut acc = [_mm256_setzero_ps(); 4];
-    let mut c = 0;
-    while c + 2 <= k {
-        let (x0, x1) = (_mm256_set1_ps(x[c]), _mm256_set1_ps(x[c + 1]));
-        acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(p.add(c * 16)), x0, acc[0]);
-        acc[1] = _mm256_fmadd_ps(_mm256_loadu_ps(p.add(c * 16 + 8)), x0, acc[1]);
-        acc[2] = _mm256_fmadd_ps(_mm256_loadu_ps(p.add(c * 16 + 16)), x1, acc[2]);
-        acc[3] = _mm256_fmadd_ps(_mm256_loadu_ps(p.add(c * 16 + 24)), x1, acc[3]);
-        c += 2;
-    }
-    if c < k {
-        let x0 = _mm256_set1_ps(x[c]);
-        acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(p.add(c * 16)), x0, acc[0]);
-        acc[1] = _mm256_fmadd_ps(_mm256_loadu_ps(p.add(c * 16 + 8)), x0, acc[1]);
-    }
-    let mut out = [0f32; 16];
-    _mm256_storeu_ps(out.as_mut_ptr(), _mm256_add_ps(acc[0], acc[2]));
-    _mm256_storeu_ps(out.as_mut_ptr().add(8), _mm256_add_ps(acc[1], acc[3]));
     out
 }
 
