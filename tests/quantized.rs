@@ -83,22 +83,28 @@ fn unknown_weight_format_and_adapters_on_quantized_weights_are_clear_errors() {
     assert!(err.to_string().contains("stored quantized"), "{err}");
 }
 
+/// `generate --chat`'s answer to the capital of France from weights stored as `weights`.
+fn capital_answer(weights: &str, tokens: usize) -> String {
+    let (code, out, err) = common::metapeft(&[
+        "generate",
+        "--chat",
+        "--prompt",
+        "What is the capital of France?",
+        "--weights",
+        weights,
+        "--max-new-tokens",
+        &tokens.to_string(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    out
+}
+
 #[test]
 fn generate_answers_from_quantized_weights() {
     // End to end through `generate` (prompt pass, then integer-kernel decode steps): this caught
     // the LM head bug that the teacher-forced comparison above did not.
     for w in ["gguf", "q8_0"] {
-        let (code, out, err) = common::metapeft(&[
-            "generate",
-            "--chat",
-            "--prompt",
-            "What is the capital of France?",
-            "--weights",
-            w,
-            "--max-new-tokens",
-            "12",
-        ]);
-        assert_eq!(code, 0, "{err}");
+        let out = capital_answer(w, 12);
         assert!(out.contains("Paris"), "--weights {w}: {out}");
     }
 }
@@ -148,21 +154,7 @@ fn packed_weights_give_the_f32_models_logits_and_text() {
         );
         input = vec![metapeft::generate::argmax(&lf)];
     }
-    let text = |w: &str| {
-        let (code, out, err) = common::metapeft(&[
-            "generate",
-            "--chat",
-            "--prompt",
-            "What is the capital of France?",
-            "--weights",
-            w,
-            "--max-new-tokens",
-            "24",
-        ]);
-        assert_eq!(code, 0, "{err}");
-        out
-    };
-    let (f, p) = (text("f32"), text("packed"));
+    let (f, p) = (capital_answer("f32", 24), capital_answer("packed", 24));
     assert!(p.contains("Paris"), "{p}");
     assert_eq!(f, p);
 }

@@ -936,6 +936,29 @@ mod tests {
         Ok((a - b)?.abs()?.max_all()?.to_scalar::<f32>()? / scale)
     }
 
+    /// `quantized_linear(x, q)` and its input gradient (of the summed squares) within 1e-5 of
+    /// the frozen linear map by `dense`; the output.
+    fn assert_like_dense(
+        x: &Tensor,
+        q: &QuantizedWeight,
+        dense: &Tensor,
+        what: &str,
+    ) -> Result<Tensor> {
+        let x = Var::from_tensor(x)?;
+        let y = quantized_linear(x.as_tensor(), q)?;
+        let want = super::super::frozen_linear(x.as_tensor(), dense)?;
+        let e = max_rel(&y, &want)?;
+        assert!(e < 1e-5, "{what}: forward off by {e}");
+        let g = y.sqr()?.sum_all()?.backward()?;
+        let gw = want.sqr()?.sum_all()?.backward()?;
+        let e = max_rel(
+            g.get(x.as_tensor()).unwrap(),
+            gw.get(x.as_tensor()).unwrap(),
+        )?;
+        assert!(e < 1e-5, "{what}: input gradient off by {e}");
+        Ok(y)
+    }
+
     #[test]
     fn matches_the_dequantized_weight_forward_and_backward() -> Result<()> {
         let dev = Device::Cpu;
@@ -952,19 +975,9 @@ mod tests {
             let dense = q.dequantize()?;
             // Quantization error is there (the point of the reference is the dequantized weight).
             assert!(max_rel(&dense, &w)? > 0.0 || dtype == GgmlDType::F16);
-            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, inp), &dev)?)?;
-            let y = quantized_linear(x.as_tensor(), &q)?;
-            let want = super::super::frozen_linear(x.as_tensor(), &dense)?;
+            let x = Tensor::randn(0f32, 1.0, (2, 3, inp), &dev)?;
+            let y = assert_like_dense(&x, &q, &dense, &format!("{dtype:?}"))?;
             assert_eq!(y.dims(), &[2, 3, out]);
-            let e = max_rel(&y, &want)?;
-            assert!(e < 1e-5, "{dtype:?}: forward off by {e}");
-            let g = y.sqr()?.sum_all()?.backward()?;
-            let gw = want.sqr()?.sum_all()?.backward()?;
-            let e = max_rel(
-                g.get(x.as_tensor()).unwrap(),
-                gw.get(x.as_tensor()).unwrap(),
-            )?;
-            assert!(e < 1e-5, "{dtype:?}: input gradient off by {e}");
         }
         Ok(())
     }
@@ -981,18 +994,8 @@ mod tests {
             assert!(q.is_panels() && q.dims() == (out, inp));
             assert_eq!(q.size_in_bytes(), out.next_multiple_of(16) * inp * 4);
             assert_eq!(q.dequantize()?.to_vec2::<f32>()?, w.to_vec2::<f32>()?);
-            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (m, inp), &dev)?)?;
-            let y = quantized_linear(x.as_tensor(), &q)?;
-            let want = super::super::frozen_linear(x.as_tensor(), &w)?;
-            let e = max_rel(&y, &want)?;
-            assert!(e < 1e-5, "[{out}, {inp}]: forward off by {e}");
-            let g = y.sqr()?.sum_all()?.backward()?;
-            let gw = want.sqr()?.sum_all()?.backward()?;
-            let e = max_rel(
-                g.get(x.as_tensor()).unwrap(),
-                gw.get(x.as_tensor()).unwrap(),
-            )?;
-            assert!(e < 1e-5, "[{out}, {inp}]: input gradient off by {e}");
+            let x = Tensor::randn(0f32, 1.0, (m, inp), &dev)?;
+            assert_like_dense(&x, &q, &w, &format!("[{out}, {inp}]"))?;
             let ids = Tensor::new(&[0u32, out as u32 - 1, 17 % out as u32], &dev)?;
             assert_eq!(
                 q.rows(&ids)?.to_vec2::<f32>()?,
