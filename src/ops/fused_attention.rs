@@ -8,8 +8,10 @@
 //! backward's (batch, key/value head): scores, mask, softmax and the product with the values stay
 //! in a per-task buffer, and the backward recomputes the probabilities instead of keeping them
 //! (attention is a few percent of a step's FLOPs). A block of query rows stops at the last key
-//! its mask rows can see, so causal attention skips the hidden upper triangle. Where a graph of
-//! the gradients is kept (second-order MAML) or off the CPU, the composed op runs.
+//! its mask rows can see, so causal attention skips the hidden upper triangle. The products run on
+//! `ops::panel_gemm`'s kernel in f32 (x86-64 with AVX2, head sizes a multiple of 16), on gemm
+//! otherwise. Where a graph of the gradients is kept (second-order MAML) or off the CPU, the
+//! composed op runs.
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, WithDType};
 use num_traits::Float;
@@ -230,19 +232,15 @@ impl<T: WithDType> MaskRows<T> {
     }
 }
 
-/// `dst [m, n] (row stride dst_rs) = (acc ? dst : 0) + beta * lhs [m, k] x rhs [k, n]`, one thread.
+/// `dst [m, n] (row stride dst_rs) = (acc ? dst : 0) + lhs [m, k] x rhs [k, n]`, one thread.
 ///
 /// # Safety
 /// Every view must lie inside its buffer; `dst` must not overlap the inputs.
-#[allow(clippy::too_many_arguments)]
 unsafe fn mm<T: 'static + Copy + num_traits::One>(
     (m, n, k): (usize, usize, usize),
-    dst: *mut T,
-    dst_rs: usize,
-    acc: bool,
+    (dst, dst_rs, acc): (*mut T, usize, bool),
     (lhs, lhs_rs, lhs_cs): (*const T, usize, usize),
     (rhs, rhs_rs, rhs_cs): (*const T, usize, usize),
-    beta: T,
 ) {
     gemm::gemm(
         m,
@@ -259,7 +257,7 @@ unsafe fn mm<T: 'static + Copy + num_traits::One>(
         rhs_cs as isize,
         rhs_rs as isize,
         T::one(),
-        beta,
+        T::one(),
         false,
         false,
         false,
@@ -267,42 +265,230 @@ unsafe fn mm<T: 'static + Copy + num_traits::One>(
     )
 }
 
+/// Keys or values of the (batch, kv head) a task works on.
+#[derive(Clone, Copy)]
+enum Which {
+    Keys,
+    Values,
+}
+
+/// The products attention's passes are made of, against one (batch, kv head)'s keys and values
+/// `M: [tk, d]` (rows `ks` apart in the projections' layout): `a M^T` (scores, `dP = dO V^T`),
+/// `a M` (`P V`, `dQ = dS K`) and `a^T r` (`dV += P^T dO`, `dK += dS^T Q`).
+trait KeysValues<'a, T: 'a>: Sized + Send + Sync {
+    /// For keys and values at offset `at` of `k` and `v`; `transposed_values` when `times_mt`
+    /// will be asked for the values too.
+    fn new(k: &'a [T], v: &'a [T], at: usize, dm: Dims, transposed_values: bool) -> Self;
+
+    /// `p [rows, kend] = a [rows, d] (row stride lda) M[..kend]^T`.
+    ///
+    /// # Safety
+    /// `a` must hold `rows` rows of `d` values `lda` apart; `kend <= tk`.
+    unsafe fn times_mt(&self, m: Which, a: (*const T, usize), rows: usize, p: &mut [T]);
+
+    /// `out [rows, d] (row stride ldo) = a [rows, kend] M[..kend]`.
+    ///
+    /// # Safety
+    /// `out` must hold `rows` rows of `d` values `ldo` apart that no other thread touches.
+    unsafe fn times_m(&self, m: Which, a: &[T], shape: (usize, usize), out: (*mut T, usize));
+
+    /// `out [kend, d] (row stride ldo) += a^T r` for `a: [rows, kend]` and `r: [rows, d]` (row
+    /// stride `ldr`).
+    ///
+    /// # Safety
+    /// As [`Self::times_m`], and `r` must hold `rows` rows of `d` values `ldr` apart.
+    unsafe fn acc_at_r(
+        &self,
+        a: &[T],
+        shape: (usize, usize),
+        r: (*const T, usize),
+        out: (*mut T, usize),
+    );
+}
+
+/// The products through gemm, reading every operand in place (any element type).
+struct GemmKv<'a, T> {
+    k: &'a [T],
+    v: &'a [T],
+    at: usize,
+    dm: Dims,
+}
+
+impl<'a, T: Elem> GemmKv<'a, T> {
+    fn of(&self, m: Which) -> *const T {
+        let s = match m {
+            Which::Keys => self.k,
+            Which::Values => self.v,
+        };
+        s[self.at..].as_ptr()
+    }
+}
+
+impl<'a, T: Elem> KeysValues<'a, T> for GemmKv<'a, T> {
+    fn new(k: &'a [T], v: &'a [T], at: usize, dm: Dims, _: bool) -> Self {
+        Self { k, v, at, dm }
+    }
+
+    unsafe fn times_mt(&self, m: Which, (a, lda): (*const T, usize), rows: usize, p: &mut [T]) {
+        let (d, ks) = (self.dm.d, self.dm.hkv * self.dm.d);
+        let kend = p.len() / rows.max(1);
+        mm(
+            (rows, kend, d),
+            (p.as_mut_ptr(), kend, false),
+            (a, lda, 1),
+            (self.of(m), 1, ks),
+        );
+    }
+
+    unsafe fn times_m(
+        &self,
+        m: Which,
+        a: &[T],
+        (rows, kend): (usize, usize),
+        out: (*mut T, usize),
+    ) {
+        let (d, ks) = (self.dm.d, self.dm.hkv * self.dm.d);
+        mm(
+            (rows, d, kend),
+            (out.0, out.1, false),
+            (a.as_ptr(), kend, 1),
+            (self.of(m), ks, 1),
+        );
+    }
+
+    unsafe fn acc_at_r(
+        &self,
+        a: &[T],
+        (rows, kend): (usize, usize),
+        r: (*const T, usize),
+        out: (*mut T, usize),
+    ) {
+        mm(
+            (kend, self.dm.d, rows),
+            (out.0, out.1, true),
+            (a.as_ptr(), 1, kend),
+            (r.0, r.1, 1),
+        );
+    }
+}
+
+/// The products on the panel kernel (f32, AVX2, head size a multiple of 16). gemm packs both
+/// operands of every one of these small products (a block of 32 query rows against at most the
+/// sequence's keys); here `M` and the rows `r` are read in place as the kernel's panels (16
+/// adjacent values of a row), and only `M^T` is packed, once per (batch, kv head). A LoRA
+/// step's attention core took ~0.82x gemm's time (`BENCHMARKS.md`).
+#[cfg(target_arch = "x86_64")]
+struct PanelKv<'a> {
+    k: &'a [f32],
+    v: &'a [f32],
+    at: usize,
+    dm: Dims,
+    /// Panels of `K^T` and (when asked for) `V^T`: 16 keys' values per line.
+    kt: Vec<f32>,
+    vt: Vec<f32>,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl PanelKv<'_> {
+    /// Whether the panel kernel takes attention with head size `d` here.
+    fn fits(d: usize) -> bool {
+        d.is_multiple_of(super::panel_gemm::PANEL) && super::panel_gemm::available()
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl<'a> KeysValues<'a, f32> for PanelKv<'a> {
+    fn new(k: &'a [f32], v: &'a [f32], at: usize, dm: Dims, transposed_values: bool) -> Self {
+        use super::panel_gemm::{strided_rows_to_panels, PANEL};
+        let Dims { tk, hkv, d, .. } = dm;
+        assert!(
+            Self::fits(d),
+            "attention panels: head size {d} or CPU does not fit"
+        );
+        let pack = |m: &[f32]| {
+            assert!(tk == 0 || m.len() >= at + (tk - 1) * hkv * d + d);
+            let mut panels = vec![0f32; tk.div_ceil(PANEL) * PANEL * d];
+            // SAFETY: AVX2 checked above; `tk` rows of `d` values at `at`, `hkv * d` apart.
+            unsafe { strided_rows_to_panels(m.as_ptr().add(at), (tk, d, hkv * d), &mut panels) };
+            panels
+        };
+        let (kt, vt) = (pack(k), if transposed_values { pack(v) } else { vec![] });
+        Self {
+            k,
+            v,
+            at,
+            dm,
+            kt,
+            vt,
+        }
+    }
+
+    unsafe fn times_mt(&self, m: Which, (a, lda): (*const f32, usize), rows: usize, p: &mut [f32]) {
+        let panels = match m {
+            Which::Keys => &self.kt,
+            Which::Values => &self.vt,
+        };
+        let kend = p.len() / rows.max(1);
+        let d = self.dm.d;
+        let x = std::slice::from_raw_parts(a, (rows.max(1) - 1) * lda + d);
+        super::panel_gemm::product(x, (rows, d, lda), panels, kend, p.as_mut_ptr(), kend, false);
+    }
+
+    unsafe fn times_m(
+        &self,
+        m: Which,
+        a: &[f32],
+        (rows, kend): (usize, usize),
+        out: (*mut f32, usize),
+    ) {
+        let s = match m {
+            Which::Keys => self.k,
+            Which::Values => self.v,
+        };
+        let (d, ks) = (self.dm.d, self.dm.hkv * self.dm.d);
+        let b = (s.as_ptr().add(self.at), ks, d);
+        super::panel_gemm::product_rows(a.as_ptr(), false, (rows, kend, kend), b, out, false);
+    }
+
+    unsafe fn acc_at_r(
+        &self,
+        a: &[f32],
+        (rows, kend): (usize, usize),
+        r: (*const f32, usize),
+        out: (*mut f32, usize),
+    ) {
+        let b = (r.0, r.1, self.dm.d);
+        super::panel_gemm::product_rows(a.as_ptr(), true, (kend, rows, kend), b, out, true);
+    }
+}
+
 /// Softmax probabilities `p: [r1 - r0, kend]` of query rows `r0..r1` of head `hi` in batch
 /// `bi` over the first `kend` keys (scores, mask, softmax).
 ///
 /// # Safety
-/// `q` and `k` must hold the shapes `dm` describes, `r1 <= tq`, `kend <= tk`.
+/// `q` must hold the shapes `dm` describes, `r1 <= tq`, `kend <= tk`.
 #[allow(clippy::too_many_arguments)]
-unsafe fn probabilities<T: Elem>(
+unsafe fn probabilities<'a, T: Elem, K: KeysValues<'a, T>>(
     dm: Dims,
     (bi, hi): (usize, usize),
     (r0, r1): (usize, usize),
     kend: usize,
     q: &[T],
-    k: &[T],
+    kv: &K,
     mask: &MaskRows<T>,
     scale: T,
     p: &mut [T],
 ) {
-    let Dims {
-        tq, tk, h, hkv, d, ..
-    } = dm;
-    let g = hi / (h / hkv);
+    let Dims { tq, h, d, .. } = dm;
     let qh = q.as_ptr().add(((bi * tq + r0) * h + hi) * d);
-    let kh = k.as_ptr().add((bi * tk * hkv + g) * d);
-    // scores = scale * Q K^T, K read transposed in place.
-    mm(
-        (r1 - r0, kend, d),
-        p.as_mut_ptr(),
-        kend,
-        false,
-        (qh, h * d, 1),
-        (kh, 1, hkv * d),
-        scale,
-    );
+    kv.times_mt(Which::Keys, (qh, h * d), r1 - r0, p);
     for (qi, row) in (r0..r1).zip(p.chunks_exact_mut(kend)) {
-        if let Some(m) = mask.values((bi, hi, qi), kend) {
-            row.iter_mut().zip(m).for_each(|(s, &m)| *s += m);
+        match mask.values((bi, hi, qi), kend) {
+            Some(m) => row
+                .iter_mut()
+                .zip(m)
+                .for_each(|(s, &m)| *s = *s * scale + m),
+            None => row.iter_mut().for_each(|s| *s *= scale),
         }
         let (_, sum) = exp_from_max(row);
         let inv = T::from(sum.recip()).unwrap_or_else(T::nan);
@@ -320,6 +506,32 @@ impl Shared {
     }
 }
 
+/// `s` as `&[U]` when `T` is `U`.
+#[cfg(target_arch = "x86_64")]
+fn same<T: 'static, U: 'static>(s: &[T]) -> Option<&[U]> {
+    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<U>())
+        // SAFETY: T and U are the same type.
+        .then(|| unsafe { std::slice::from_raw_parts(s.as_ptr() as *const U, s.len()) })
+}
+
+/// [`same`] for a mutable slice.
+#[cfg(target_arch = "x86_64")]
+fn same_mut<T: 'static, U: 'static>(s: &mut [T]) -> Option<&mut [U]> {
+    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<U>())
+        // SAFETY: T and U are the same type.
+        .then(|| unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr() as *mut U, s.len()) })
+}
+
+/// Whether f32 attention runs on the panel kernel: `METAPEFT_ATTENTION_PANELS=0` leaves it to
+/// gemm (for A/B timing and tests).
+#[cfg(target_arch = "x86_64")]
+fn panels_for<T: 'static>(d: usize) -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let on =
+        *ON.get_or_init(|| std::env::var("METAPEFT_ATTENTION_PANELS").map_or(true, |v| v != "0"));
+    on && std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() && PanelKv::fits(d)
+}
+
 pub(crate) fn forward<T: Elem>(
     dm: Dims,
     q: &[T],
@@ -328,6 +540,31 @@ pub(crate) fn forward<T: Elem>(
     mask: &MaskRows<T>,
     scale: f64,
 ) -> Vec<T> {
+    let mut out = vec![T::zero(); dm.b * dm.tq * dm.h * dm.d];
+    #[cfg(target_arch = "x86_64")]
+    if panels_for::<T>(dm.d) {
+        if let (Some(q), Some(k), Some(v), Some(o), Some(m)) = (
+            same::<T, f32>(q),
+            same::<T, f32>(k),
+            same::<T, f32>(v),
+            same_mut::<T, f32>(&mut out),
+            (mask as &dyn std::any::Any).downcast_ref::<MaskRows<f32>>(),
+        ) {
+            forward_with::<f32, PanelKv>(dm, [q, k, v], m, scale, o);
+            return out;
+        }
+    }
+    forward_with::<T, GemmKv<T>>(dm, [q, k, v], mask, scale, &mut out);
+    out
+}
+
+fn forward_with<'a, T: Elem, K: KeysValues<'a, T>>(
+    dm: Dims,
+    [q, k, v]: [&'a [T]; 3],
+    mask: &MaskRows<T>,
+    scale: f64,
+    out: &mut [T],
+) {
     let Dims {
         b,
         tq,
@@ -337,35 +574,29 @@ pub(crate) fn forward<T: Elem>(
         d,
     } = dm;
     let rep = h / hkv;
-    let mut out = vec![T::zero(); b * tq * h * d];
     let o = Shared(out.as_mut_ptr() as usize);
     let scale = T::from(scale).unwrap_or_else(T::nan);
     let rows = mask.query_block(tq);
     let blocks = tq.div_ceil(rows);
+    let kvs: Vec<K> = (0..b * hkv)
+        .into_par_iter()
+        .map(|t| K::new(k, v, (t / hkv * tk * hkv + t % hkv) * d, dm, false))
+        .collect();
     // One task per (batch, query head, query block): a single sequence still has work for
     // every thread, and each task writes only its own rows of its head's columns of `out`.
     (0..b * h * blocks).into_par_iter().for_each(|task| {
         let (bi, hi, blk) = (task / (h * blocks), task / blocks % h, task % blocks);
         let (r0, r1) = (blk * rows, ((blk + 1) * rows).min(tq));
         let kend = mask.keys_for((bi, hi), (r0, r1));
+        let kv = &kvs[bi * hkv + hi / rep];
         let mut p = vec![T::zero(); (r1 - r0) * kend];
         // SAFETY: shapes as `dm` says; the task's rows and head are its own.
         unsafe {
-            probabilities(dm, (bi, hi), (r0, r1), kend, q, k, mask, scale, &mut p);
-            let vh = v.as_ptr().add((bi * tk * hkv + hi / rep) * d);
+            probabilities(dm, (bi, hi), (r0, r1), kend, q, kv, mask, scale, &mut p);
             let oh = o.ptr::<T>().add(((bi * tq + r0) * h + hi) * d);
-            mm(
-                (r1 - r0, d, kend),
-                oh,
-                h * d,
-                false,
-                (p.as_ptr(), kend, 1),
-                (vh, hkv * d, 1),
-                T::one(),
-            );
+            kv.times_m(Which::Values, &p, (r1 - r0, kend), (oh, h * d));
         }
     });
-    out
 }
 
 /// `(dq, dk, dv)` for the output gradient `go: [b, tq, h, d]`.
@@ -375,6 +606,39 @@ pub(crate) fn backward<T: Elem>(
     mask: &MaskRows<T>,
     scale: f64,
 ) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let mut dq = vec![T::zero(); q.len()];
+    let mut dk = vec![T::zero(); k.len()];
+    let mut dv = vec![T::zero(); v.len()];
+    #[cfg(target_arch = "x86_64")]
+    if panels_for::<T>(dm.d) {
+        if let (Some(q), Some(k), Some(v), Some(go), Some(m)) = (
+            same::<T, f32>(q),
+            same::<T, f32>(k),
+            same::<T, f32>(v),
+            same::<T, f32>(go),
+            (mask as &dyn std::any::Any).downcast_ref::<MaskRows<f32>>(),
+        ) {
+            if let (Some(dq32), Some(dk32), Some(dv32)) = (
+                same_mut::<T, f32>(&mut dq),
+                same_mut::<T, f32>(&mut dk),
+                same_mut::<T, f32>(&mut dv),
+            ) {
+                backward_with::<f32, PanelKv>(dm, [q, k, v, go], m, scale, [dq32, dk32, dv32]);
+                return (dq, dk, dv);
+            }
+        }
+    }
+    backward_with::<T, GemmKv<T>>(dm, [q, k, v, go], mask, scale, [&mut dq, &mut dk, &mut dv]);
+    (dq, dk, dv)
+}
+
+fn backward_with<'a, T: Elem, K: KeysValues<'a, T>>(
+    dm: Dims,
+    [q, k, v, go]: [&'a [T]; 4],
+    mask: &MaskRows<T>,
+    scale: f64,
+    [dq, dk, dv]: [&mut [T]; 3],
+) {
     let Dims {
         b,
         tq,
@@ -384,9 +648,6 @@ pub(crate) fn backward<T: Elem>(
         d,
     } = dm;
     let rep = h / hkv;
-    let mut dq = vec![T::zero(); q.len()];
-    let mut dk = vec![T::zero(); k.len()];
-    let mut dv = vec![T::zero(); v.len()];
     let (dqs, dks, dvs) = (
         Shared(dq.as_mut_ptr() as usize),
         Shared(dk.as_mut_ptr() as usize),
@@ -402,6 +663,7 @@ pub(crate) fn backward<T: Elem>(
             vec![T::zero(); block.min(tq) * tk],
         );
         let kv_at = (bi * tk * hkv + g) * d;
+        let kv = K::new(k, v, kv_at, dm, true);
         let (qs, ks) = (h * d, hkv * d);
         for hi in g * rep..(g + 1) * rep {
             for blk in 0..blocks {
@@ -410,68 +672,32 @@ pub(crate) fn backward<T: Elem>(
                 let (p, dp) = (&mut p[..rows * kend], &mut dp[..rows * kend]);
                 let q_at = ((bi * tq + r0) * h + hi) * d;
                 // SAFETY: shapes as `dm` says; the task owns its kv head's rows of dk/dv
-                // (zeroed above, so every block accumulates) and its query heads' columns of dq.
+                // (zeroed by the caller, so every block accumulates) and its query heads'
+                // columns of dq.
                 unsafe {
-                    probabilities(dm, (bi, hi), (r0, r1), kend, q, k, mask, s, p);
+                    probabilities(dm, (bi, hi), (r0, r1), kend, q, &kv, mask, s, p);
                     let (gh, qh) = (go.as_ptr().add(q_at), q.as_ptr().add(q_at));
-                    let (kh, vh) = (k.as_ptr().add(kv_at), v.as_ptr().add(kv_at));
                     // dV += P^T dO
                     let dvh = dvs.ptr::<T>().add(kv_at);
-                    mm(
-                        (kend, d, rows),
-                        dvh,
-                        ks,
-                        true,
-                        (p.as_ptr(), 1, kend),
-                        (gh, qs, 1),
-                        T::one(),
-                    );
+                    kv.acc_at_r(p, (rows, kend), (gh, qs), (dvh, ks));
                     // dP = dO V^T
-                    mm(
-                        (rows, kend, d),
-                        dp.as_mut_ptr(),
-                        kend,
-                        false,
-                        (gh, qs, 1),
-                        (vh, 1, ks),
-                        T::one(),
-                    );
+                    kv.times_mt(Which::Values, (gh, qs), rows, dp);
                     // dS = scale * P (dP - rowsum(dP P))
                     for (pr, dr) in p.chunks_exact(kend).zip(dp.chunks_exact_mut(kend)) {
-                        let dot = pr
-                            .iter()
-                            .zip(dr.iter())
-                            .fold(T::zero(), |a, (&p, &g)| a + p * g);
+                        let dot = super::reduce::dot(pr, dr);
                         dr.iter_mut()
                             .zip(pr)
                             .for_each(|(g, &p)| *g = s * p * (*g - dot));
                     }
                     // dQ = dS K, dK += dS^T Q
                     let dqh = dqs.ptr::<T>().add(q_at);
-                    mm(
-                        (rows, d, kend),
-                        dqh,
-                        qs,
-                        false,
-                        (dp.as_ptr(), kend, 1),
-                        (kh, ks, 1),
-                        T::one(),
-                    );
+                    kv.times_m(Which::Keys, dp, (rows, kend), (dqh, qs));
                     let dkh = dks.ptr::<T>().add(kv_at);
-                    mm(
-                        (kend, d, rows),
-                        dkh,
-                        ks,
-                        true,
-                        (dp.as_ptr(), 1, kend),
-                        (qh, qs, 1),
-                        T::one(),
-                    );
+                    kv.acc_at_r(dp, (rows, kend), (qh, qs), (dkh, ks));
                 }
             }
         }
     });
-    (dq, dk, dv)
 }
 
 impl CustomOp3 for FusedAttention {
@@ -616,6 +842,84 @@ mod tests {
                     pool.install(|| attention_heads(qt, kt, vt, (h, hkv), m.as_ref(), 0.4))?;
                 let want = composed(qt, kt, vt, m.as_ref())?.reshape((b, t, h * d))?;
                 assert_same_value_and_gradients(&pool, &got, &want, &w, &[&q, &k, &v], 1e-12)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// In f32 the panel kernel's products give gemm's values and gradients: head sizes 16-64,
+    /// GQA and plain heads, query blocks the masks cut short (key counts not a multiple of a
+    /// panel), padding rows that hide every key.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn panel_products_give_the_values_and_gradients_of_gemm() -> Result<()> {
+        if !PanelKv::fits(16) {
+            eprintln!("no AVX2/FMA here: attention runs on gemm on this CPU");
+            return Ok(());
+        }
+        let close = |got: &[f32], want: &[f32], what: &str| {
+            let top = want.iter().fold(1f32, |m, v| m.max(v.abs()));
+            for (i, (g, w)) in got.iter().zip(want).enumerate() {
+                assert!((g - w).abs() <= 2e-5 * top, "{what} at {i}: {g} vs {w}");
+            }
+        };
+        // (b, tq, tk, h, hkv, d); the masks are made for tq == tk, so the last case (more
+        // keys than queries, as after a prefix) runs unmasked only.
+        for (b, t, tk, h, hkv, d) in [
+            (2, 7, 7, 4, 2, 16),
+            (2, 2 * QUERY_BLOCK + 6, 2 * QUERY_BLOCK + 6, 6, 2, 32),
+            (1, 45, 45, 3, 3, 64),
+            (2, 128, 128, 9, 3, 64),
+            (2, 5, 21, 4, 2, 16),
+        ] {
+            let dm = Dims {
+                b,
+                tq: t,
+                tk,
+                h,
+                hkv,
+                d,
+            };
+            let vals = |n: usize, seed: u64| -> Result<Vec<f32>> {
+                randn_f64(&[n], seed, 1.0)?
+                    .to_dtype(DType::F32)?
+                    .to_vec1::<f32>()
+            };
+            let (q, k, v) = (
+                vals(b * t * h * d, 81)?,
+                vals(b * tk * hkv * d, 82)?,
+                vals(b * tk * hkv * d, 83)?,
+            );
+            let go = vals(b * t * h * d, 84)?;
+            let masks = match t == tk {
+                true => masks(b, t, true)?,
+                false => vec![None],
+            };
+            for m in masks {
+                let m = m.map(|m| m.to_dtype(DType::F32)).transpose()?;
+                let rows = MaskRows::<f32>::new(&m, tk)?;
+                let what = format!("[{b}, {t}, {h}/{hkv}, {d}] mask {}", m.is_some());
+                let mut want = vec![0f32; q.len()];
+                forward_with::<f32, GemmKv<f32>>(dm, [&q, &k, &v], &rows, 0.4, &mut want);
+                let mut got = vec![0f32; q.len()];
+                forward_with::<f32, PanelKv>(dm, [&q, &k, &v], &rows, 0.4, &mut got);
+                close(&got, &want, &format!("{what}: values"));
+                let grads = |panels: bool| {
+                    let (mut dq, mut dk, mut dv) = (
+                        vec![0f32; q.len()],
+                        vec![0f32; k.len()],
+                        vec![0f32; v.len()],
+                    );
+                    let (ins, outs) = ([&q[..], &k, &v, &go], [&mut dq[..], &mut dk, &mut dv]);
+                    match panels {
+                        true => backward_with::<f32, PanelKv>(dm, ins, &rows, 0.4, outs),
+                        false => backward_with::<f32, GemmKv<f32>>(dm, ins, &rows, 0.4, outs),
+                    }
+                    [dq, dk, dv]
+                };
+                for (i, (got, want)) in grads(true).iter().zip(grads(false)).enumerate() {
+                    close(got, &want, &format!("{what}: gradient {i}"));
+                }
             }
         }
         Ok(())

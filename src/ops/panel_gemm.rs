@@ -110,9 +110,55 @@ pub(crate) unsafe fn product_prefetching(
     accumulate: bool,
     ahead: &[f32],
 ) {
-    let np = cols.div_ceil(PANEL);
     debug_assert!(k <= ldx && (m == 0 || x.len() >= (m - 1) * ldx + k));
-    debug_assert!(panels.len() >= np * k * PANEL);
+    debug_assert!(panels.len() >= cols.div_ceil(PANEL) * k * PANEL);
+    let view = PanelView {
+        base: panels.as_ptr(),
+        panel_stride: k * PANEL,
+        line_stride: PANEL,
+    };
+    drive::<false>(
+        x.as_ptr(),
+        (m, k, ldx),
+        view,
+        cols,
+        out,
+        ldo,
+        accumulate,
+        ahead,
+    )
+}
+
+/// Where the kernel finds panel `p`'s line `i`: `base + p * panel_stride + i * line_stride`.
+/// Packed panels have lines of 16 (`line_stride = 16`); a row-major `[k, n]` matrix's rows are
+/// panels in place (`panel_stride = 16`, `line_stride` its row stride).
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct PanelView {
+    base: *const f32,
+    panel_stride: usize,
+    line_stride: usize,
+}
+
+/// `out (+)= x P` over the `cols` columns of the panels `view`, in gemm's loop order (see
+/// [`product`]); `x` is `[m, k]` at row stride `ldx`, or, when `XT`, read transposed: its value
+/// `(t, p)` at `x[p * ldx + t]`.
+///
+/// # Safety
+/// Needs [`available`]; every view must lie in its buffer, `out` as for [`product`].
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn drive<const XT: bool>(
+    x: *const f32,
+    (m, k, ldx): (usize, usize, usize),
+    view: PanelView,
+    cols: usize,
+    out: *mut f32,
+    ldo: usize,
+    accumulate: bool,
+    ahead: &[f32],
+) {
+    let np = cols.div_ceil(PANEL);
     // Equal reduction blocks of at most KC steps.
     let kc = k.div_ceil(k.div_ceil(KC).max(1)).max(1);
     // Lines of 64 bytes of `ahead` per kernel call, spread over all the calls.
@@ -136,7 +182,10 @@ pub(crate) unsafe fn product_prefetching(
             let mut t = 0;
             while t < m {
                 let rows = token_group(m - t);
-                let xs = x.as_ptr().add(t * ldx + kb);
+                let xs = match XT {
+                    false => x.add(t * ldx + kb),
+                    true => x.add(kb * ldx + t),
+                };
                 for p in p0..p1 {
                     let n = per_call.min(lines - fetched).min(kl);
                     let pf = match n {
@@ -144,18 +193,20 @@ pub(crate) unsafe fn product_prefetching(
                         n => (ahead.as_ptr().add(fetched * PANEL), n),
                     };
                     fetched += n;
-                    let panel = panels.as_ptr().add(p * k * PANEL + kb * PANEL);
+                    let panel = view.base.add(p * view.panel_stride + kb * view.line_stride);
+                    let ls = view.line_stride;
                     let c0 = p * PANEL;
                     let width = PANEL.min(cols - c0);
                     let o = out.add(t * ldo + c0);
-                    match rows {
-                        6 => avx2::kernel::<6>(kl, panel, xs, ldx, o, ldo, width, first, pf),
-                        5 => avx2::kernel::<5>(kl, panel, xs, ldx, o, ldo, width, first, pf),
-                        4 => avx2::kernel::<4>(kl, panel, xs, ldx, o, ldo, width, first, pf),
-                        3 => avx2::kernel::<3>(kl, panel, xs, ldx, o, ldo, width, first, pf),
-                        2 => avx2::kernel::<2>(kl, panel, xs, ldx, o, ldo, width, first, pf),
-                        _ => avx2::kernel::<1>(kl, panel, xs, ldx, o, ldo, width, first, pf),
-                    }
+                    let kernel: avx2::Kernel = match rows {
+                        6 => avx2::kernel::<6, XT>,
+                        5 => avx2::kernel::<5, XT>,
+                        4 => avx2::kernel::<4, XT>,
+                        3 => avx2::kernel::<3, XT>,
+                        2 => avx2::kernel::<2, XT>,
+                        _ => avx2::kernel::<1, XT>,
+                    };
+                    kernel(kl, (panel, ls), xs, ldx, o, ldo, width, first, pf);
                 }
                 t += rows;
             }
@@ -174,6 +225,68 @@ fn token_group(left: usize) -> usize {
         7 | 8 => 4,
         9 => 5,
         _ => NR.min(left),
+    }
+}
+
+/// `out (+)= x B` for a row-major `B: [k, n]` (row stride `ldb`) whose rows are the panels in
+/// place (`n` a multiple of 16): no packing, for operands small enough to stay in cache (the
+/// products inside attention). `x` is `[m, k]` at row stride `ldx`, or, when `x_transposed`,
+/// its value `(t, p)` is `x[p * ldx + t]`; `out` as for [`product`].
+///
+/// # Safety
+/// Needs [`available`]; `x`, `b` and `out` must hold the shapes described, and no other thread
+/// may touch `out`'s values meanwhile.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn product_rows(
+    x: *const f32,
+    x_transposed: bool,
+    (m, k, ldx): (usize, usize, usize),
+    (b, ldb, n): (*const f32, usize, usize),
+    (out, ldo): (*mut f32, usize),
+    accumulate: bool,
+) {
+    debug_assert!(n.is_multiple_of(PANEL) && ldb >= n);
+    let view = PanelView {
+        base: b,
+        panel_stride: PANEL,
+        line_stride: ldb,
+    };
+    match x_transposed {
+        false => drive::<false>(x, (m, k, ldx), view, n, out, ldo, accumulate, &[]),
+        true => drive::<true>(x, (m, k, ldx), view, n, out, ldo, accumulate, &[]),
+    }
+}
+
+/// Rows `[n, k]` at row stride `ld` written into `ceil(n / 16)` panels of `[k][16]` (as
+/// [`rows_to_panels`]), the last one's missing rows zero.
+///
+/// # Safety
+/// Needs [`available`]; `src` must hold `n` rows of `k` values `ld` apart.
+#[cfg(target_arch = "x86_64")]
+pub(crate) unsafe fn strided_rows_to_panels(
+    src: *const f32,
+    (n, k, ld): (usize, usize, usize),
+    panels: &mut [f32],
+) {
+    assert!(panels.len() >= n.div_ceil(PANEL) * PANEL * k);
+    for (p, panel) in panels
+        .chunks_mut(PANEL * k)
+        .take(n.div_ceil(PANEL))
+        .enumerate()
+    {
+        let rows = PANEL.min(n - p * PANEL);
+        let at = src.add(p * PANEL * ld);
+        if rows == PANEL {
+            avx2::transpose_16_strided(at, ld, k, panel.as_mut_ptr());
+            continue;
+        }
+        panel.iter_mut().for_each(|v| *v = 0.0);
+        for i in 0..rows {
+            for c in 0..k {
+                panel[c * PANEL + i] = *at.add(i * ld + c);
+            }
+        }
     }
 }
 
@@ -266,11 +379,19 @@ mod avx2 {
     /// Needs AVX2; `rows` holds `16 * k` values, `panel` at least `16 * k`.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn transpose_16(rows: &[f32], k: usize, panel: &mut [f32]) {
-        let (src, dst) = (rows.as_ptr(), panel.as_mut_ptr());
+        transpose_16_strided(rows.as_ptr(), k, k, panel.as_mut_ptr())
+    }
+
+    /// [`transpose_16`] for rows `ld` apart.
+    ///
+    /// # Safety
+    /// Needs AVX2; `src` holds 16 rows of `k` values `ld` apart, `dst` room for `16 * k`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn transpose_16_strided(src: *const f32, ld: usize, k: usize, dst: *mut f32) {
         let full = k / 8 * 8;
         for c in (0..full).step_by(8) {
             for half in 0..2 {
-                let r = |i: usize| _mm256_loadu_ps(src.add((half * 8 + i) * k + c));
+                let r = |i: usize| _mm256_loadu_ps(src.add((half * 8 + i) * ld + c));
                 let t = tr8([r(0), r(1), r(2), r(3), r(4), r(5), r(6), r(7)]);
                 for (j, v) in t.iter().enumerate() {
                     _mm256_storeu_ps(dst.add((c + j) * PANEL + half * 8), *v);
@@ -279,7 +400,7 @@ mod avx2 {
         }
         for c in full..k {
             for i in 0..PANEL {
-                *dst.add(c * PANEL + i) = *src.add(i * k + c);
+                *dst.add(c * PANEL + i) = *src.add(i * ld + c);
             }
         }
     }
@@ -316,19 +437,34 @@ mod avx2 {
         ]
     }
 
+    /// A [`kernel`] for some number of tokens.
+    pub(super) type Kernel = unsafe fn(
+        usize,
+        (*const f32, usize),
+        *const f32,
+        usize,
+        *mut f32,
+        usize,
+        usize,
+        bool,
+        (*const f32, usize),
+    );
+
     /// `R` tokens against one panel over `kl` steps: `o[r][0..width]` (row stride `ldo`) set to
-    /// the sums when `first`, else increased by them. Meanwhile the `pf.1 <= kl` lines of 64
-    /// bytes at `pf.0` are fetched into L2, one every `kl / pf.1` steps (a burst of them would
-    /// stall the loads on the core's few outstanding misses).
+    /// the sums when `first`, else increased by them. The panel's lines of 16 floats are `ls`
+    /// apart; token `r`'s value `p` is `x[r * ldx + p]`, or `x[p * ldx + r]` when `XT`.
+    /// Meanwhile the `pf.1 <= kl` lines of 64 bytes at `pf.0` are fetched into L2, one every
+    /// `kl / pf.1` steps (a burst of them would stall the loads on the core's few outstanding
+    /// misses).
     ///
     /// # Safety
-    /// Needs AVX2 and FMA; `panel` holds `kl` lines of 16 floats, `x` `R` rows (stride `ldx`) of
+    /// Needs AVX2 and FMA; `panel` holds `kl` lines of 16 floats `ls` apart, `x` `R` tokens of
     /// `kl` values, `o` `R` rows of `width <= 16` values.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn kernel<const R: usize>(
+    pub(super) unsafe fn kernel<const R: usize, const XT: bool>(
         kl: usize,
-        panel: *const f32,
+        (panel, ls): (*const f32, usize),
         x: *const f32,
         ldx: usize,
         o: *mut f32,
@@ -339,10 +475,14 @@ mod avx2 {
     ) {
         let mut acc = [[_mm256_setzero_ps(); 2]; R];
         let mut step = |p: usize| {
-            let w0 = _mm256_loadu_ps(panel.add(p * PANEL));
-            let w1 = _mm256_loadu_ps(panel.add(p * PANEL + 8));
+            let w0 = _mm256_loadu_ps(panel.add(p * ls));
+            let w1 = _mm256_loadu_ps(panel.add(p * ls + 8));
             for (r, a) in acc.iter_mut().enumerate() {
-                let b = _mm256_broadcast_ss(&*x.add(r * ldx + p));
+                let at = match XT {
+                    false => r * ldx + p,
+                    true => p * ldx + r,
+                };
+                let b = _mm256_broadcast_ss(&*x.add(at));
                 a[0] = _mm256_fmadd_ps(w0, b, a[0]);
                 a[1] = _mm256_fmadd_ps(w1, b, a[1]);
             }
@@ -479,6 +619,84 @@ mod tests {
                             (got as f64 - want).abs() < tol,
                             "[{m}, {n}, {k}] acc {accumulate} at ({t}, {j}): {got} vs {want}"
                         );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Rows of a row-major `B: [k, n]` read in place as panels, with `x` in rows or read
+    /// transposed, give the plain product `x B` (written or accumulated; reductions longer than
+    /// a block, every token count up to two groups); strided rows packed into panels give the
+    /// plain `x W^T`, the last panel's missing rows zero.
+    #[test]
+    fn rows_in_place_and_strided_panels_give_the_plain_product() {
+        if !available() {
+            eprintln!("no AVX2/FMA here: the panel kernels are not used on this CPU");
+            return;
+        }
+        for &(m, n, k) in &[(1, 16, 5), (7, 64, 33), (13, 32, 1000), (32, 48, 128)] {
+            let (ldb, ldx) = (n + 8, k + 3);
+            let b = data(k * ldb, 5);
+            let x = data(m * ldx, 6);
+            // x^T stored as [k, m] with row stride m + 2.
+            let ldt = m + 2;
+            let mut xt = vec![0f32; k * ldt];
+            for t in 0..m {
+                for p in 0..k {
+                    xt[p * ldt + t] = x[t * ldx + p];
+                }
+            }
+            let want: Vec<f64> = (0..m * n)
+                .map(|i| {
+                    let (t, j) = (i / n, i % n);
+                    (0..k)
+                        .map(|p| x[t * ldx + p] as f64 * b[p * ldb + j] as f64)
+                        .sum()
+                })
+                .collect();
+            for (transposed, accumulate) in [(false, false), (true, false), (false, true)] {
+                let ldo = n + 1;
+                let mut out = vec![3f32; m * ldo];
+                let (xp, lx) = match transposed {
+                    false => (x.as_ptr(), ldx),
+                    true => (xt.as_ptr(), ldt),
+                };
+                unsafe {
+                    product_rows(
+                        xp,
+                        transposed,
+                        (m, k, lx),
+                        (b.as_ptr(), ldb, n),
+                        (out.as_mut_ptr(), ldo),
+                        accumulate,
+                    )
+                };
+                let base = if accumulate { 3.0 } else { 0.0 };
+                for t in 0..m {
+                    assert_eq!(out[t * ldo + n], 3.0, "column past the output written");
+                    for j in 0..n {
+                        let (got, want) = (out[t * ldo + j] as f64, base + want[t * n + j]);
+                        assert!(
+                            (got - want).abs() < 1e-5 * (k as f64).sqrt(),
+                            "[{m}, {n}, {k}] xt {transposed} acc {accumulate} ({t}, {j})"
+                        );
+                    }
+                }
+            }
+        }
+        // Strided rows (every panel fill: full panels by transposes, a partial last one).
+        for &(rows, k) in &[(16, 8), (37, 64), (5, 3), (32, 21)] {
+            let ld = k + 11;
+            let src = data(rows * ld, 7);
+            let mut panels = vec![9f32; rows.div_ceil(PANEL) * PANEL * k];
+            unsafe { strided_rows_to_panels(src.as_ptr(), (rows, k, ld), &mut panels) };
+            for p in 0..rows.div_ceil(PANEL) {
+                for c in 0..k {
+                    for i in 0..PANEL {
+                        let r = p * PANEL + i;
+                        let want = if r < rows { src[r * ld + c] } else { 0.0 };
+                        assert_eq!(panels[(p * k + c) * PANEL + i], want, "{rows}x{k} row {r}");
                     }
                 }
             }

@@ -37,6 +37,23 @@ pub(crate) fn max<T: Float>(xs: &[T]) -> T {
     m.into_iter().fold(tail, larger)
 }
 
+/// `sum a_i b_i` in `T`, over the shorter of the two.
+pub(crate) fn dot<T: Float>(a: &[T], b: &[T]) -> T {
+    let mut acc = [T::zero(); LANES];
+    let (mut ca, mut cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for l in 0..LANES {
+            acc[l] = acc[l] + x[l] * y[l];
+        }
+    }
+    let tail = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .fold(T::zero(), |s, (&x, &y)| s + x * y);
+    acc.into_iter().fold(tail, |s, v| s + v)
+}
+
 /// `sum f(x_i)` over `xs`, each term in f64.
 pub(crate) fn sum_by<T: WithDType>(xs: &[T], f: impl Fn(f64) -> f64) -> f64 {
     let mut acc = [0f64; LANES];
@@ -120,6 +137,14 @@ mod tests {
             let got = sum3_by(&a, &b, &c, |x, y, z| x * y * (z - 0.25));
             assert!(
                 (got - want).abs() <= 1e-12 * want.abs().max(1.0),
+                "{got} vs {want}"
+            );
+            // In f32: each product and sum rounded, within a few ulp of the terms' magnitude.
+            let want: f64 = (0..n).map(|i| a[i] as f64 * b[i] as f64).sum();
+            let scale: f64 = (0..n).map(|i| (a[i] as f64 * b[i] as f64).abs()).sum();
+            let got = dot(&a, &b) as f64;
+            assert!(
+                (got - want).abs() <= 1e-6 * scale.max(1.0),
                 "{got} vs {want}"
             );
         }
