@@ -10,6 +10,8 @@
 
 use std::sync::Mutex;
 
+use rayon::prelude::*;
+
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType,
 };
@@ -443,17 +445,28 @@ pub(crate) fn shared_backward<T: BlockElem>(
     }
     let first = adapted[0].1.a_at;
     let x_view = Strided::row_major(x, 0, k);
-    // gb = [scale_1 g_1 B_1, scale_2 g_2 B_2, ...]: [m, rank].
+    // gb = [scale_1 g_1 B_1, scale_2 g_2 B_2, ...]: [m, rank]. Each linear's products here are
+    // too small for par_gemm to split (one thread each), so the linears' run side by side.
+    let grads: Vec<_> = adapted
+        .iter()
+        .map(|&(l, s, col)| {
+            let i = ls.iter().position(|x| std::ptr::eq(*x, l)).unwrap_or(0);
+            (i, l, s, col)
+        })
+        .collect();
+    let parts = grads
+        .par_iter()
+        .map(|&(i, l, s, _)| {
+            let b = &c.pack[s.b_at..s.b_at + l.n * s.r];
+            matmul(
+                (m, s.r, l.n),
+                Strided::row_major(gs[i], 0, l.n),
+                Strided::row_major(b, 0, s.r),
+            )
+        })
+        .collect::<Result<Vec<_>>>()?;
     let mut gb = vec![T::zero(); m * rank];
-    let mut grads = Vec::with_capacity(adapted.len());
-    for &(l, s, col) in &adapted {
-        let i = ls.iter().position(|x| std::ptr::eq(*x, l)).unwrap_or(0);
-        let b = &c.pack[s.b_at..s.b_at + l.n * s.r];
-        let part = matmul(
-            (m, s.r, l.n),
-            Strided::row_major(gs[i], 0, l.n),
-            Strided::row_major(b, 0, s.r),
-        )?;
+    for (&(_, _, s, col), part) in grads.iter().zip(&parts) {
         let sc = T::from_f64(s.scale);
         for (row, src) in gb.chunks_exact_mut(rank).zip(part.chunks_exact(s.r)) {
             row[col..col + s.r]
@@ -461,7 +474,6 @@ pub(crate) fn shared_backward<T: BlockElem>(
                 .zip(src)
                 .for_each(|(d, &v)| *d = v * sc);
         }
-        grads.push((i, l, s, col));
     }
     // dx += gb [A_1; A_2; ...].
     matmul_acc(
@@ -476,12 +488,17 @@ pub(crate) fn shared_backward<T: BlockElem>(
     dpack[first..first + da.len()].copy_from_slice(&da);
     // dB_i = scale_i g_i^T (x A_i^T), the bottlenecks recomputed together.
     let z = matmul((m, rank, k), x_view, Strided::transposed(c.pack, first, k))?;
-    for (i, l, s, col) in grads {
-        let db = matmul(
-            (l.n, s.r, m),
-            Strided::transposed(gs[i], 0, l.n),
-            Strided::row_major(&z, col, rank),
-        )?;
+    let dbs = grads
+        .par_iter()
+        .map(|&(i, l, s, col)| {
+            matmul(
+                (l.n, s.r, m),
+                Strided::transposed(gs[i], 0, l.n),
+                Strided::row_major(&z, col, rank),
+            )
+        })
+        .collect::<Result<Vec<_>>>()?;
+    for ((_, _, s, _), db) in grads.into_iter().zip(dbs) {
         let sc = T::from_f64(s.scale);
         dpack[s.b_at..s.b_at + db.len()]
             .iter_mut()
@@ -546,7 +563,6 @@ impl BlockElem for f64 {
 
 /// `out[i] += bias[i % bias.len()] + add[i]` on the threads, for the terms given.
 pub(crate) fn add_rows_onto<T: WithDType>(out: &mut [T], bias: Option<&[T]>, add: Option<&[T]>) {
-    use rayon::prelude::*;
     let width = bias.map_or(1, |b| b.len().max(1));
     // Whole rows per chunk, so a chunk's bias offsets start at 0.
     let chunk = ((1 << 14) / width).max(1) * width;
