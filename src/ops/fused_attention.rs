@@ -506,22 +506,6 @@ impl Shared {
     }
 }
 
-/// `s` as `&[U]` when `T` is `U`.
-#[cfg(target_arch = "x86_64")]
-fn same<T: 'static, U: 'static>(s: &[T]) -> Option<&[U]> {
-    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<U>())
-        // SAFETY: T and U are the same type.
-        .then(|| unsafe { std::slice::from_raw_parts(s.as_ptr() as *const U, s.len()) })
-}
-
-/// [`same`] for a mutable slice.
-#[cfg(target_arch = "x86_64")]
-fn same_mut<T: 'static, U: 'static>(s: &mut [T]) -> Option<&mut [U]> {
-    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<U>())
-        // SAFETY: T and U are the same type.
-        .then(|| unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr() as *mut U, s.len()) })
-}
-
 /// Whether f32 attention runs on the panel kernel: `METAPEFT_ATTENTION_PANELS=0` leaves it to
 /// gemm (for A/B timing and tests).
 #[cfg(target_arch = "x86_64")]
@@ -544,10 +528,10 @@ pub(crate) fn forward<T: Elem>(
     #[cfg(target_arch = "x86_64")]
     if panels_for::<T>(dm.d) {
         if let (Some(q), Some(k), Some(v), Some(o), Some(m)) = (
-            same::<T, f32>(q),
-            same::<T, f32>(k),
-            same::<T, f32>(v),
-            same_mut::<T, f32>(&mut out),
+            super::as_f32(q),
+            super::as_f32(k),
+            super::as_f32(v),
+            super::as_f32_mut(&mut out),
             (mask as &dyn std::any::Any).downcast_ref::<MaskRows<f32>>(),
         ) {
             forward_with::<f32, PanelKv>(dm, [q, k, v], m, scale, o);
@@ -612,16 +596,16 @@ pub(crate) fn backward<T: Elem>(
     #[cfg(target_arch = "x86_64")]
     if panels_for::<T>(dm.d) {
         if let (Some(q), Some(k), Some(v), Some(go), Some(m)) = (
-            same::<T, f32>(q),
-            same::<T, f32>(k),
-            same::<T, f32>(v),
-            same::<T, f32>(go),
+            super::as_f32(q),
+            super::as_f32(k),
+            super::as_f32(v),
+            super::as_f32(go),
             (mask as &dyn std::any::Any).downcast_ref::<MaskRows<f32>>(),
         ) {
             if let (Some(dq32), Some(dk32), Some(dv32)) = (
-                same_mut::<T, f32>(&mut dq),
-                same_mut::<T, f32>(&mut dk),
-                same_mut::<T, f32>(&mut dv),
+                super::as_f32_mut(&mut dq),
+                super::as_f32_mut(&mut dk),
+                super::as_f32_mut(&mut dv),
             ) {
                 backward_with::<f32, PanelKv>(dm, [q, k, v, go], m, scale, [dq32, dk32, dv32]);
                 return (dq, dk, dv);

@@ -98,6 +98,22 @@ pub(crate) fn cpu_slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Resu
     }
 }
 
+/// `s` as f32 values when `T` is `f32` (generic kernels handing f32 data to f32-only ones).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub(crate) fn as_f32<T: 'static>(s: &[T]) -> Option<&[f32]> {
+    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>())
+        // SAFETY: T is f32.
+        .then(|| unsafe { std::slice::from_raw_parts(s.as_ptr() as *const f32, s.len()) })
+}
+
+/// [`as_f32`] for a mutable slice.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub(crate) fn as_f32_mut<T: 'static>(s: &mut [T]) -> Option<&mut [f32]> {
+    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>())
+        // SAFETY: T is f32.
+        .then(|| unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr() as *mut f32, s.len()) })
+}
+
 /// A copy of `src` made `chunk` elements per task on the threads, each chunk then passed to
 /// `then`; no serial zero-fill of the new buffer first (calloc's memset of a few MB runs on one
 /// thread while the other waits).

@@ -102,13 +102,7 @@ fn weight_operands<'a, T: WithDType>(
     if !fits || !super::panel_gemm::available() || !panels_enabled() {
         return None;
     }
-    // SAFETY: T is f32 (checked above), so the slices reinterpret as what they are.
-    let (x, w) = unsafe {
-        (
-            std::slice::from_raw_parts(lhs.data.as_ptr() as *const f32, lhs.data.len()),
-            std::slice::from_raw_parts(rhs.data.as_ptr() as *const f32, rhs.data.len()),
-        )
-    };
+    let (x, w) = (super::as_f32(lhs.data)?, super::as_f32(rhs.data)?);
     Some((&x[lhs.offset..], &w[rhs.offset..rhs.offset + n * k]))
 }
 
